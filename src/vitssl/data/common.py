@@ -1,0 +1,143 @@
+"""Dataset registry, the factory, the error for unreadable samples and shared helpers for file-backed sets."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+from vitssl.registry import Registry
+
+_logger = logging.getLogger(__name__)
+
+DATASETS: Registry[type[Dataset]] = Registry("dataset")
+
+# Extensions PIL decodes out of the box; matched case-insensitively (torchvision's list plus webp/tiff).
+IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+# The config key that turns corrupt samples into skipped ones; named in every error a user can fix with it.
+SKIP_HINT = "set data.skip_corrupt=true to skip such samples"
+
+
+class CorruptImageError(RuntimeError):
+    """A sample that cannot be read: an undecodable or truncated image (or, for image-text sets, a missing
+    image member or an empty caption). The message names the file or sample."""
+
+
+class ImageDataset(Dataset):
+    """Base of every vitssl image dataset: items are ``(PIL RGB image, target)``.
+
+    Subclasses fill ``classes`` (empty if unlabelled) and ``targets`` (one int label or caption per item, read
+    without decoding any image) and implement ``load_image`` and ``sample_id``.
+    """
+
+    classes: list[str]
+    targets: list[Any]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, Any]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {type(self).__name__} of length {len(self)}")
+        index = index % len(self)
+        return self.load_image(index), self.targets[index]
+
+    def load_image(self, index: int) -> Image.Image:
+        """Decode item ``index`` as an RGB image; raises ``CorruptImageError`` naming the file on failure."""
+        raise NotImplementedError
+
+    def sample_id(self, index: int) -> str:
+        """A stable identifier of item ``index``: the file path for file-backed sets, else e.g. "digits/val/17"."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(len={len(self)}, classes={len(self.classes)})"
+
+
+def open_rgb(source: str | os.PathLike | Any, name: str | None = None) -> Image.Image:
+    """Decode an image fully (not lazily) and convert it to RGB.
+
+    Args:
+        source: a path or a binary file object.
+        name: what to call the sample in the error message; defaults to the path.
+
+    Raises:
+        CorruptImageError: the file is missing, truncated or not an image; the message names it.
+    """
+    label = name if name is not None else str(source)
+    try:
+        with Image.open(source) as img:
+            # convert() forces the full decode here, so a truncated file fails now and not inside a transform.
+            return img.convert("RGB")
+    except FileNotFoundError as exc:
+        raise CorruptImageError(f"image file not found: {label} ({SKIP_HINT})") from exc
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        # PIL reports broken files as OSError (incl. UnidentifiedImageError), SyntaxError or ValueError.
+        raise CorruptImageError(f"cannot decode image {label}: {type(exc).__name__}: {exc} ({SKIP_HINT})") from exc
+
+
+def require_root(name: str, root: str | os.PathLike | None, layout: str) -> Path:
+    """Resolve the ``root`` of a file-backed dataset, failing with the expected layout when it is unset or missing.
+
+    Args:
+        name: the dataset's registry name, for the message.
+        root: the user's path (``~`` is expanded).
+        layout: a description of the expected files.
+    """
+    if root is None or str(root) == "":
+        raise ValueError(f"dataset {name!r} needs a root folder: set data.root=PATH, where PATH holds {layout}")
+    path = Path(os.path.expandvars(str(root))).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"dataset {name!r}: root {str(path)!r} does not exist; expected {layout}")
+    return path
+
+
+def check_split(name: str, split: str, valid: tuple[str, ...], aliases: dict[str, str] | None = None) -> str:
+    """Return the canonical split name, or fail naming the valid ones."""
+    split = (aliases or {}).get(split, split)
+    if split not in valid:
+        raise ValueError(f"dataset {name!r} has no split {split!r}; valid splits: {', '.join(valid)}")
+    return split
+
+
+def _init_options(cls: type) -> list[str]:
+    params = inspect.signature(cls.__init__).parameters
+    return [p for p in params if p not in ("self", "root", "split") and params[p].kind is not params[p].VAR_KEYWORD]
+
+
+def build_dataset(name: str, root: str | os.PathLike | None = None, split: str = "train", **kwargs: Any) -> Dataset:
+    """Build a registered dataset.
+
+    Options equal to None are dropped, so ``null`` in a config means the dataset's default.
+
+    Args:
+        name: registry name, see ``list_datasets()``.
+        root: data location (folder, file or shard pattern, depending on the dataset); unused by generated sets.
+        split: "train", "val", ... (each dataset lists the ones it has).
+        **kwargs: dataset options; unknown ones fail with the list of valid ones.
+    """
+    cls = DATASETS.get(name)
+    valid = _init_options(cls)
+    for key in kwargs:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(
+                f"dataset {name!r} has no option {key!r}.{hint} Valid options: {', '.join(valid) or '(none)'}"
+            )
+    options = {k: v for k, v in kwargs.items() if v is not None}
+    dataset = cls(root=root, split=split, **options)
+    _logger.info("built dataset %s split=%s: %d items, %d classes", name, split, len(dataset), len(dataset.classes))
+    return dataset
+
+
+def list_datasets(pattern: str = "*") -> list[str]:
+    """Registered dataset names matching a shell-style wildcard."""
+    return DATASETS.list(pattern)

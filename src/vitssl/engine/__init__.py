@@ -1,0 +1,15 @@
+"""The training engine: one loop, optimizers and schedules, checkpoints, distributed helpers."""
+
+from vitssl.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from vitssl.engine.trainer import NonFiniteLossError, TrainResult, build_objective, request_stop, train
+
+__all__ = [
+    "CheckpointError",
+    "NonFiniteLossError",
+    "TrainResult",
+    "build_objective",
+    "load_checkpoint",
+    "request_stop",
+    "save_checkpoint",
+    "train",
+]

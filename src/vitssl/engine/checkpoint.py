@@ -1,0 +1,170 @@
+"""One checkpoint format: atomic writes, keep-last-K, validated loads, fallback to the last good file.
+
+Layout of a run folder::
+
+    checkpoint_00001200.pth   step checkpoints (the newest ``keep_last`` are kept)
+    checkpoint_last.pth       the newest checkpoint (a hard link to the newest step file, or a copy)
+
+Every file is written to a temporary name, flushed and fsynced, then renamed, so a crash or a full disk
+never leaves a half-written file under a real name. Files load with ``torch.load(weights_only=True)``:
+a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_logger = logging.getLogger(__name__)
+
+LAST_NAME = "checkpoint_last.pth"
+REQUIRED_KEYS = ("model", "optimizer", "step", "epoch", "config")
+_STEP_RE = re.compile(r"^checkpoint_(\d+)\.pth$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated, corrupt or not a vitssl checkpoint."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems do not allow opening directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(data: bytes, path: str | Path) -> None:
+    """Write ``data`` to ``path`` through a temporary file, fsync and rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def step_checkpoint_path(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / f"checkpoint_{step:08d}.pth"
+
+
+def save_checkpoint(state: dict[str, Any], output_dir: str | Path, keep_last: int = 2) -> Path:
+    """Write ``state`` as the step checkpoint and as ``checkpoint_last.pth``; prune old step files.
+
+    Args:
+        state: must hold at least ``model``, ``optimizer``, ``step``, ``epoch``, ``config``.
+        output_dir: the run folder.
+        keep_last: step checkpoints kept (older ones are deleted); at least 1.
+
+    Returns:
+        The path of the step checkpoint.
+    """
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"checkpoint state lacks {missing}")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    step_path = step_checkpoint_path(output_dir, int(state["step"]))
+    atomic_write_bytes(data, step_path)
+    # checkpoint_last.pth: a hard link costs no space; fall back to a second copy where links fail.
+    last = output_dir / LAST_NAME
+    tmp_link = output_dir / f".{LAST_NAME}.link{os.getpid()}"
+    try:
+        if tmp_link.exists():
+            tmp_link.unlink()
+        os.link(step_path, tmp_link)
+        os.replace(tmp_link, last)
+        _fsync_dir(output_dir)
+    except OSError:
+        atomic_write_bytes(data, last)
+    _prune(output_dir, max(1, keep_last))
+    return step_path
+
+
+def _prune(output_dir: Path, keep_last: int) -> None:
+    steps = sorted(list_step_checkpoints(output_dir), reverse=True)
+    for _, path in steps[keep_last:]:
+        path.unlink(missing_ok=True)
+
+
+def list_step_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every step checkpoint in a run folder, unsorted."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for path in output_dir.iterdir():
+        match = _STEP_RE.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return found
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and validate a checkpoint (``weights_only=True``).
+
+    Args:
+        path: a checkpoint file.
+        map_location: where tensors go.
+
+    Raises:
+        CheckpointError: naming the file, when it is missing, truncated, corrupt or lacks required keys.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises RuntimeError / UnpicklingError / EOFError / zip errors
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt ({type(err).__name__}: {err}); "
+            "use an older checkpoint_<step>.pth from the same folder, or resume=auto to pick the newest good one"
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a vitssl checkpoint dict")
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {missing}: it was not written by the vitssl engine")
+    return state
+
+
+def find_resume_checkpoint(output_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint in ``output_dir`` that loads, trying ``checkpoint_last.pth`` first.
+
+    Corrupt files are skipped with a warning, so a run falls back to its previous good checkpoint.
+    """
+    output_dir = Path(output_dir)
+    candidates = [output_dir / LAST_NAME] + [p for _, p in sorted(list_step_checkpoints(output_dir), reverse=True)]
+    best: tuple[Path, dict[str, Any]] | None = None
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as err:
+            _logger.warning("skipping unusable checkpoint: %s", err)
+            continue
+        if best is None or int(state["step"]) > int(best[1]["step"]):
+            best = (path, state)
+        if path.name == LAST_NAME:
+            continue  # a step file could still be newer if the last link failed; keep looking once
+        break
+    return best

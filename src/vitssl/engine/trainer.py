@@ -1,0 +1,478 @@
+"""The one training loop. It knows the objective contract and nothing about any particular objective."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Sampler
+
+import vitssl
+from vitssl.config import ConfigError, save_config, to_container
+from vitssl.engine import distributed as dist
+from vitssl.engine.checkpoint import (
+    find_resume_checkpoint,
+    list_step_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from vitssl.engine.logger import MetricLogger
+from vitssl.engine.optim import build_optimizer, cosine_schedule, peak_lr
+
+_logger = logging.getLogger(__name__)
+
+_STOP = threading.Event()
+
+
+def request_stop() -> None:
+    """Ask the running loop to stop at the next step boundary, checkpoint, and return ``status="stopped"``.
+
+    Safe to call from a signal handler; under DDP the ranks agree on the step through an all-reduce.
+    """
+    _STOP.set()
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stops and its last good checkpoint stays."""
+
+
+@dataclass
+class TrainResult:
+    status: str  # "finished" | "stopped"
+    step: int  # optimizer steps completed
+    epoch: int  # epoch the run stopped in (== epochs when finished)
+    output_dir: str
+    checkpoint_path: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)  # last logged metrics
+
+
+class ResumableSampler(Sampler[int]):
+    """Shuffled, rank-sharded indices from ``(seed, epoch)``, restartable at a position inside the epoch.
+
+    All ranks draw the same permutation and rank ``r`` takes every ``world``-th index, so the union of the
+    ranks' first ``b`` indices is the permutation's first ``world * b``: a 2-rank run sees exactly the
+    global batches a 1-rank run sees.
+
+    Args:
+        num_samples: dataset length.
+        world_size: number of ranks.
+        rank: this rank.
+        seed: base seed of the permutation.
+        shuffle: False keeps dataset order.
+    """
+
+    def __init__(self, num_samples: int, world_size: int, rank: int, seed: int, shuffle: bool = True) -> None:
+        self.num_samples, self.world_size, self.rank = num_samples, world_size, rank
+        self.seed, self.shuffle = seed, shuffle
+        self.per_rank = num_samples // world_size
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def set_start(self, start: int) -> None:
+        """Skip the first ``start`` indices of this rank's list (resuming mid-epoch)."""
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.num_samples, generator=g)
+        else:
+            order = torch.arange(self.num_samples)
+        mine = order[: self.per_rank * self.world_size][self.rank :: self.world_size]
+        return iter(mine[self.start :].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _git_sha() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(vitssl.__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(tuple(state["python"]) if not isinstance(state["python"], tuple) else state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → this rank's GPU when CUDA is available, else the CPU."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is visible; use device=auto or device=cpu")
+    return torch.device("cuda", dist.get_local_rank() % torch.cuda.device_count())
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def build_objective(cfg: DictConfig) -> torch.nn.Module:
+    """Build the configured objective, giving it a factory for fresh backbones."""
+    from vitssl.backbones import create_backbone
+    from vitssl.ssl import OBJECTIVES
+
+    def backbone_factory(**overrides: Any) -> torch.nn.Module:
+        kwargs = {"img_size": cfg.data.img_size, **dict(cfg.model.backbone_kwargs), **overrides}
+        return create_backbone(cfg.model.backbone, **kwargs)
+
+    return OBJECTIVES.get(cfg.objective.name)(cfg.objective, backbone_factory)
+
+
+class _Trainer:
+    def __init__(self, cfg: DictConfig) -> None:
+        from vitssl.data import TransformedDataset, build_dataset, collate_skip_none
+
+        self.cfg = cfg
+        dist.init_distributed()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = resolve_device(cfg.device)
+        self.out = Path(cfg.output_dir)
+        tcfg = cfg.train
+
+        micro, rest = divmod(tcfg.batch_size, self.world * tcfg.accum_steps)
+        if rest or micro == 0:
+            raise ConfigError(
+                f"train.batch_size={tcfg.batch_size} must be a positive multiple of "
+                f"world_size × train.accum_steps = {self.world} × {tcfg.accum_steps}"
+            )
+        self.micro_batch = micro
+
+        # Model init is identical on every rank (DDP would broadcast rank 0's weights anyway).
+        _seed_all(cfg.seed)
+        self.objective = build_objective(cfg).to(self.device)
+        _seed_all(cfg.seed + 1000 * self.rank)  # per-rank randomness (masks, dropout) from here on
+
+        base = build_dataset(cfg.data.train.name, root=cfg.data.train.root, split=cfg.data.train.split,
+                             **dict(cfg.data.train.kwargs))  # fmt: skip
+        self.dataset = TransformedDataset(
+            base, self.objective.train_sample_fn(cfg.data), seed=cfg.seed, skip_corrupt=cfg.data.skip_corrupt
+        )
+        self.sampler = ResumableSampler(len(self.dataset), self.world, self.rank, cfg.seed)
+        self.steps_per_epoch = self.sampler.per_rank // (micro * tcfg.accum_steps)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"data.train ({cfg.data.train.name}) has {len(self.dataset)} samples, fewer than one global "
+                f"batch (train.batch_size={tcfg.batch_size}); lower train.batch_size"
+            )
+        self.loader = DataLoader(
+            self.dataset,
+            batch_size=micro,
+            sampler=self.sampler,
+            num_workers=cfg.data.num_workers,
+            collate_fn=collate_skip_none,
+            pin_memory=self.device.type == "cuda",
+            drop_last=True,
+            # A private generator: building an iterator must not consume the global RNG (exact resume).
+            generator=torch.Generator().manual_seed(cfg.seed),
+            persistent_workers=False,
+        )
+        self.total_steps = tcfg.epochs * self.steps_per_epoch
+        warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
+        self.lr_schedule = cosine_schedule(
+            peak_lr(cfg.optim, tcfg.batch_size), cfg.optim.min_lr, self.total_steps, warmup
+        )
+        wd_end = cfg.optim.weight_decay if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end
+        self.wd_schedule = cosine_schedule(cfg.optim.weight_decay, wd_end, self.total_steps)
+
+        self.optimizer = build_optimizer(self.objective.param_groups(cfg.optim.weight_decay), cfg.optim)
+        for group in self.optimizer.param_groups:
+            group["apply_wd"] = group.get("weight_decay", 0.0) > 0
+        self.amp_dtype = _autocast_dtype(cfg.precision, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+        self.model: torch.nn.Module = self.objective
+        if self.world > 1:
+            self.model = DistributedDataParallel(
+                self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.forward = torch.compile(self.model) if tcfg.compile else self.model
+        self.monitor = None
+        if cfg.eval.knn_every_epochs > 0 and cfg.data.val is not None:
+            from vitssl.engine.knn_monitor import KnnMonitor
+
+            self.monitor = KnnMonitor(cfg, self.objective, self.device)
+
+        self.step, self.epoch, self.step_in_epoch = 0, 0, 0
+        self.skipped = 0
+        self.last_checkpoint: str | None = None
+
+    # ----------------------------------------------------------------------------------------- state
+    def _state(self) -> dict[str, Any]:
+        rng = dist.all_gather_object(_rng_state())  # every rank's generators, for exact resume
+        return {
+            "model": self.objective.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "sampler": {"seed": self.cfg.seed, "world_size": self.world, "micro_batch": self.micro_batch},
+            "rng": rng,
+            "skipped_corrupt": self.skipped,
+            "config": to_container(self.cfg),
+            "vitssl_version": vitssl.__version__,
+        }
+
+    def save(self) -> str:
+        state = self._state()
+        path = None
+        if self.rank == 0:
+            path = str(save_checkpoint(state, self.out, keep_last=self.cfg.train.keep_last))
+        dist.barrier()
+        self.last_checkpoint = path
+        return path or ""
+
+    def _resume_state(self) -> tuple[str, dict[str, Any]] | None:
+        resume = self.cfg.resume
+        if resume == "none":
+            if list_step_checkpoints(self.out):
+                raise ConfigError(
+                    f"output_dir {self.out} already holds checkpoints and resume=none would overwrite them; "
+                    "use resume=auto to continue that run, or another output_dir"
+                )
+            return None
+        if resume == "auto":
+            found = find_resume_checkpoint(self.out)
+            return (str(found[0]), found[1]) if found else None
+        return resume, load_checkpoint(resume)
+
+    def restore(self) -> None:
+        found = self._resume_state()
+        if found is None:
+            return
+        path, state = found
+        self.objective.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # restore the flag the saved groups may lack
+            group.setdefault("apply_wd", group.get("weight_decay", 0.0) > 0)
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.step_in_epoch = int(state.get("step_in_epoch", 0))
+        self.skipped = int(state.get("skipped_corrupt", 0))
+        sampler = state.get("sampler", {})
+        rngs = state.get("rng")
+        same_layout = sampler.get("world_size") == self.world and sampler.get("micro_batch") == self.micro_batch
+        if rngs and same_layout and len(rngs) == self.world:
+            _set_rng_state(rngs[self.rank])
+        elif self.step_in_epoch:
+            _logger.warning("resuming with another world size or batch layout: the data order changes mid-epoch")
+        if self.step_in_epoch >= self.steps_per_epoch:  # saved exactly at an epoch end
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        _logger.info("resumed from %s at step %d (epoch %d, step %d in epoch)", path, self.step, self.epoch,
+                     self.step_in_epoch)  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------ loop
+    def _write_run_files(self) -> None:
+        if self.rank != 0:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.cfg.meta = {
+            "git_sha": _git_sha(),
+            "vitssl_version": vitssl.__version__,
+            "torch_version": str(torch.__version__),
+            "world_size": self.world,
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        save_config(self.cfg, self.out / "config.yaml")
+
+    def _set_schedules(self) -> float:
+        lr = float(self.lr_schedule[self.step])
+        wd = float(self.wd_schedule[self.step])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+            if group["apply_wd"]:
+                group["weight_decay"] = wd
+        return lr
+
+    def _train_step(self, batches: Iterator[Any]) -> dict[str, float]:
+        accum = self.cfg.train.accum_steps
+        sums: dict[str, float] = {}
+        nonfinite = 0.0
+        for micro_step in range(accum):
+            batch, skipped = next(batches)
+            self.skipped += skipped
+            if batch is None:
+                continue  # the whole micro-batch was corrupt and skipped
+            batch = _to_device(batch, self.device)
+            last = micro_step == accum - 1
+            sync = contextlib.nullcontext() if last or self.world == 1 else self.model.no_sync()
+            autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+            with sync, autocast:
+                out = self.forward(batch)
+            loss = out["loss"]
+            if not torch.isfinite(loss.detach()):
+                nonfinite = 1.0
+            with sync:
+                self.scaler.scale(loss / accum).backward()
+            for key, value in out.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach()) / accum
+        # One collective per step: global mean of logged scalars, non-finite and stop flags.
+        keys = sorted(sums)
+        packed = torch.tensor([sums[k] for k in keys] + [nonfinite, float(_STOP.is_set())], dtype=torch.float64)
+        packed = dist.all_reduce_sum(packed)
+        metrics = {k: float(packed[i]) / self.world for i, k in enumerate(keys)}
+        if packed[-2] > 0:
+            raise NonFiniteLossError(
+                f"loss is {sums.get('loss', math.nan)} (non-finite) at step {self.step + 1} "
+                f"(epoch {self.epoch}); the run stopped and its last good checkpoint "
+                f"({self.last_checkpoint or 'none yet'}) is kept. Lower optim.lr, set optim.clip_grad, "
+                "or use precision=fp32"
+            )
+        if self.cfg.optim.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad)
+            metrics["grad_norm"] = float(grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics["_stop"] = float(packed[-1] > 0)
+        return metrics
+
+    def run(self) -> TrainResult:
+        self.restore()
+        self._write_run_files()
+        tcfg = self.cfg.train
+        logger = MetricLogger(self.out, self.total_steps, self.step, enabled=self.rank == 0)
+        last_metrics: dict[str, Any] = {}
+        status = "finished"
+        try:
+            while self.epoch < tcfg.epochs and status == "finished":
+                self.sampler.set_epoch(self.epoch)
+                self.dataset.set_epoch(self.epoch)
+                self.sampler.set_start(self.step_in_epoch * self.micro_batch * tcfg.accum_steps)
+                self.objective.train()
+                batches = iter(self.loader)
+                while self.step_in_epoch < self.steps_per_epoch:
+                    lr = self._set_schedules()
+                    metrics = self._train_step(batches)
+                    self.step += 1
+                    self.step_in_epoch += 1
+                    self.objective.on_step_end(self.step, self.total_steps)
+                    stop = metrics.pop("_stop") > 0 or (
+                        tcfg.stop_after_steps is not None and self.step >= tcfg.stop_after_steps
+                    )
+                    epoch_end = self.step_in_epoch == self.steps_per_epoch
+                    if self.step % tcfg.log_every_steps == 0 or epoch_end or stop:
+                        last_metrics = {"epoch": self.epoch, "lr": lr, **metrics}
+                        if self.skipped:
+                            last_metrics["skipped_corrupt"] = self.skipped
+                        logger.log(self.step, last_metrics)
+                    if (
+                        epoch_end
+                        and self.monitor is not None
+                        and (self.epoch + 1) % self.cfg.eval.knn_every_epochs == 0
+                    ):
+                        knn = self.monitor.evaluate()
+                        last_metrics.update(knn)
+                        logger.log(self.step, {"epoch": self.epoch, **knn})
+                    if stop or epoch_end or self.step % tcfg.checkpoint_every_steps == 0:
+                        self.save()
+                    if stop:
+                        status = "stopped"
+                        break
+                if status == "finished":
+                    self.epoch += 1
+                    self.step_in_epoch = 0
+                del batches
+        finally:
+            logger.close()
+            _STOP.clear()
+        if status == "finished" and self.rank == 0:
+            self._export_backbone()
+        return TrainResult(status, self.step, self.epoch, str(self.out), self.last_checkpoint, last_metrics)
+
+    def _monitor_due(self) -> bool:
+        return self.monitor is not None and (self.epoch + 1) % self.cfg.eval.knn_every_epochs == 0
+
+    def _export_backbone(self) -> None:
+        from vitssl.backbones import save_backbone
+
+        try:
+            save_backbone(self.objective.backbone, self.out / "backbone.safetensors")
+        except (TypeError, ValueError) as err:  # a backbone without a timm layout (e.g. iGPT token input)
+            _logger.warning("backbone not exported in timm's layout: %s", err)
+
+
+def train(cfg: DictConfig) -> TrainResult:
+    """Run (or resume) the training described by ``cfg`` in this process (one rank of a DDP job).
+
+    Args:
+        cfg: a resolved config from :func:`vitssl.config.load_config`.
+
+    Returns:
+        What happened: ``status`` ``"finished"``, or ``"stopped"`` after ``train.stop_after_steps`` or a
+        :func:`request_stop`, with the step and the last checkpoint written.
+
+    Raises:
+        NonFiniteLossError: the loss became NaN/inf (the last good checkpoint stays in place).
+        CheckpointError: ``resume`` names an unusable checkpoint.
+    """
+    return _Trainer(cfg).run()
+
+
+__all__ = ["NonFiniteLossError", "ResumableSampler", "TrainResult", "build_objective", "request_stop", "train"]

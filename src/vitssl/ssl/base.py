@@ -1,0 +1,108 @@
+"""The objective contract: a registered ``nn.Module`` the engine trains without knowing what it is."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitssl.config import DataConfig, ObjectiveConfig
+from vitssl.registry import Registry
+
+OBJECTIVES: Registry[type[Objective]] = Registry("objective")
+
+# Parameter names that never get weight decay, besides every 0-/1-D tensor (norm weights, biases).
+NO_DECAY_NAMES = ("cls_token", "pos_embed", "mask_token", "sos_token", "dist_token", "reg_token", "logit_scale")
+
+
+def register_objective(name: str) -> Callable[[type[Objective]], type[Objective]]:
+    """Class decorator: register an objective; its ``Config`` dataclass types the ``objective`` block."""
+
+    def _add(cls: type[Objective]) -> type[Objective]:
+        cls.name = name
+        OBJECTIVES.register(name, cls)
+        return cls
+
+    return _add
+
+
+def split_decay(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
+    """Two param groups: decayed weights, and norms / biases / tokens / position embeddings without decay.
+
+    Args:
+        named_params: ``module.named_parameters()``; frozen parameters are left out.
+        weight_decay: decay of the first group (the engine's schedule rescales it each step).
+    """
+    decay, no_decay = [], []
+    for name, param in named_params:
+        if not param.requires_grad:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if param.ndim <= 1 or leaf in NO_DECAY_NAMES or any(n in name for n in NO_DECAY_NAMES):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+class ImageTransform:
+    """Picklable sample function applying an image transform and passing the target through."""
+
+    def __init__(self, transform: Callable[[Any], Any]) -> None:
+        self.transform = transform
+
+    def __call__(self, image: Any, target: Any) -> tuple[Any, Any]:
+        return self.transform(image), target
+
+
+class Objective(nn.Module):
+    """Base class. Subclasses set ``Config``, build their modules in ``__init__`` and return a loss dict.
+
+    Args:
+        cfg: the objective's own config block (an instance of ``Config`` or an OmegaConf node of it).
+        backbone_factory: returns a fresh backbone each call (momentum encoders build a second one).
+    """
+
+    Config: type[ObjectiveConfig] = ObjectiveConfig
+    name: str = ""
+    backbone: nn.Module
+
+    def __init__(self, cfg: Any, backbone_factory: Callable[[], nn.Module]) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def setup(self, cfg: Any) -> None:
+        """Run-level preparation, called by the engine once per run on every rank; default: nothing.
+
+        The engine calls it with the full resolved config after building the objective and moving it to its
+        device, before ``train_sample_fn``, for work that needs the data or the run folder (iGPT fits its palette
+        and writes it into ``output_dir``).
+        """
+
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        """Called by the engine after every optimizer step (momentum / EMA updates, clamps)."""
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimizer param groups; no decay on norms, biases, tokens and position embeddings."""
+        return split_decay(self.named_parameters(), weight_decay)
+
+    def train_sample_fn(self, data_cfg: DataConfig) -> Callable[[Any, Any], Any]:  # pragma: no cover
+        """Per-sample transform ``(image, target) -> sample`` for training (augmented views, tokens...)."""
+        raise NotImplementedError
+
+    def eval_sample_fn(self, data_cfg: DataConfig) -> Callable[[Any, Any], Any]:
+        """Per-sample transform for frozen-feature evaluation: resize, centre crop, normalise."""
+        from vitssl.data.transforms import eval_transform
+
+        ratio = 1.0 if data_cfg.img_size < 96 else 256 / 224  # no resize margin on tiny images
+        return ImageTransform(eval_transform(data_cfg.img_size, ratio, data_cfg.mean, data_cfg.std))
+
+    def eval_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen features for k-NN / linear evaluation; default: the backbone's pooled embedding."""
+        return self.backbone(images)

@@ -1,0 +1,205 @@
+"""The engine: one loop, exact resume (stop and SIGKILL), checkpoint safety, non-finite loss, DDP."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from _dist import run_distributed
+from vitssl.config import ConfigError, load_config
+from vitssl.engine import CheckpointError, NonFiniteLossError, load_checkpoint, train
+from vitssl.engine.checkpoint import LAST_NAME, find_resume_checkpoint, list_step_checkpoints
+from vitssl.engine.optim import cosine_schedule
+from vitssl.ssl import OBJECTIVES, register_objective
+from vitssl.ssl.supervised import Supervised, SupervisedConfig
+
+RECIPE = "configs/pretrain/test_tiny.yaml"
+
+
+def make_cfg(out: Path, *overrides: str):
+    return load_config(RECIPE, [f"output_dir={out}", *overrides])
+
+
+def losses(out: Path) -> dict[int, float]:
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(out / LAST_NAME)["model"]
+
+
+@dataclass
+class _NanConfig(SupervisedConfig):
+    name: str = "nan_after"
+    nan_at_step: int = 3  # forward call (1-based) from which the loss is NaN
+
+
+if "nan_after" not in OBJECTIVES:
+
+    @register_objective("nan_after")
+    class _NanAfter(Supervised):
+        """Supervised, but the loss turns NaN at a chosen step: the engine must stop cleanly."""
+
+        Config = _NanConfig
+
+        def __init__(self, cfg, backbone_factory):
+            super().__init__(cfg, backbone_factory)
+            self.calls = 0
+
+        def forward(self, batch):
+            out = super().forward(batch)
+            self.calls += 1
+            if self.calls >= self.cfg.nan_at_step:
+                out["loss"] = out["loss"] * float("nan")
+            return out
+
+
+def test_run_folder_contents(tmp_path):
+    result = train(make_cfg(tmp_path))
+    assert result.status == "finished" and result.step == 8  # 64 samples / 16 per step × 2 epochs
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert all({"step", "epoch", "loss", "lr"} <= r.keys() for r in records)
+    cfg_text = (tmp_path / "config.yaml").read_text()
+    assert "git_sha" in cfg_text and "vitssl_version" in cfg_text
+    state = torch.load(tmp_path / LAST_NAME, weights_only=True)
+    assert {"model", "optimizer", "step", "epoch", "config", "rng", "scaler"} <= state.keys()
+    assert state["config"]["model"]["backbone"] == "test_vit"
+    assert len(list_step_checkpoints(tmp_path)) == 2  # keep_last
+    assert (tmp_path / "backbone.safetensors").is_file()
+
+
+def test_lr_schedule_warmup_then_cosine():
+    s = cosine_schedule(1.0, 0.1, total_steps=10, warmup_steps=4)
+    assert s[0] == 0.0 and s[3] == pytest.approx(0.75) and s[4] == pytest.approx(1.0)
+    assert s[-1] > 0.1 and all(a >= b for a, b in itertools.pairwise(s[4:]))
+
+
+def test_loss_decreases(tmp_path):
+    train(make_cfg(tmp_path, "train.epochs=6", "train.checkpoint_every_steps=100"))
+    values = list(losses(tmp_path).values())
+    assert sum(values[-4:]) / 4 < sum(values[:4]) / 4
+
+
+def test_exact_resume_after_stop(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(make_cfg(full))
+    stopped = train(make_cfg(part, "train.stop_after_steps=3"))  # mid-epoch: 4 steps per epoch
+    assert stopped.status == "stopped" and stopped.step == 3
+    resumed = train(make_cfg(part))
+    assert resumed.status == "finished" and resumed.step == 8
+    assert losses(part) == losses(full)
+    for key, value in weights(full).items():
+        assert torch.equal(value, weights(part)[key]), key
+
+
+def test_exact_resume_after_sigkill(tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    args = ["train.epochs=12", "train.checkpoint_every_steps=5"]
+    train(make_cfg(full, *args))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "vitssl", "pretrain", RECIPE, f"output_dir={killed}", *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (killed / "checkpoint_00000010.pth").exists():
+            assert proc.poll() is None, "training ended before it could be killed"
+            assert time.time() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    train(make_cfg(killed, *args))
+    assert losses(killed) == losses(full)
+    for key, value in weights(full).items():
+        assert torch.equal(value, weights(killed)[key]), key
+
+
+def test_truncated_checkpoint_falls_back(tmp_path):
+    train(make_cfg(tmp_path))
+    newest = max(list_step_checkpoints(tmp_path))[1]
+    data = newest.read_bytes()
+    (tmp_path / LAST_NAME).unlink()
+    newest.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=newest.name):
+        load_checkpoint(newest)
+    path, state = find_resume_checkpoint(tmp_path)
+    assert path != newest and state["step"] == 6
+
+
+def test_garbage_and_foreign_checkpoints(tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(bad)
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CheckpointError, match="lacks"):
+        load_checkpoint(foreign)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pth")
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path):
+    cfg = make_cfg(tmp_path, "objective.name=nan_after", "objective.nan_at_step=4")
+    with pytest.raises(NonFiniteLossError, match="step 4"):
+        train(cfg)
+    assert load_checkpoint(tmp_path / LAST_NAME)["step"] == 2  # the good one from before the NaN
+
+
+def test_resume_none_refuses_to_overwrite(tmp_path):
+    train(make_cfg(tmp_path, "train.stop_after_steps=2"))
+    with pytest.raises(ConfigError, match="resume=auto"):
+        train(make_cfg(tmp_path, "resume=none"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.batchsize=8", "did you mean 'train.batch_size'"),
+        ("optim.lr=fast", "optim.lr"),
+        ("objective.num_clases=3", "did you mean 'objective.num_classes'"),
+        ("objective.name=mocov4", "objective.name"),
+        ("precision=fp8", "precision"),
+        ("nonsense", "key=value"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        make_cfg(tmp_path, override)
+
+
+def test_accumulation_matches_big_batch(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    # SGD: Adam's normalisation would amplify float rounding in near-zero gradients
+    train(make_cfg(a, "train.epochs=1", "optim.name=sgd"))
+    train(make_cfg(b, "train.epochs=1", "optim.name=sgd", "train.accum_steps=2"))
+    for key, value in weights(a).items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, weights(b)[key], rtol=1e-4, atol=1e-5)
+
+
+def _ddp_run(out: str) -> int:
+    return train(make_cfg(Path(out), "train.epochs=1", "optim.name=sgd")).step
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(make_cfg(one, "train.epochs=1", "optim.name=sgd"))
+    steps = run_distributed(_ddp_run, 2, str(two))
+    assert steps == [4, 4]
+    for key, value in weights(one).items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, weights(two)[key], rtol=1e-4, atol=1e-5)
