@@ -11,7 +11,7 @@ from vitssl import __version__
 
 # Areas that add their own subcommands through ``register_commands(subparsers, groups)``: ``subparsers``
 # takes top-level commands, ``groups[name]`` the sub-commands of a group (``vitssl eval knn``).
-_COMMAND_MODULES: tuple[str, ...] = ()
+_COMMAND_MODULES: tuple[str, ...] = ("vitssl.launch.cli",)
 _GROUPS = {
     "eval": "evaluate frozen features of a checkpoint (features, knn, linear, zeroshot, retrieval)",
     "index": "build, merge, query and evaluate faiss retrieval indexes",
@@ -32,11 +32,12 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from vitssl.config import load_config
-    from vitssl.engine import train
+    from vitssl.launch import launch
 
-    cfg = load_config(args.config, args.overrides)
-    result = train(cfg)
-    print(f"{result.status} at step {result.step}; run folder {result.output_dir}")
+    cfg = load_config(args.config, [*args.overrides, *(["launch.dry_run=true"] if args.dry_run else [])])
+    result = launch("vitssl.engine:train", cfg, kind="train")
+    if cfg.launch.backend == "local" and not cfg.launch.dry_run:
+        print(f"{result.status} at step {result.step}; run folder {result.output_dir}")
     return 0
 
 
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pretrain a backbone from a YAML recipe (+ key=value overrides)")
     p.add_argument("config", help="recipe path or name under configs/, e.g. pretrain/mocov3_demo")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-4 launch=slurm")
+    p.add_argument("--dry-run", action="store_true", help="with launch=slurm: print the sbatch script, submit nothing")
     p.set_defaults(func=_cmd_pretrain)
 
     groups = {}
@@ -71,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; user errors print one clear line and exit with status 2."""
     from vitssl.config import ConfigError
+    from vitssl.engine import CheckpointError, NonFiniteLossError
+    from vitssl.launch import LaunchError
     from vitssl.registry import UnknownNameError
 
     args = build_parser().parse_args(argv)
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, UnknownNameError, FileNotFoundError) as err:
+    except (ConfigError, UnknownNameError, FileNotFoundError, CheckpointError, NonFiniteLossError, LaunchError) as err:
         print(f"vitssl {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -106,7 +106,8 @@ class LaunchConfig:
     constraint: str | None = None
     signal_delay_s: int = 90  # seconds before the time limit at which USR2 asks the job to checkpoint
     max_requeue: int = 3  # time-limit requeues before the job gives up (preemptions are unlimited)
-    setup: list[str] = field(default_factory=list)  # shell lines run before srun (module load ...)
+    # shell lines run before srun (module load ...); write $VAR, not ${VAR} (OmegaConf interpolation)
+    setup: list[str] = field(default_factory=list)
     sbatch_extra: dict[str, Any] = field(default_factory=dict)  # extra #SBATCH options
     folder: str | None = None  # submitit folder; default <output_dir>/submitit
     dry_run: bool = False  # print the sbatch script instead of submitting
