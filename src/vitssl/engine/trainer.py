@@ -202,6 +202,7 @@ class _Trainer:
         # Model init is identical on every rank (DDP would broadcast rank 0's weights anyway).
         _seed_all(cfg.seed)
         self.objective = build_objective(cfg).to(self.device)
+        self.objective.setup(cfg)  # run-level preparation (e.g. iGPT's palette), before any data is read
         _seed_all(cfg.seed + 1000 * self.rank)  # per-rank randomness (masks, dropout) from here on
 
         base = build_dataset(cfg.data.train.name, root=cfg.data.train.root, split=cfg.data.train.split,
