@@ -74,9 +74,11 @@ class OptimConfig:
     lr_scaling: str = "linear"  # linear: lr × train.batch_size / 256 (MoCo v3, MAE); none: lr as given
     min_lr: float = 0.0  # final learning rate of the cosine schedule
     warmup_epochs: float = 0.0  # linear warm-up from 0 to the peak lr, in epochs (per iteration)
+    warmup_steps: int | None = None  # warm-up in optimizer steps instead (open_clip: 10k); overrides epochs
     weight_decay: float = 0.1  # initial weight decay (never applied to norms, biases, tokens, pos-embed)
     weight_decay_end: float | None = None  # final weight decay of a cosine schedule; null = constant
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon (open_clip's ViT recipes: 1e-6)
     momentum: float = 0.9  # SGD / LARS momentum
     lars_eta: float = 0.001  # LARS trust coefficient
     clip_grad: float | None = None  # max global gradient L2 norm; null = no clipping

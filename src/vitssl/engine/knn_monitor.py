@@ -7,11 +7,24 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import Subset
+from torch.utils.data import Dataset, Subset
 
 from vitssl.config import ConfigError
 
 _logger = logging.getLogger(__name__)
+
+
+class _ClassLabels(Dataset):
+    """An image-text dataset seen through its class labels (``labels``) instead of its captions."""
+
+    def __init__(self, base: Any) -> None:
+        self.base, self.classes, self.labels = base, base.classes, base.labels
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        return self.base[index][0], int(self.labels[index])
 
 
 class KnnMonitor:
@@ -32,6 +45,8 @@ class KnnMonitor:
         for role in ("train", "val"):
             dcfg = cfg.data[role]
             base = build_dataset(dcfg.name, root=dcfg.root, split=dcfg.split, **dict(dcfg.kwargs))
+            if getattr(base, "labels", None) is not None:  # image-text sets carry class labels beside captions
+                base = _ClassLabels(base)
             if not getattr(base, "classes", None):
                 raise ConfigError(f"eval.knn_every_epochs needs labelled data; data.{role} ({dcfg.name}) has no labels")
             splits[role] = TransformedDataset(base, sample_fn, seed=cfg.seed, skip_corrupt=cfg.data.skip_corrupt)

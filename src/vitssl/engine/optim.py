@@ -58,7 +58,7 @@ def build_optimizer(param_groups: list[dict[str, Any]], cfg: OptimConfig) -> tor
         cfg: the ``optim`` block.
     """
     if cfg.name == "adamw":
-        return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas))
+        return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.name == "sgd":
         return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum)
     if cfg.name == "lars":

@@ -230,7 +230,9 @@ class _Trainer:
             persistent_workers=False,
         )
         self.total_steps = tcfg.epochs * self.steps_per_epoch
-        warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
+        warmup = cfg.optim.warmup_steps
+        if warmup is None:
+            warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
         self.lr_schedule = cosine_schedule(
             peak_lr(cfg.optim, tcfg.batch_size), cfg.optim.min_lr, self.total_steps, warmup
         )

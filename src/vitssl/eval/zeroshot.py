@@ -1,0 +1,630 @@
+"""Zero-shot classification and image↔text retrieval with a CLIP checkpoint (``vitssl eval zeroshot|retrieval``).
+
+Zero-shot classifier (CLIP / open_clip): for each class, every prompt template is filled with the class name,
+the prompts are embedded by the text tower and L2-normalised, their mean is taken and L2-normalised again; an
+image is assigned the class whose weight has the largest cosine similarity with its normalised embedding.
+Reported: top-1 / top-5 accuracy (percent, top-5 is top-min(5, K)), mean per-class top-1, per-class top-1.
+
+Retrieval (the COCO / Flickr protocol of CLIP and clip_benchmark): every caption is a query against all images
+(text→image) and every image against all captions (image→text); recall@k is the share of queries with a correct
+item among the k most similar (cosine) ones, ties broken by ``torch.topk``. Rows whose ``sample_id`` is the same
+file are one image with several captions: an image→text hit is any of its captions.
+
+Data specs (``--data``) follow :mod:`vitssl.eval.spec`: ``NAME[:key=value,...]``, split ``val`` by default::
+
+    shapes_captions:split=val,num_samples=500
+    image_text_csv:root=/data/coco/val.csv,caption_column=caption
+    webdataset:root=/data/cc3m/val-{0000..0015}.tar
+    imagefolder:root=/data/imagenet,split=val
+
+Template files hold one prompt per line with ``{}`` where the class name goes; class-name files one name per
+line, in the order of the dataset's classes. Blank lines and lines starting with ``#`` are ignored. Files are
+looked up as given, then under the repository's ``configs/`` (``zeroshot/shapes_templates.txt``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+import vitssl
+from vitssl.config import CONFIG_DIR, ConfigError, from_container
+from vitssl.eval.spec import DEFAULT_SPLIT, SPEC_SYNTAX, build_eval_dataset
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)  # CLIP's basic prompt, used without --templates
+RECALL_KS: tuple[int, ...] = (1, 5, 10)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Inputs: template and class-name files, checkpoints (data specs: vitssl.eval.spec)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def resolve_list_file(path: str | os.PathLike) -> Path:
+    """A template or class-name file: the path as given, else relative to the repository's ``configs/``."""
+    candidates = [Path(path), CONFIG_DIR / path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"file {str(path)!r} not found (tried {', '.join(map(str, candidates))})")
+
+
+def _read_lines(path: str | os.PathLike) -> tuple[Path, list[tuple[int, str]]]:
+    file = resolve_list_file(path)
+    lines = []
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        text = line.strip()
+        if text and not text.startswith("#"):
+            lines.append((number, text))
+    if not lines:
+        raise ConfigError(f"{file} holds no entries (one per line; blank lines and # comments are ignored)")
+    return file, lines
+
+
+def load_templates(path: str | os.PathLike) -> list[str]:
+    """Prompt templates from a file, one per line, each with one ``{}`` for the class name."""
+    file, lines = _read_lines(path)
+    for number, text in lines:
+        if text.count("{}") != 1:
+            raise ConfigError(
+                f"{file} line {number}: template {text!r} must contain exactly one '{{}}' where the class name goes"
+            )
+    return [text for _, text in lines]
+
+
+def load_classnames(path: str | os.PathLike) -> list[str]:
+    """Class names from a file, one per line, in the dataset's class order."""
+    return [text for _, text in _read_lines(path)[1]]
+
+
+def load_clip_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[Any, Any, int]:
+    """Rebuild a CLIP objective from an engine checkpoint, in eval mode on ``device``.
+
+    Returns:
+        ``(model, cfg, step)``: the :class:`vitssl.ssl.clip.Clip` module, the run's validated config and the
+        optimizer step the checkpoint was written at.
+    """
+    from vitssl.engine import build_objective
+    from vitssl.engine.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as err:
+        raise ConfigError(str(err)) from None
+    cfg = from_container(state["config"])
+    if cfg.objective.name != "clip":
+        raise ConfigError(
+            f"checkpoint {path} was trained with objective '{cfg.objective.name}'; zero-shot and image-text "
+            "retrieval need a 'clip' checkpoint (for other objectives use `vitssl eval knn` or `linear`)"
+        )
+    model = build_objective(cfg)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), cfg, int(state["step"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Embedding
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def encode_texts(model: Any, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    """L2-normalised text embeddings ``(N, D)`` (float32, CPU) of captions or prompts.
+
+    Args:
+        model: a :class:`vitssl.ssl.clip.Clip` (or anything with ``tokenize`` and ``encode_text``).
+        texts: the strings.
+        batch_size: texts per forward pass.
+    """
+    out = []
+    for start in range(0, len(texts), batch_size):
+        tokens = model.tokenize(list(texts[start : start + batch_size]))  # (b, L)
+        out.append(model.encode_text(tokens, normalize=True).float().cpu())  # (b, D)
+    if not out:
+        raise ValueError("encode_texts needs at least one text")
+    return torch.cat(out)  # (N, D)
+
+
+class _IndexTargets(Dataset):
+    """Items ``(image, index)``: the index lets a transformed, possibly corrupt-skipping loader say which rows came
+    back, so labels and captions are looked up afterwards in the base dataset."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        return self.base[index][0], index
+
+
+@torch.no_grad()
+def encode_images(
+    model: Any,
+    dataset: Dataset,
+    sample_fn: Callable[[Any, Any], Any],
+    batch_size: int = 256,
+    num_workers: int = 0,
+    skip_corrupt: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """L2-normalised image embeddings of a dataset, in dataset order.
+
+    Args:
+        model: a CLIP objective (``encode_image``).
+        dataset: items ``(PIL image, target)``.
+        sample_fn: ``(image, target) -> (tensor, target)``, e.g. ``model.eval_sample_fn(cfg.data)``.
+        batch_size: images per forward pass.
+        num_workers: data-loading processes.
+        skip_corrupt: skip unreadable samples (and count them) instead of failing with the sample's name.
+
+    Returns:
+        ``(features (M, D) float32 CPU, indices (M,) of the rows embedded, number skipped)``; M = N - skipped.
+    """
+    from vitssl.data import CorruptImageError, TransformedDataset, collate_skip_none
+
+    wrapped = TransformedDataset(_IndexTargets(dataset), sample_fn, seed=0, skip_corrupt=skip_corrupt)
+    loader = DataLoader(wrapped, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skip_none)
+    device = _model_device(model)
+    feats, indices, skipped = [], [], 0
+    try:
+        for batch, n_skipped in loader:
+            skipped += n_skipped
+            if batch is None:
+                continue
+            images, rows = batch  # (b, 3, H, W), (b,)
+            feats.append(model.encode_image(images.to(device), normalize=True).float().cpu())  # (b, D)
+            indices.append(rows)
+    except CorruptImageError as err:
+        raise ConfigError(f"{err}; or pass --skip-corrupt to skip and count such samples") from None
+    if not feats:
+        raise ConfigError(f"no readable image in the dataset ({skipped} of {len(wrapped)} skipped as corrupt)")
+    if skipped:
+        _logger.warning("skipped %d unreadable samples of %d", skipped, len(wrapped))
+    return torch.cat(feats), torch.cat(indices).long(), skipped
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Zero-shot classification
+# --------------------------------------------------------------------------------------------------------------
+
+
+def fill_templates(classname: str, templates: Sequence[str]) -> list[str]:
+    """The prompts of one class: each template with ``{}`` replaced by the class name."""
+    return [t.replace("{}", classname) for t in templates]
+
+
+@torch.no_grad()
+def zeroshot_classifier(
+    model: Any, classnames: Sequence[str], templates: Sequence[str], batch_size: int = 256
+) -> torch.Tensor:
+    """Class weights ``(K, D)``: per class, the re-normalised mean of its L2-normalised prompt embeddings.
+
+    Args:
+        model: a CLIP objective.
+        classnames: K class names.
+        templates: prompt templates with ``{}``.
+        batch_size: prompts per forward pass.
+    """
+    if not classnames or not templates:
+        raise ValueError("a zero-shot classifier needs at least one class name and one template")
+    prompts = [p for name in classnames for p in fill_templates(name, templates)]
+    emb = encode_texts(model, prompts, batch_size).view(len(classnames), len(templates), -1)  # (K, T, D)
+    return F.normalize(emb.mean(dim=1), dim=-1)  # (K, D)
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    """Top-1, top-5 (top-min(5, K)), mean per-class and per-class top-1 accuracy in percent.
+
+    Args:
+        logits: ``(N, K)`` class scores.
+        labels: ``(N,)`` true classes in ``[0, K)``.
+    """
+    num_classes = logits.shape[1]
+    ranked = logits.topk(min(5, num_classes), dim=1).indices  # (N, k)
+    hit1 = ranked[:, 0] == labels  # (N,)
+    hit5 = (ranked == labels[:, None]).any(dim=1)  # (N,)
+    per_class: list[float | None] = []
+    for c in range(num_classes):
+        mask = labels == c
+        per_class.append(float(hit1[mask].double().mean() * 100) if mask.any() else None)
+    present = [a for a in per_class if a is not None]
+    return {
+        "top1": float(hit1.double().mean() * 100),
+        "top5": float(hit5.double().mean() * 100),
+        "mean_per_class_top1": sum(present) / len(present) if present else float("nan"),
+        "per_class_top1": per_class,
+    }
+
+
+def dataset_labels(dataset: Dataset) -> list[int]:
+    """Integer class labels of a labelled dataset (``labels`` when targets are captions, else ``targets``)."""
+    classes = getattr(dataset, "classes", None)
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        labels = getattr(dataset, "targets", None)
+    if not classes or labels is None or any(isinstance(x, str) for x in labels[:1]):
+        raise ConfigError(
+            f"{type(dataset).__name__} has no class labels; zero-shot classification needs a labelled dataset "
+            "(imagefolder, cifar10, shapes, shapes_captions, ...)"
+        )
+    return [int(x) for x in labels]
+
+
+def zeroshot_evaluate(
+    model: Any,
+    dataset: Dataset,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    sample_fn: Callable[[Any, Any], Any],
+    batch_size: int = 256,
+    num_workers: int = 0,
+    skip_corrupt: bool = False,
+) -> dict[str, Any]:
+    """Zero-shot accuracy of a CLIP model on a labelled dataset.
+
+    Args:
+        model: a CLIP objective in eval mode.
+        dataset: labelled dataset (see :func:`dataset_labels`).
+        classnames: one name per class of the dataset, in class order.
+        templates: prompt templates with ``{}``.
+        sample_fn: the eval image transform as a sample function.
+        batch_size: images / prompts per forward pass.
+        num_workers: data-loading processes.
+        skip_corrupt: skip unreadable images (counted in ``skipped_corrupt``).
+
+    Returns:
+        ``top1``, ``top5``, ``mean_per_class_top1``, ``per_class_top1`` (percent), ``num_samples``,
+        ``num_classes``, ``num_templates``, ``skipped_corrupt``.
+    """
+    labels = torch.tensor(dataset_labels(dataset))
+    num_classes = len(dataset.classes)  # type: ignore[attr-defined]
+    if len(classnames) != num_classes:
+        raise ConfigError(f"{len(classnames)} class names given for a dataset with {num_classes} classes")
+    weights = zeroshot_classifier(model, classnames, templates, batch_size)  # (K, D)
+    feats, rows, skipped = encode_images(model, dataset, sample_fn, batch_size, num_workers, skip_corrupt)
+    logits = feats @ weights.T  # (N, K) cosine similarities; the logit scale does not change the ranking
+    return {
+        **topk_accuracy(logits, labels[rows]),
+        "num_samples": len(rows),
+        "num_classes": num_classes,
+        "num_templates": len(templates),
+        "skipped_corrupt": skipped,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Image–text retrieval
+# --------------------------------------------------------------------------------------------------------------
+
+
+def retrieval_recall(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    text_to_image: torch.Tensor,
+    ks: Sequence[int] = RECALL_KS,
+    chunk_size: int = 4096,
+) -> dict[str, dict[str, float]]:
+    """Image→text and text→image recall@k (percent) from L2-normalised embeddings.
+
+    Args:
+        image_features: ``(I, D)`` one row per distinct image.
+        text_features: ``(N, D)`` one row per caption.
+        text_to_image: ``(N,)`` the image row each caption describes.
+        ks: cut-offs (each clipped to the number of candidates).
+        chunk_size: queries per similarity block (bounds memory at ``chunk_size × max(I, N)`` floats).
+
+    Returns:
+        ``{"image_to_text": {"R@1": ..., ...}, "text_to_image": {...}}``.
+    """
+    n_img, n_txt = image_features.shape[0], text_features.shape[0]
+    if text_to_image.shape != (n_txt,) or (n_txt and int(text_to_image.max()) >= n_img):
+        raise ValueError(f"text_to_image must be ({n_txt},) with values < {n_img}, got shape {text_to_image.shape}")
+    k_i2t, k_t2i = min(max(ks), n_txt), min(max(ks), n_img)
+    # image→text: rank of the best caption of each image among all captions
+    i2t_rank = torch.empty(n_img, dtype=torch.long)
+    for start in range(0, n_img, chunk_size):
+        sims = image_features[start : start + chunk_size] @ text_features.T  # (c, N)
+        top = sims.topk(k_i2t, dim=1).indices  # (c, k)
+        owner = torch.arange(start, start + len(sims))[:, None]  # (c, 1)
+        hit = text_to_image[top] == owner  # (c, k)
+        i2t_rank[start : start + len(sims)] = torch.where(hit.any(1), hit.float().argmax(1), k_i2t)
+    # text→image: rank of each caption's image among all images
+    t2i_rank = torch.empty(n_txt, dtype=torch.long)
+    for start in range(0, n_txt, chunk_size):
+        sims = text_features[start : start + chunk_size] @ image_features.T  # (c, I)
+        top = sims.topk(k_t2i, dim=1).indices  # (c, k)
+        hit = top == text_to_image[start : start + len(sims), None]  # (c, k)
+        t2i_rank[start : start + len(sims)] = torch.where(hit.any(1), hit.float().argmax(1), k_t2i)
+    return {
+        "image_to_text": {f"R@{k}": float((i2t_rank < k).double().mean() * 100) for k in ks},
+        "text_to_image": {f"R@{k}": float((t2i_rank < k).double().mean() * 100) for k in ks},
+    }
+
+
+def retrieval_evaluate(
+    model: Any,
+    dataset: Dataset,
+    sample_fn: Callable[[Any, Any], Any],
+    batch_size: int = 256,
+    num_workers: int = 0,
+    skip_corrupt: bool = False,
+    ks: Sequence[int] = RECALL_KS,
+) -> dict[str, Any]:
+    """Image↔text recall@k of a CLIP model on an image-caption dataset.
+
+    Rows with the same ``sample_id`` (the same image file listed with several captions) count as one image.
+
+    Args:
+        model: a CLIP objective in eval mode.
+        dataset: items ``(image, caption)``; ``targets`` holds the captions.
+        sample_fn: the eval image transform as a sample function.
+        batch_size: images / captions per forward pass.
+        num_workers: data-loading processes.
+        skip_corrupt: skip unreadable samples (their captions are left out too).
+        ks: recall cut-offs.
+
+    Returns:
+        :func:`retrieval_recall`'s result plus ``num_images``, ``num_texts``, ``skipped_corrupt``.
+    """
+    captions = list(getattr(dataset, "targets", []))
+    if not captions or not all(isinstance(c, str) for c in captions):
+        raise ConfigError(
+            f"{type(dataset).__name__} does not hold captions; image-text retrieval needs an image-caption dataset "
+            "(image_text_csv, webdataset, shapes_captions)"
+        )
+    feats, rows, skipped = encode_images(model, dataset, sample_fn, batch_size, num_workers, skip_corrupt)
+    image_of: dict[str, int] = {}  # sample id -> image row
+    first_rows: list[int] = []  # the first embedded row of each distinct image
+    text_to_image = []
+    for pos, row in enumerate(rows.tolist()):
+        sid = dataset.sample_id(row)  # type: ignore[attr-defined]
+        if sid not in image_of:
+            image_of[sid] = len(first_rows)
+            first_rows.append(pos)
+        text_to_image.append(image_of[sid])
+    image_features = feats[first_rows]  # (I, D)
+    text_features = encode_texts(model, [captions[int(r)] for r in rows], batch_size)  # (N, D)
+    result = retrieval_recall(image_features, text_features, torch.tensor(text_to_image), ks)
+    return {**result, "num_images": len(first_rows), "num_texts": len(rows), "skipped_corrupt": skipped}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _write_json(result: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _default_output(checkpoint: str | os.PathLike, task: str, name: str, options: dict[str, Any]) -> Path:
+    split = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(options.get("split", DEFAULT_SPLIT)))
+    return Path(checkpoint).resolve().parent / f"{task}-{name}-{split}.json"
+
+
+def _resolve_device(name: str) -> torch.device:
+    from vitssl.engine.trainer import resolve_device
+
+    return resolve_device(name)
+
+
+def run_zeroshot(
+    checkpoint: str | os.PathLike,
+    data: str,
+    classnames: str | os.PathLike | None = None,
+    templates: str | os.PathLike | None = None,
+    output: str | os.PathLike | None = None,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: str = "auto",
+    skip_corrupt: bool = False,
+) -> dict[str, Any]:
+    """``vitssl eval zeroshot``: evaluate a CLIP checkpoint zero-shot and write the result as JSON.
+
+    Args:
+        checkpoint: an engine checkpoint of the ``clip`` objective.
+        data: data spec of a labelled dataset (split ``val`` by default).
+        classnames: class-name file; default: the dataset's ``classes``.
+        templates: template file; default: :data:`DEFAULT_TEMPLATES`.
+        output: JSON path; default ``zeroshot-<dataset>-<split>.json`` next to the checkpoint.
+        batch_size: images / prompts per forward pass.
+        num_workers: data-loading processes.
+        device: auto | cpu | cuda.
+        skip_corrupt: skip and count unreadable images instead of failing.
+
+    Returns:
+        The result written to ``output`` (its path under ``output``).
+    """
+    start = time.perf_counter()
+    model, cfg, step = load_clip_checkpoint(checkpoint, _resolve_device(device))
+    dataset, name, options = build_eval_dataset(data)
+    names = load_classnames(classnames) if classnames is not None else list(getattr(dataset, "classes", []))
+    prompts = load_templates(templates) if templates is not None else list(DEFAULT_TEMPLATES)
+    if classnames is not None and len(names) != len(getattr(dataset, "classes", [])):
+        raise ConfigError(
+            f"{classnames} lists {len(names)} class names but {data!r} has "
+            f"{len(getattr(dataset, 'classes', []))} classes; give one name per class, in class order"
+        )
+    metrics = zeroshot_evaluate(
+        model, dataset, names, prompts, model.eval_sample_fn(cfg.data), batch_size, num_workers, skip_corrupt
+    )
+    path = Path(output) if output is not None else _default_output(checkpoint, "zeroshot", name, options)
+    result = {
+        "task": "zeroshot",
+        "checkpoint": str(checkpoint),
+        "step": step,
+        "data": data,
+        "dataset": name,
+        "options": options,
+        **metrics,
+        "classnames": names,
+        "templates": prompts,
+        "vitssl_version": vitssl.__version__,
+        "seconds": round(time.perf_counter() - start, 3),
+        "output": str(path),
+    }
+    _write_json(result, path)
+    return result
+
+
+def run_retrieval(
+    checkpoint: str | os.PathLike,
+    data: str,
+    output: str | os.PathLike | None = None,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: str = "auto",
+    skip_corrupt: bool = False,
+) -> dict[str, Any]:
+    """``vitssl eval retrieval``: image↔text recall@1/5/10 of a CLIP checkpoint, written as JSON.
+
+    Args:
+        checkpoint: an engine checkpoint of the ``clip`` objective.
+        data: data spec of an image-caption dataset (split ``val`` by default).
+        output: JSON path; default ``retrieval-<dataset>-<split>.json`` next to the checkpoint.
+        batch_size: images / captions per forward pass.
+        num_workers: data-loading processes.
+        device: auto | cpu | cuda.
+        skip_corrupt: skip and count unreadable samples instead of failing.
+    """
+    start = time.perf_counter()
+    model, cfg, step = load_clip_checkpoint(checkpoint, _resolve_device(device))
+    dataset, name, options = build_eval_dataset(data)
+    metrics = retrieval_evaluate(model, dataset, model.eval_sample_fn(cfg.data), batch_size, num_workers, skip_corrupt)
+    path = Path(output) if output is not None else _default_output(checkpoint, "retrieval", name, options)
+    result = {
+        "task": "retrieval",
+        "checkpoint": str(checkpoint),
+        "step": step,
+        "data": data,
+        "dataset": name,
+        "options": options,
+        **metrics,
+        "vitssl_version": vitssl.__version__,
+        "seconds": round(time.perf_counter() - start, 3),
+        "output": str(path),
+    }
+    _write_json(result, path)
+    return result
+
+
+def _cmd_zeroshot(args: argparse.Namespace) -> int:
+    r = run_zeroshot(
+        args.checkpoint,
+        args.data,
+        classnames=args.classnames,
+        templates=args.templates,
+        output=args.output,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=args.device,
+        skip_corrupt=args.skip_corrupt,
+    )
+    print(
+        f"zero-shot {r['dataset']} ({r['num_samples']} images, {r['num_classes']} classes, {r['num_templates']} "
+        f"templates): top-1 {r['top1']:.2f}  top-5 {r['top5']:.2f}  mean/class {r['mean_per_class_top1']:.2f}"
+    )
+    print(f"written to {r['output']}")
+    return 0
+
+
+def _cmd_retrieval(args: argparse.Namespace) -> int:
+    r = run_retrieval(
+        args.checkpoint,
+        args.data,
+        output=args.output,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=args.device,
+        skip_corrupt=args.skip_corrupt,
+    )
+    print(f"retrieval {r['dataset']} ({r['num_images']} images, {r['num_texts']} captions)")
+    for direction in ("image_to_text", "text_to_image"):
+        recalls = "  ".join(f"{k} {v:.2f}" for k, v in r[direction].items())
+        print(f"  {direction.replace('_', ' ')}: {recalls}")
+    print(f"written to {r['output']}")
+    return 0
+
+
+def _add_common(p: argparse.ArgumentParser, data_help: str) -> None:
+    p.add_argument("checkpoint", help="engine checkpoint of a clip run (e.g. runs/clip_demo/checkpoint_last.pth)")
+    p.add_argument("--data", required=True, metavar="SPEC", help=f"{data_help}; syntax {SPEC_SYNTAX}")
+    p.add_argument("--output", metavar="FILE", help="JSON result path (default: next to the checkpoint)")
+    p.add_argument("--batch-size", type=int, default=256, help="images / texts per forward pass (default 256)")
+    p.add_argument("--num-workers", type=int, default=0, help="data-loading processes (default 0)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: GPU if visible")
+    p.add_argument("--skip-corrupt", action="store_true", help="skip and count unreadable samples instead of failing")
+
+
+def register_eval_commands(eval_subparsers: argparse._SubParsersAction) -> None:
+    """Add ``zeroshot`` and ``retrieval`` to the sub-commands of ``vitssl eval``.
+
+    Args:
+        eval_subparsers: the ``add_subparsers()`` object of the ``eval`` command.
+    """
+    p = eval_subparsers.add_parser(
+        "zeroshot",
+        help="zero-shot classification with a CLIP checkpoint (top-1/top-5, JSON)",
+        description="Classify a labelled dataset with prompt-template class embeddings of a CLIP checkpoint.",
+    )
+    _add_common(p, "labelled dataset, split val by default")
+    p.add_argument(
+        "--classnames", metavar="FILE", help="one class name per line, in class order (default: the dataset's)"
+    )
+    p.add_argument(
+        "--templates",
+        metavar="FILE",
+        help="one prompt per line with {} for the class name (default: 'a photo of a {}.'); "
+        "shapes: zeroshot/shapes_templates.txt",
+    )
+    p.set_defaults(func=_cmd_zeroshot)
+
+    p = eval_subparsers.add_parser(
+        "retrieval",
+        help="image-text retrieval recall@1/5/10 with a CLIP checkpoint (JSON)",
+        description="Image→text and text→image recall@1/5/10 of a CLIP checkpoint on an image-caption dataset.",
+    )
+    _add_common(p, "image-caption dataset, split val by default")
+    p.set_defaults(func=_cmd_retrieval)
+
+
+__all__ = [
+    "DEFAULT_TEMPLATES",
+    "dataset_labels",
+    "encode_images",
+    "encode_texts",
+    "fill_templates",
+    "load_classnames",
+    "load_clip_checkpoint",
+    "load_templates",
+    "register_eval_commands",
+    "resolve_list_file",
+    "retrieval_evaluate",
+    "retrieval_recall",
+    "run_retrieval",
+    "run_zeroshot",
+    "topk_accuracy",
+    "zeroshot_classifier",
+    "zeroshot_evaluate",
+]

@@ -1,0 +1,313 @@
+"""CLIP objective, tokenizer and zero-shot / retrieval evaluation (``vitssl.ssl.clip``, ``vitssl.eval.zeroshot``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from vitssl.backbones import list_backbones
+from vitssl.config import ConfigError, build_config, load_config, to_container
+from vitssl.data import PALETTE, SHAPE_CLASSES, ShapesCaptions, build_dataset
+from vitssl.engine import build_objective, train
+from vitssl.eval import zeroshot as zs
+from vitssl.ssl.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, CaptionSample, Clip, ClipTokenizer
+
+TINY_TEXT = {"embed_dim": 32, "text_width": 32, "text_depth": 1, "text_heads": 2}
+
+
+def _cfg(backbone: str = "test_vit", **objective: object):
+    return build_config(
+        {
+            "model": {"backbone": backbone},
+            "objective": {"name": "clip", **TINY_TEXT, **objective},
+            "data": {"img_size": 32, "mean": list(OPENAI_CLIP_MEAN), "std": list(OPENAI_CLIP_STD)},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Clip:
+    torch.manual_seed(0)
+    return build_objective(_cfg()).eval()
+
+
+def _batch(model: Clip, n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    ds = ShapesCaptions(split="val", num_samples=n)
+    sample_fn = model.train_sample_fn(_cfg().data)
+    images, tokens = zip(*(sample_fn(*ds[i]) for i in range(n)))
+    return torch.stack(images), torch.stack(tokens)
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+
+
+def test_tokenizer_round_trip_and_layout() -> None:
+    tok = ClipTokenizer()
+    caption = "A large  White circle in the center"
+    ids = tok(caption)
+    assert ids.shape == (1, 77) and ids.dtype == torch.long
+    row = ids[0]
+    eot = int(row.argmax())
+    assert row[0] == tok.sot_token_id and row[eot] == tok.eot_token_id == tok.vocab_size - 1
+    assert (row[eot + 1 :] == 0).all()
+    # the tokenizer lower-cases and cleans whitespace, and decoding gives that text back
+    assert tok.decode(row) == "a large white circle in the center"
+    for text in ShapesCaptions(split="train", num_samples=20).targets:
+        assert tok.decode(tok(text)[0]) == text
+    # truncation keeps the end-of-text token in the last column, where argmax pooling finds it
+    long = ClipTokenizer(context_length=8)(" ".join(["star"] * 50))[0]
+    assert long.shape == (8,) and long[-1] == tok.eot_token_id and int(long.argmax()) == 7
+    # the vocabulary stays out of pickles sent to data-loading workers
+    assert len(pickle.dumps(tok)) < 500 and pickle.loads(pickle.dumps(tok))("a")[0].tolist() == tok("a")[0].tolist()
+
+
+# ------------------------------------------------------------------------------------------------ objective
+
+
+def test_loss_through_objective_matches_open_clip(tiny: Clip) -> None:
+    from open_clip.loss import ClipLoss
+
+    images, tokens = _batch(tiny)
+    with torch.no_grad():
+        ours = tiny((images, tokens))["loss"]
+        image = tiny.encode_image(images, normalize=True)
+        text = tiny.encode_text(tokens, normalize=True)
+        ref = ClipLoss()(image, text, tiny.logit_scale.exp())
+    assert abs(float(ours) - float(ref)) < 1e-6
+
+
+def test_logit_scale_init_and_clamp() -> None:
+    model = build_objective(_cfg())
+    assert math.isclose(float(model.logit_scale.detach()), math.log(1 / 0.07), rel_tol=1e-6)
+    with torch.no_grad():
+        model.logit_scale.fill_(5.0)  # exp(5) = 148 > 100
+    model.on_step_end(1, 10)
+    assert math.isclose(float(model.logit_scale.detach()), math.log(100), rel_tol=1e-6)
+    with torch.no_grad():
+        model.logit_scale.fill_(-0.5)
+    model.on_step_end(2, 10)
+    assert float(model.logit_scale.detach()) == 0.0
+    with torch.no_grad():
+        model.logit_scale.fill_(3.0)
+    model.on_step_end(3, 10)
+    assert float(model.logit_scale.detach()) == 3.0
+    # the scale is learned, and without weight decay
+    no_decay = next(g for g in model.param_groups(0.2) if g["weight_decay"] == 0.0)
+    assert any(p is model.logit_scale for p in no_decay["params"])
+    assert any(p is model.text.pos_embed for p in no_decay["params"])
+
+
+@pytest.mark.parametrize("backbone", list_backbones("test_*"))
+def test_every_backbone_family_trains(backbone: str) -> None:
+    torch.manual_seed(0)
+    model = build_objective(_cfg(backbone)).train()
+    images, tokens = _batch(model, n=4)
+    out = model((images, tokens))
+    assert torch.isfinite(out["loss"]) and out["loss"] > 0
+    out["loss"].backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, f"{backbone}: {name} got no gradient"
+            assert torch.isfinite(p.grad).all(), f"{backbone}: {name} has a non-finite gradient"
+    assert model.encode_image(images).shape == (4, TINY_TEXT["embed_dim"])
+    assert model.encode_text(tokens).shape == (4, TINY_TEXT["embed_dim"])
+
+
+def test_text_tower_pools_end_of_text_and_trims_exactly(tiny: Clip) -> None:
+    tokens = tiny.tokenize(["a red star", "a large white circle in the center", "an orange heart at the bottom"])
+    noisy = tokens.clone()  # whatever follows the end-of-text token: causal attention must ignore it
+    noisy[:, 12:] = torch.randint(1, 1000, noisy[:, 12:].shape)
+    with torch.no_grad():
+        trimmed = tiny.text(tokens)
+        try:
+            tiny.text.trim_padding = False
+            untrimmed, changed = tiny.text(tokens), tiny.text(noisy)
+        finally:
+            tiny.text.trim_padding = True
+    torch.testing.assert_close(trimmed, untrimmed, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(changed, untrimmed, atol=1e-5, rtol=1e-5)
+
+
+def test_sample_function_and_caption_errors(tiny: Clip) -> None:
+    sample_fn = tiny.train_sample_fn(_cfg().data)
+    assert isinstance(sample_fn, CaptionSample)
+    image, caption = ShapesCaptions(split="train", num_samples=1)[0]
+    x, ids = pickle.loads(pickle.dumps(sample_fn))(image, caption)
+    assert x.shape == (3, 32, 32) and ids.shape == (77,) and tiny.tokenizer.decode(ids) == caption
+    with pytest.raises(TypeError, match="image_text_csv, webdataset or shapes_captions"):
+        sample_fn(image, 3)  # a class-labelled dataset given to clip
+    with pytest.raises(ValueError, match="empty caption"):
+        sample_fn(image, "  ")
+    with pytest.raises(ValueError, match=r"text_width=30 must be divisible by objective\.text_heads=4"):
+        build_objective(_cfg(text_width=30, text_heads=4))
+
+
+# ----------------------------------------------------------------------------------- evaluation building blocks
+
+
+def test_template_and_classname_files(tmp_path) -> None:
+    templates = zs.load_templates("zeroshot/shapes_templates.txt")  # shipped, found under configs/
+    assert len(templates) == 16 and all(t.count("{}") == 1 for t in templates)
+    assert zs.load_classnames("zeroshot/shapes_classnames.txt") == list(SHAPE_CLASSES)
+    bad = tmp_path / "t.txt"
+    bad.write_text("# comment\na photo of a {}\n\na photo\n")
+    with pytest.raises(ConfigError, match=r"t\.txt line 4: template 'a photo'"):
+        zs.load_templates(bad)
+    with pytest.raises(FileNotFoundError, match=r"nope\.txt"):
+        zs.load_classnames(tmp_path / "nope.txt")
+
+
+def test_zeroshot_classifier_is_renormalised_mean_of_normalised_prompts(tiny: Clip) -> None:
+    classes, templates = ["star", "ring"], ["a red {}", "a {} at the top", "a small blue {}"]
+    weights = zs.zeroshot_classifier(tiny, classes, templates, batch_size=4)
+    assert weights.shape == (2, TINY_TEXT["embed_dim"])
+    for k, name in enumerate(classes):
+        with torch.no_grad():
+            emb = F.normalize(tiny.encode_text(tiny.tokenize([t.replace("{}", name) for t in templates])), dim=-1)
+        torch.testing.assert_close(weights[k], F.normalize(emb.mean(0), dim=0), atol=1e-6, rtol=1e-5)
+
+
+def test_topk_accuracy_and_retrieval_recall() -> None:
+    logits = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.3, 0.5], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1]])
+    acc = zs.topk_accuracy(logits, torch.tensor([0, 1, 1, 2]))
+    assert acc["top1"] == 50.0 and acc["top5"] == 100.0 and acc["per_class_top1"] == [100.0, 50.0, 0.0]
+    # 3 images, 5 captions: image 0 has captions 0 and 3, image 2 has captions 2 and 4
+    img = F.normalize(torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]]), dim=1)
+    txt = F.normalize(torch.tensor([[1.0, 0.1, 0], [0.1, 0.2, 1.0], [0, 0, 1.0], [0.9, 0, 0.2], [0, 0.3, 0.9]]), dim=1)
+    t2i = torch.tensor([0, 1, 2, 0, 2])
+    r = zs.retrieval_recall(img, txt, t2i, ks=(1, 2))
+    # text→image: caption 1 (image 1) ranks image 2 first, image 1 second; the rest hit at rank 1
+    assert r["text_to_image"] == {"R@1": 80.0, "R@2": 100.0}
+    # image→text: image 0 → caption 0; image 1 → best caption 4 (0.3), its caption 1 second; image 2 → caption 2
+    assert r["image_to_text"] == {"R@1": pytest.approx(200 / 3), "R@2": 100.0}
+    exact = zs.retrieval_recall(img, img, torch.arange(3), chunk_size=2)
+    assert all(v == 100.0 for d in exact.values() for v in d.values())
+
+
+def test_unreadable_samples_fail_by_name_or_are_skipped(tmp_path, tiny: Clip) -> None:
+    rows = ["filepath,title"]
+    for i, colour in enumerate(["red", "blue", "green"]):
+        Image.new("RGB", (40, 40), PALETTE[colour]).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,a {colour} square")
+    rows += ["0.png,a red square again", "missing.png,a ghost", "1.png,"]  # second caption, missing file, empty
+    (tmp_path / "val.csv").write_text("\n".join(rows) + "\n")
+    dataset = build_dataset("image_text_csv", root=tmp_path, split="val")
+    sample_fn = tiny.eval_sample_fn(_cfg().data)
+    with pytest.raises(ConfigError, match=r"missing.png.*--skip-corrupt"):
+        zs.encode_images(tiny, dataset, sample_fn, batch_size=2)
+    result = zs.retrieval_evaluate(tiny, dataset, sample_fn, batch_size=2, skip_corrupt=True)
+    # 0.png listed twice is one image with two captions
+    assert (result["num_images"], result["num_texts"], result["skipped_corrupt"]) == (3, 4, 2)
+
+
+# ------------------------------------------------------------------------------------- learning, end to end
+
+
+class _ColourLabelled(ShapesCaptions):
+    """shapes_captions labelled by colour: the 8 palette colours are the classes."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.classes = list(PALETTE)
+        self.labels = [self.classes.index(self.params(i).colour) for i in range(len(self))]
+
+
+def test_short_cpu_run_learns_zero_shot_and_retrieval() -> None:
+    """~150 steps of batch 64 on captioned shapes (a few seconds): well above chance on held-out images.
+
+    Zero-shot classifies colour (8 classes, 12.5% chance): a tiny ViT learns it in a few seconds, while the
+    shape itself needs the longer demo run (`configs/pretrain/clip_demo.yaml`).
+    """
+    torch.manual_seed(0)
+    cfg = _cfg()
+    model = build_objective(cfg)
+    train_set = ShapesCaptions(split="train", num_samples=1024)
+    sample_fn = model.train_sample_fn(cfg.data)
+    images, tokens = (torch.stack(t) for t in zip(*(sample_fn(*train_set[i]) for i in range(len(train_set)))))
+    params = model.param_groups(0.1)
+    opt = torch.optim.AdamW(params, lr=3e-3, betas=(0.9, 0.98), eps=1e-6)
+    steps, g = 150, torch.Generator().manual_seed(0)
+    for step in range(steps):
+        for group in opt.param_groups:  # 15 warm-up steps, then cosine
+            group["lr"] = 3e-3 * min((step + 1) / 15, 0.5 * (1 + math.cos(math.pi * step / steps)))
+        idx = torch.randint(0, len(images), (64,), generator=g)
+        loss = model((images[idx], tokens[idx]))["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.on_step_end(step + 1, steps)
+    model.eval()
+
+    held_out = _ColourLabelled(split="val", num_samples=200)
+    eval_fn = model.eval_sample_fn(cfg.data)
+    # prompts read like the captions ("an orange star"): the class name carries its article
+    names = [("an " if c[0] in "aeiou" else "a ") + c for c in held_out.classes]
+    templates = ["{} " + shape for shape in SHAPE_CLASSES]
+    acc = zs.zeroshot_evaluate(model, held_out, names, templates, eval_fn, batch_size=100)
+    assert acc["num_samples"] == 200 and acc["top1"] > 50.0  # chance 12.5
+
+    ret = zs.retrieval_evaluate(model, held_out, eval_fn, batch_size=100)
+    assert ret["num_images"] == ret["num_texts"] == 200
+    assert ret["image_to_text"]["R@1"] > 2.5 and ret["text_to_image"]["R@1"] > 2.5  # chance 0.5
+    assert ret["image_to_text"]["R@10"] > 15.0  # chance 5
+
+
+def test_engine_checkpoint_through_eval_commands(tmp_path) -> None:
+    # logit_scale starts at ln 200, above the cap: the engine's on_step_end hook must bring it to ln 100
+    cfg = build_config(
+        {
+            "output_dir": str(tmp_path / "run"),
+            "device": "cpu",
+            "model": {"backbone": "test_vit"},
+            "objective": {"name": "clip", **TINY_TEXT, "init_temperature": 0.005},
+            "data": {"train": {"name": "shapes_captions", "kwargs": {"num_samples": 32}}, "img_size": 32},
+            "train": {"epochs": 1, "batch_size": 16},
+            "optim": {"lr": 1e-3, "lr_scaling": "none"},
+        }
+    )
+    cfg.data.num_workers = 0
+    assert train(cfg).status == "finished"
+    ckpt = tmp_path / "run" / "checkpoint_last.pth"
+    logit_scale = float(torch.load(ckpt, weights_only=True)["model"]["logit_scale"])
+    assert math.log(100) - 0.01 < logit_scale <= math.log(100) + 1e-6
+
+    parser = argparse.ArgumentParser(prog="vitssl")  # as vitssl.cli builds it: an "eval" group of sub-commands
+    commands = parser.add_subparsers(dest="command", required=True)
+    groups = {"eval": commands.add_parser("eval").add_subparsers(dest="eval_command", required=True)}
+    zs.register_eval_commands(groups["eval"])
+    args = parser.parse_args(
+        ["eval", "zeroshot", str(ckpt), "--data", "shapes_captions:num_samples=24", "--device", "cpu",
+         "--classnames", "zeroshot/shapes_classnames.txt", "--templates", "zeroshot/shapes_templates.txt"]
+    )  # fmt: skip
+    assert args.func(args) == 0
+    result = json.loads((tmp_path / "run" / "zeroshot-shapes_captions-val.json").read_text())
+    assert result["step"] == 2 and result["num_samples"] == 24 and result["num_templates"] == 16
+    assert 0.0 <= result["top1"] <= result["top5"] <= 100.0 and result["classnames"] == list(SHAPE_CLASSES)
+
+    out = tmp_path / "r.json"
+    args = parser.parse_args(["eval", "retrieval", str(ckpt), "--data", "shapes_captions:num_samples=24,split=test",
+                              "--device", "cpu", "--output", str(out)])  # fmt: skip
+    assert args.func(args) == 0
+    result = json.loads(out.read_text())
+    assert result["num_images"] == 24 and set(result["text_to_image"]) == {"R@1", "R@5", "R@10"}
+
+    # a checkpoint of another objective is refused by name
+    other = build_config({"model": {"backbone": "test_vit"}, "objective": {"name": "supervised", "num_classes": 8}})
+    torch.save({"model": {}, "optimizer": {}, "step": 0, "epoch": 0, "config": to_container(other)}, tmp_path / "s.pth")
+    with pytest.raises(ConfigError, match=r"objective 'supervised'.*need a 'clip' checkpoint"):
+        zs.run_zeroshot(tmp_path / "s.pth", "shapes_captions:num_samples=4", device="cpu")
+
+
+@pytest.mark.parametrize("recipe", ["clip_vit_base", "clip_swin_tiny", "clip_pvt_small", "clip_demo"])
+def test_recipes_validate(recipe: str) -> None:
+    cfg = load_config(f"pretrain/{recipe}")
+    assert cfg.objective.name == "clip" and cfg.objective.context_length == 77
+    assert cfg.optim.name == "adamw" and list(cfg.optim.betas) == [0.9, 0.98]
+    assert list(cfg.data.mean) == list(OPENAI_CLIP_MEAN)
