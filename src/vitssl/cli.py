@@ -11,7 +11,7 @@ from vitssl import __version__
 
 # Areas that add their own subcommands through ``register_commands(subparsers, groups)``: ``subparsers``
 # takes top-level commands, ``groups[name]`` the sub-commands of a group (``vitssl eval knn``).
-_COMMAND_MODULES: tuple[str, ...] = ("vitssl.launch.cli", "vitssl.ssl.igpt_cli")
+_COMMAND_MODULES: tuple[str, ...] = ("vitssl.launch.cli", "vitssl.ssl.igpt_cli", "vitssl.eval.cli")
 _GROUPS = {
     "eval": "evaluate frozen features of a checkpoint (features, knn, linear, zeroshot, retrieval)",
     "index": "build, merge, query and evaluate faiss retrieval indexes",

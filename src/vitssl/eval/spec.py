@@ -14,7 +14,6 @@ The evaluation commands (``vitssl eval ...``, ``vitssl index build``) and zero-s
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -136,23 +135,11 @@ def canonical_options(options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def format_data_spec(name: str, options: dict[str, Any]) -> str:
-    """The spec string of ``(name, options)``: the inverse of :func:`parse_data_spec` for scalar options."""
-    if not options:
-        return name
-    parts = []
-    for key, value in options.items():
-        text = value if isinstance(value, str) else json.dumps(value)
-        parts.append(f"{key}={text}")
-    return f"{name}:{','.join(parts)}"
-
-
 __all__ = [
     "DEFAULT_SPLIT",
     "SPEC_SYNTAX",
     "build_eval_dataset",
     "canonical_options",
-    "format_data_spec",
     "parse_data_spec",
     "resolve_split",
 ]

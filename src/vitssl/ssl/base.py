@@ -57,6 +57,9 @@ class ImageTransform:
     def __call__(self, image: Any, target: Any) -> tuple[Any, Any]:
         return self.transform(image), target
 
+    def __repr__(self) -> str:  # part of the feature-cache key: describes the evaluation transform
+        return f"ImageTransform({self.transform!r})"
+
 
 class Objective(nn.Module):
     """Base class. Subclasses set ``Config``, build their modules in ``__init__`` and return a loss dict.
