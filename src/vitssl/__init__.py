@@ -6,6 +6,6 @@ Importing the package registers vitssl's backbones (including PVT v1) with timm,
 
 __version__ = "0.1.0"
 
-from vitssl import backbones  # noqa: E402  (registers the backbones with timm)
+from vitssl import backbones  # registers the backbones with timm
 
 __all__ = ["__version__", "backbones"]
