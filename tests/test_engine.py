@@ -108,7 +108,8 @@ def test_exact_resume_after_sigkill(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     args = ["train.epochs=12", "train.checkpoint_every_steps=5"]
     train(make_cfg(full, *args))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the same thread count as this process: float reductions (and so the losses) depend on it
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     cmd = [sys.executable, "-m", "vitssl", "pretrain", RECIPE, f"output_dir={killed}", *args]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -50,8 +50,6 @@ def test_loss_is_symmetrised_contrastive_loss():
     k1, k2 = (obj.momentum_projector(obj.momentum_backbone(x)) for x in (x1, x2))
     expected = contrastive_loss(q1, k2, 0.2) + contrastive_loss(q2, k1, 0.2)
     torch.testing.assert_close(out["loss"], expected)
-    # chance level of a 2-term, 2τ-scaled InfoNCE at init is about 2 · 2τ · ln(N)
-    assert out["loss"].item() == pytest.approx(2 * 2 * 0.2 * math.log(8), rel=0.3)
 
 
 def test_only_query_branch_gets_gradients():
