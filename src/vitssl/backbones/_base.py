@@ -141,6 +141,23 @@ class Backbone(nn.Module, metaclass=abc.ABCMeta):
         return h, w
 
 
+def check_min_input_size(name: str, h: int, w: int, min_size: int) -> None:
+    """Raise a clear error when an input side is below ``min_size`` (PVT's spatial-reduction convs need a grid of at
+    least their kernel in every stage).
+
+    Args:
+        name: backbone name for the message.
+        h: input height.
+        w: input width.
+        min_size: smallest side the backbone takes.
+    """
+    if min(h, w) < min_size:
+        raise ValueError(
+            f"backbone {name!r} needs inputs of at least {min_size}x{min_size} "
+            f"(its spatial-reduction convs would get an empty grid), got {h}x{w}"
+        )
+
+
 def check_last_blocks(name: str, n: int, available: int, where: str) -> None:
     """Raise a clear error unless 1 <= n <= available.
 

@@ -31,7 +31,14 @@ from timm.models import build_model_with_cfg, generate_default_cfgs
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vitssl.backbones._base import Backbone, check_last_blocks, create_timm_model, register_variant, to_2tuple
+from vitssl.backbones._base import (
+    Backbone,
+    check_last_blocks,
+    check_min_input_size,
+    create_timm_model,
+    register_variant,
+    to_2tuple,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -236,6 +243,11 @@ def tokens_to_map(x: torch.Tensor, hw: tuple[int, int], num_prefix_tokens: int =
     return x.transpose(1, 2).reshape(x.shape[0], -1, hw[0], hw[1]).contiguous()  # (B, C, H, W)
 
 
+def _check_global_pool(global_pool: str) -> None:
+    if global_pool not in ("token", "avg", ""):
+        raise ValueError(f"PVT: global_pool={global_pool!r}; choose 'token', 'avg' or ''")
+
+
 class PyramidVisionTransformer(nn.Module):
     """PVT v1 classifier in timm's model interface (``num_classes``, ``forward_features``, ``forward_head``, ...).
 
@@ -293,8 +305,7 @@ class PyramidVisionTransformer(nn.Module):
             raise ValueError(
                 f"PVT: the last stage holds the class token and needs sr_ratio 1, got sr_ratios={tuple(sr_ratios)}"
             )
-        if global_pool not in ("token", "avg", ""):
-            raise ValueError(f"PVT: global_pool={global_pool!r}; choose 'token', 'avg' or ''")
+        _check_global_pool(global_pool)
         img_size = to_2tuple(img_size)
         total_stride = 1
         for p in patch_sizes:
@@ -375,8 +386,7 @@ class PyramidVisionTransformer(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head with a fresh one of ``num_classes`` outputs (0: none)."""
         if global_pool is not None:
-            if global_pool not in ("token", "avg", ""):
-                raise ValueError(f"PVT: global_pool={global_pool!r}; choose 'token', 'avg' or ''")
+            _check_global_pool(global_pool)
             self.global_pool = global_pool
         self.num_classes = num_classes
         device = self.cls_token.device
@@ -579,11 +589,7 @@ class PVTBackbone(Backbone):
 
     def _check(self, x: torch.Tensor) -> None:
         h, w = self._check_input(x, self.pyramid_strides[-1])
-        if min(h, w) < self.min_input_size:
-            raise ValueError(
-                f"backbone {self.name!r} needs inputs of at least {self.min_input_size}x{self.min_input_size} "
-                f"(its spatial-reduction convs would get an empty grid), got {h}x{w}"
-            )
+        check_min_input_size(self.name, h, w, self.min_input_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled embedding (B, C): the final-normed class token."""

@@ -13,7 +13,14 @@ from typing import Any
 
 import torch
 
-from vitssl.backbones._base import Backbone, check_last_blocks, create_timm_model, register_variant, to_2tuple
+from vitssl.backbones._base import (
+    Backbone,
+    check_last_blocks,
+    check_min_input_size,
+    create_timm_model,
+    register_variant,
+    to_2tuple,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -47,11 +54,7 @@ class PVTv2Backbone(Backbone):
 
     def _check(self, x: torch.Tensor) -> None:
         h, w = self._check_input(x, 1)
-        if min(h, w) < self.min_input_size:
-            raise ValueError(
-                f"backbone {self.name!r} needs inputs of at least {self.min_input_size}x{self.min_input_size} "
-                f"(its spatial-reduction convs would get an empty grid), got {h}x{w}"
-            )
+        check_min_input_size(self.name, h, w, self.min_input_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled embedding (B, C)."""

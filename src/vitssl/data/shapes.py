@@ -107,9 +107,13 @@ class Shapes(ImageDataset):
         self.img_size = img_size
         self.seed = seed
         self.classes = list(SHAPE_CLASSES)
-        self.targets = [i % len(SHAPE_CLASSES) for i in range(num_samples)]
-        # Kept under its own name so ShapesCaptions, whose targets are captions, still exposes the class ids.
-        self.labels = self.targets
+        # The class ids under their own name too, so ShapesCaptions, whose targets are captions, still exposes them.
+        self.labels = [i % len(SHAPE_CLASSES) for i in range(num_samples)]
+        self.targets = self._targets()
+
+    def _targets(self) -> list[int] | list[str]:
+        """The items' targets: the class ids (captions in :class:`ShapesCaptions`)."""
+        return self.labels
 
     def _rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, _SPLIT_IDS[self.split], index])
@@ -163,17 +167,8 @@ class ShapesCaptions(Shapes):
     Options are those of ``shapes``.
     """
 
-    def __init__(
-        self,
-        root: str | os.PathLike | None = None,
-        split: str = "train",
-        img_size: int = 32,
-        num_samples: int | None = None,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(root, split, img_size=img_size, num_samples=num_samples, seed=seed)
-        self.labels = list(self.targets)
-        self.targets = [self.caption(i) for i in range(len(self.labels))]
+    def _targets(self) -> list[int] | list[str]:
+        return [self.caption(i) for i in range(len(self.labels))]
 
     def sample_id(self, index: int) -> str:
         return f"shapes_captions/{self.split}/{index}"

@@ -30,7 +30,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -186,10 +186,9 @@ def _is_main() -> bool:
 
 
 def _write_json(obj: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    from vitssl.eval._io import write_json
+
+    write_json(obj, path, default=str)
 
 
 def _data_workers(requested: int | None) -> int:
@@ -252,6 +251,44 @@ def _require_labels(fs: Any, option: str) -> None:
         )
 
 
+def _probe_features(a: dict[str, Any], cfg: Any) -> tuple[Any, Any, Any]:
+    """The evaluation model and the ``--train`` / ``--val`` feature sets of a probe job (extracted on every rank)."""
+    model = _model(a, cfg)
+    return model, _features(model, a, a["train"], a["train_split"]), _features(model, a, a["val"], a["val_split"])
+
+
+def _labelled_num_classes(train: Any, val: Any) -> int:
+    """Check that both feature sets are labelled and share their classes; return the class count."""
+    _require_labels(train, "--train")
+    _require_labels(val, "--val")
+    return _num_classes(train, val)
+
+
+def _probe_record(task: str, model: Any, a: dict[str, Any], train: Any, val: Any) -> dict[str, Any]:
+    """The leading entries of a probe's result JSON: what was evaluated, on which data and feature folders."""
+    return {
+        "task": task,
+        **_provenance(model, a),
+        "train": a["train"],
+        "val": a["val"],
+        "train_features": str(train.path),
+        "val_features": str(val.path),
+        "classes": train.classes,
+    }
+
+
+def _sgd_options(model: Any, a: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments the SGD linear probes (on cached and on augmented features) share."""
+    return {
+        "lrs": a["lrs"],
+        "epochs": a["epochs"],
+        "batch_size": a["probe_batch_size"],
+        "holdout_fraction": a["holdout_fraction"],
+        "seed": a["seed"],
+        "device": model.device,
+    }
+
+
 def _num_classes(train: Any, val: Any) -> int:
     if train.classes and val.classes and train.classes != val.classes:
         raise ConfigError(
@@ -283,24 +320,15 @@ def _job_knn(a: dict[str, Any], cfg: Any) -> dict[str, Any]:
     from vitssl.eval.knn import format_knn_table, knn_evaluate
 
     t0 = time.perf_counter()
-    model = _model(a, cfg)
-    train = _features(model, a, a["train"], a["train_split"])
-    val = _features(model, a, a["val"], a["val_split"])
+    model, train, val = _probe_features(a, cfg)
     if not _is_main():
         return {}
-    _require_labels(train, "--train")
-    _require_labels(val, "--val")
+    num_classes = _labelled_num_classes(train, val)
     result = knn_evaluate(
-        train.features, train.labels, val.features, val.labels, a["ks"], a["temperature"], _num_classes(train, val)
+        train.features, train.labels, val.features, val.labels, a["ks"], a["temperature"], num_classes
     )
     out = {
-        "task": "knn",
-        **_provenance(model, a),
-        "train": a["train"],
-        "val": a["val"],
-        "train_features": str(train.path),
-        "val_features": str(val.path),
-        "classes": train.classes,
+        **_probe_record("knn", model, a, train, val),
         **result,
         "seconds": round(time.perf_counter() - t0, 3),
         "output": a["out"],
@@ -315,12 +343,9 @@ def _job_linear(a: dict[str, Any], cfg: Any) -> dict[str, Any]:
     from vitssl.eval import linear
 
     t0 = time.perf_counter()
-    model = _model(a, cfg)
-    train = _features(model, a, a["train"], a["train_split"])
-    val = _features(model, a, a["val"], a["val_split"])
-    _require_labels(train, "--train")
-    _require_labels(val, "--val")
-    num_classes = _num_classes(train, val)
+    model, train, val = _probe_features(a, cfg)
+    num_classes = _labelled_num_classes(train, val)
+    data = (train.features, train.labels, val.features, val.labels, num_classes)
     methods = ["sgd", "logreg"] if a["method"] == "both" else [a["method"]]
     results: dict[str, dict[str, Any]] = {}
     for method in methods:
@@ -329,26 +354,10 @@ def _job_linear(a: dict[str, Any], cfg: Any) -> dict[str, Any]:
         elif not _is_main():
             continue
         elif method == "sgd":
-            results["linear_sgd"] = linear.train_linear_probe(
-                train.features,
-                train.labels,
-                val.features,
-                val.labels,
-                num_classes,
-                lrs=a["lrs"],
-                epochs=a["epochs"],
-                batch_size=a["probe_batch_size"],
-                holdout_fraction=a["holdout_fraction"],
-                seed=a["seed"],
-                device=model.device,
-            )
+            results["linear_sgd"] = linear.train_linear_probe(*data, **_sgd_options(model, a))
         else:
             results["logistic_regression"] = linear.logistic_regression_probe(
-                train.features,
-                train.labels,
-                val.features,
-                val.labels,
-                num_classes,
+                *data,
                 Cs=a["cs"],
                 max_iter=a["max_iter"],
                 holdout_fraction=a["holdout_fraction"],
@@ -365,13 +374,7 @@ def _job_linear(a: dict[str, Any], cfg: Any) -> dict[str, Any]:
         pictures[name] = str(png)
         print(linear.format_probe_table(r))
     out = {
-        "task": "linear",
-        **_provenance(model, a),
-        "train": a["train"],
-        "val": a["val"],
-        "train_features": str(train.path),
-        "val_features": str(val.path),
-        "classes": train.classes,
+        **_probe_record("linear", model, a, train, val),
         "results": {name: linear.result_to_json(r) for name, r in results.items()},
         "confusion_png": pictures,
         "seconds": round(time.perf_counter() - t0, 3),
@@ -402,12 +405,7 @@ def _augmented_probe(model: Any, a: dict[str, Any], train: Any, val: Any, num_cl
         val.labels,
         num_classes,
         augment,
-        lrs=a["lrs"],
-        epochs=a["epochs"],
-        batch_size=a["probe_batch_size"],
-        holdout_fraction=a["holdout_fraction"],
-        seed=a["seed"],
-        device=model.device,
+        **_sgd_options(model, a),
         num_workers=_data_workers(a["num_workers"]),
     )
 
@@ -423,16 +421,37 @@ def _source(model: Any, a: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _write_index(build: Callable[..., Any], model: Any, fs: Any, a: dict[str, Any], **options: Any) -> Path:
+    """Write the index folder ``a["out"]`` of ``fs`` with ``build`` (``retrieval.build_index_dir`` or
+    ``retrieval.build_shard``, which share these options) and record where its vectors came from."""
+    out = Path(a["out"])
+    with _index_errors():
+        build(
+            out,
+            fs.features,
+            fs.sample_ids,
+            factory=a["factory"],
+            metric=a["metric"],
+            normalize=a["normalize"],
+            checkpoint=model.checkpoint_hash,
+            feature_key=model.feature_key(a["layer"]),
+            store_vectors=a["store_vectors"],
+            overwrite=a["overwrite"],
+            **options,
+        )
+    _record_source(out, _source(model, a))
+    return out
+
+
 def _record_source(directory: Path, source: dict[str, Any]) -> None:
     """Add ``source`` to an index folder's manifest.json (atomically; the manifest is not under its own checksum)."""
+    from vitssl.eval._io import write_json
     from vitssl.eval.retrieval import MANIFEST_FILE
 
     path = directory / MANIFEST_FILE
     manifest = json.loads(path.read_text(encoding="utf-8"))
     manifest["source"] = source
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json(manifest, path, sort_keys=True)
 
 
 @contextmanager
@@ -453,23 +472,7 @@ def _job_index_build(a: dict[str, Any], cfg: Any) -> dict[str, Any]:
     fs = _features(model, a, a["data"], a["split"])
     if not _is_main():
         return {}
-    out = Path(a["out"])
-    with _index_errors():
-        retrieval.build_index_dir(
-            out,
-            fs.features,
-            fs.sample_ids,
-            factory=a["factory"],
-            metric=a["metric"],
-            normalize=a["normalize"],
-            train_size=a["train_size"],
-            seed=a["seed"],
-            checkpoint=model.checkpoint_hash,
-            feature_key=model.feature_key(a["layer"]),
-            store_vectors=a["store_vectors"],
-            overwrite=a["overwrite"],
-        )
-    _record_source(out, _source(model, a))
+    out = _write_index(retrieval.build_index_dir, model, fs, a, train_size=a["train_size"], seed=a["seed"])
     manifest = json.loads((out / retrieval.MANIFEST_FILE).read_text())
     print(f"index {a['factory']!r}: {manifest['count']} x {manifest['dimension']} vectors -> {out}")
     return {"task": "index_build", "out": str(out), "count": manifest["count"], "dimension": manifest["dimension"]}
@@ -515,44 +518,23 @@ def _job_index_shard(a: dict[str, Any], cfg: Any) -> dict[str, Any]:
     fs = _features(model, a, a["data"], a["split"], rows=(start, stop))
     if not _is_main():
         return {}
-    out = Path(a["out"])
-    with _index_errors():
-        retrieval.build_shard(
-            out,
-            fs.features,
-            fs.sample_ids,
-            shard=(i, n),
-            first_id=start,
-            factory=a["factory"],
-            metric=a["metric"],
-            normalize=a["normalize"],
-            trained=a.get("trained"),
-            checkpoint=model.checkpoint_hash,
-            feature_key=model.feature_key(a["layer"]),
-            store_vectors=a["store_vectors"],
-            overwrite=a["overwrite"],
-        )
-    _record_source(out, _source(model, a))
+    out = _write_index(retrieval.build_shard, model, fs, a, shard=(i, n), first_id=start, trained=a.get("trained"))
     print(f"shard {i}/{n}: rows {start}..{stop - 1} ({len(fs)} vectors) -> {out}")
     return {"task": "index_shard", "out": str(out), "shard": [i, n], "count": len(fs)}
 
 
 def _job_index_merge(a: dict[str, Any], cfg: Any) -> dict[str, Any]:
-    from vitssl.eval import retrieval
-
     if not _is_main():
         return {}
     out = Path(a["out"])
-    with _index_errors():
-        retrieval.merge_shards(a["shard_dirs"], out, overwrite=a["overwrite"])
-    manifest = json.loads((out / retrieval.MANIFEST_FILE).read_text())
+    count = _merge_shards(a["shard_dirs"], out, a["overwrite"])
     if not a.get("keep_shards", True):
         for d in a["shard_dirs"]:
             shutil.rmtree(d, ignore_errors=True)
         with contextlib.suppress(OSError):  # the shards' folder, when nothing else is in it
             Path(a["shard_dirs"][0]).parent.rmdir()
-    print(f"merged {len(a['shard_dirs'])} shards: {manifest['count']} vectors -> {out}")
-    return {"task": "index_merge", "out": str(out), "count": manifest["count"]}
+    print(f"merged {len(a['shard_dirs'])} shards: {count} vectors -> {out}")
+    return {"task": "index_merge", "out": str(out), "count": count}
 
 
 _JOBS = {
@@ -621,11 +603,16 @@ def _default_out(checkpoint: str, task: str, spec: str, split: str, layer: str, 
     return Path(checkpoint).parent / "eval" / f"{task}-{name}-{split}-{layer}{suffix}"
 
 
+def _data_args(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """The arguments of a command over one dataset (``--data``, ``--split``)."""
+    _check_spec(args.data, "--data")
+    return {**_common_args(args, command), "data": args.data, "split": _split_of(args.data, "val", args.split)}
+
+
 def _cmd_features(args: argparse.Namespace) -> int:
     from vitssl.eval.features import default_cache_dir
 
-    _check_spec(args.data, "--data")
-    a = {**_common_args(args, "features"), "data": args.data, "split": _split_of(args.data, "val", args.split)}
+    a = _data_args(args, "features")
     output_dir = Path(a["cache_dir"]) if a["cache_dir"] else default_cache_dir(a["checkpoint"])
     _launch(args, output_dir, a)
     return 0
@@ -696,12 +683,9 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 
 def _cmd_index_build(args: argparse.Namespace) -> int:
-    _check_spec(args.data, "--data")
     out = Path(args.out).absolute()
     a = {
-        **_common_args(args, "index_build"),
-        "data": args.data,
-        "split": _split_of(args.data, "val", args.split),
+        **_data_args(args, "index_build"),
         "out": str(out),
         "factory": args.factory,
         "metric": args.metric,
@@ -716,8 +700,7 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
     if len(modes) > 1:
         raise ConfigError(f"{' and '.join(modes)} exclude each other; pick one")
     needs_training = _needs_training(args.factory)
-    if out.exists() and not args.overwrite:
-        raise ConfigError(f"{out} already exists; pass --overwrite to replace it")
+    _check_new_out(out, args.overwrite)
     if args.train_only:
         if not needs_training:
             raise ConfigError(f"--factory {args.factory!r} needs no training; build it directly")
@@ -818,15 +801,24 @@ def _sharded_build(args: argparse.Namespace, a: dict[str, Any], out: Path, n: in
     return 0
 
 
-def _cmd_index_merge(args: argparse.Namespace) -> int:
+def _merge_shards(shard_dirs: list[str], out: Path, overwrite: bool) -> int:
+    """Merge shard index folders into ``out``; return the merged vector count."""
     from vitssl.eval import retrieval
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise ConfigError(f"{out} already exists; pass --overwrite to replace it")
     with _index_errors():
-        retrieval.merge_shards([Path(d) for d in args.shard_dirs], out, overwrite=args.overwrite)
-    count = json.loads((out / retrieval.MANIFEST_FILE).read_text())["count"]
+        retrieval.merge_shards([Path(d) for d in shard_dirs], out, overwrite=overwrite)
+    return int(json.loads((out / retrieval.MANIFEST_FILE).read_text())["count"])
+
+
+def _check_new_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} already exists; pass --overwrite to replace it")
+
+
+def _cmd_index_merge(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    _check_new_out(out, args.overwrite)
+    count = _merge_shards(args.shard_dirs, out, args.overwrite)
     print(f"merged {len(args.shard_dirs)} shards: {count} vectors -> {out}")
     return 0
 
@@ -937,6 +929,14 @@ def _add_extraction_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="with launch=slurm: print the sbatch script only")
 
 
+def _add_data_options(p: argparse.ArgumentParser, what: str) -> None:
+    """``--data`` / ``--split`` of the commands over one dataset (read back by :func:`_data_args`)."""
+    from vitssl.eval.spec import SPEC_SYNTAX
+
+    p.add_argument("--data", required=True, metavar="SPEC", help=f"{what}; {SPEC_SYNTAX}")
+    p.add_argument("--split", help="split (default: the spec's, else val)")
+
+
 def _add_probe_data(p: argparse.ArgumentParser) -> None:
     from vitssl.eval.spec import SPEC_SYNTAX
 
@@ -964,8 +964,6 @@ def register_commands(
         subparsers: the top-level commands (nothing is added there).
         groups: the sub-command groups; ``groups["eval"]`` and ``groups["index"]`` get the commands.
     """
-    from vitssl.eval.spec import SPEC_SYNTAX
-
     if not groups or "eval" not in groups or "index" not in groups:
         raise ValueError("vitssl.eval.cli.register_commands needs the 'eval' and 'index' command groups")
     ev, ix = groups["eval"], groups["index"]
@@ -978,8 +976,7 @@ def register_commands(
         "(reused by knn, linear and index build).",
     )
     _add_extraction_options(p)
-    p.add_argument("--data", required=True, metavar="SPEC", help=f"dataset; {SPEC_SYNTAX}")
-    p.add_argument("--split", help="split (default: the spec's, else val)")
+    _add_data_options(p, "dataset")
     p.set_defaults(func=_cmd_features)
 
     p = _add_parser(
@@ -1053,8 +1050,7 @@ def register_commands(
         "manifest. --shards n builds n shards (a SLURM array with launch=slurm) and merges them.",
     )
     _add_extraction_options(p)
-    p.add_argument("--data", required=True, metavar="SPEC", help=f"corpus; {SPEC_SYNTAX}")
-    p.add_argument("--split", help="split (default: the spec's, else val)")
+    _add_data_options(p, "corpus")
     p.add_argument("--out", required=True, help="index folder to write")
     p.add_argument("--factory", default="Flat", help="faiss index factory: Flat (default), IVF4096,PQ64, HNSW32, ...")
     p.add_argument("--metric", choices=("ip", "l2"), default="ip", help="ip (cosine on normalised vectors) or l2")

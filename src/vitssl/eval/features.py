@@ -32,7 +32,6 @@ import os
 import re
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from vitssl.config import ConfigError
 from vitssl.engine import distributed as dist
+from vitssl.eval._io import make_tmp_dir, replace_dir
 
 _logger = logging.getLogger(__name__)
 
@@ -465,16 +465,14 @@ class FeatureSet:
         feature sets this way for the probes and the retrieval index builder.
         """
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
-        tmp.mkdir()
+        tmp = make_tmp_dir(directory)
         try:
             np.save(tmp / FEATURES_FILE, np.ascontiguousarray(self.features, dtype=np.float32))
             np.save(tmp / LABELS_FILE, np.asarray(self.labels, dtype=np.int64))
             (tmp / IDS_FILE).write_text(json.dumps(list(self.sample_ids)) + "\n", encoding="utf-8")
             meta = {k: v for k, v in self.meta.items() if k != "cache_hit"}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            _move_into_place(tmp, directory)
+            replace_dir(tmp, directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -499,17 +497,6 @@ class FeatureSet:
         if features.dtype != np.float32 or labels.dtype != np.int64 or not isinstance(ids, list):
             raise FeatureCacheError(f"feature folder {directory}: unexpected file types; delete it to re-extract")
         return cls(features, labels, [str(i) for i in ids], meta, directory)
-
-
-def _move_into_place(tmp: Path, directory: Path) -> None:
-    """Rename a finished temporary folder to ``directory``; a folder already there is replaced afterwards."""
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, directory)
 
 
 def default_cache_dir(checkpoint: str | os.PathLike) -> Path:

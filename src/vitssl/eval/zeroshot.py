@@ -25,7 +25,6 @@ looked up as given, then under the repository's ``configs/`` (``zeroshot/shapes_
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
@@ -40,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import vitssl
 from vitssl.config import CONFIG_DIR, ConfigError, from_container
+from vitssl.eval._io import write_json
 from vitssl.eval.spec import DEFAULT_SPLIT, SPEC_SYNTAX, build_eval_dataset
 
 _logger = logging.getLogger(__name__)
@@ -411,13 +411,6 @@ def retrieval_evaluate(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _write_json(result: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def _default_output(checkpoint: str | os.PathLike, task: str, name: str, options: dict[str, Any]) -> Path:
     split = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(options.get("split", DEFAULT_SPLIT)))
     return Path(checkpoint).resolve().parent / f"{task}-{name}-{split}.json"
@@ -427,6 +420,46 @@ def _resolve_device(name: str) -> torch.device:
     from vitssl.engine.trainer import resolve_device
 
     return resolve_device(name)
+
+
+def _run_clip_eval(
+    task: str,
+    checkpoint: str | os.PathLike,
+    data: str,
+    output: str | os.PathLike | None,
+    device: str,
+    evaluate: Callable[[Any, Dataset, Callable[[Any, Any], Any]], dict[str, Any]],
+) -> dict[str, Any]:
+    """Load a CLIP checkpoint and a dataset, run ``evaluate`` on them and write the result as JSON.
+
+    Args:
+        task: ``zeroshot`` or ``retrieval``: the result's ``task`` and the default file name's prefix.
+        checkpoint: an engine checkpoint of the ``clip`` objective.
+        data: data spec.
+        output: JSON path; default ``<task>-<dataset>-<split>.json`` next to the checkpoint.
+        device: auto | cpu | cuda.
+        evaluate: ``(model, dataset, eval sample function) -> metrics``, placed in the result after what was
+            evaluated and before the version, time and path.
+    """
+    start = time.perf_counter()
+    model, cfg, step = load_clip_checkpoint(checkpoint, _resolve_device(device))
+    dataset, name, options = build_eval_dataset(data)
+    metrics = evaluate(model, dataset, model.eval_sample_fn(cfg.data))
+    path = Path(output) if output is not None else _default_output(checkpoint, task, name, options)
+    result = {
+        "task": task,
+        "checkpoint": str(checkpoint),
+        "step": step,
+        "data": data,
+        "dataset": name,
+        "options": options,
+        **metrics,
+        "vitssl_version": vitssl.__version__,
+        "seconds": round(time.perf_counter() - start, 3),
+        "output": str(path),
+    }
+    write_json(result, path)
+    return result
 
 
 def run_zeroshot(
@@ -456,36 +489,19 @@ def run_zeroshot(
     Returns:
         The result written to ``output`` (its path under ``output``).
     """
-    start = time.perf_counter()
-    model, cfg, step = load_clip_checkpoint(checkpoint, _resolve_device(device))
-    dataset, name, options = build_eval_dataset(data)
-    names = load_classnames(classnames) if classnames is not None else list(getattr(dataset, "classes", []))
-    prompts = load_templates(templates) if templates is not None else list(DEFAULT_TEMPLATES)
-    if classnames is not None and len(names) != len(getattr(dataset, "classes", [])):
-        raise ConfigError(
-            f"{classnames} lists {len(names)} class names but {data!r} has "
-            f"{len(getattr(dataset, 'classes', []))} classes; give one name per class, in class order"
-        )
-    metrics = zeroshot_evaluate(
-        model, dataset, names, prompts, model.eval_sample_fn(cfg.data), batch_size, num_workers, skip_corrupt
-    )
-    path = Path(output) if output is not None else _default_output(checkpoint, "zeroshot", name, options)
-    result = {
-        "task": "zeroshot",
-        "checkpoint": str(checkpoint),
-        "step": step,
-        "data": data,
-        "dataset": name,
-        "options": options,
-        **metrics,
-        "classnames": names,
-        "templates": prompts,
-        "vitssl_version": vitssl.__version__,
-        "seconds": round(time.perf_counter() - start, 3),
-        "output": str(path),
-    }
-    _write_json(result, path)
-    return result
+
+    def evaluate(model: Any, dataset: Dataset, sample_fn: Callable[[Any, Any], Any]) -> dict[str, Any]:
+        names = load_classnames(classnames) if classnames is not None else list(getattr(dataset, "classes", []))
+        prompts = load_templates(templates) if templates is not None else list(DEFAULT_TEMPLATES)
+        if classnames is not None and len(names) != len(getattr(dataset, "classes", [])):
+            raise ConfigError(
+                f"{classnames} lists {len(names)} class names but {data!r} has "
+                f"{len(getattr(dataset, 'classes', []))} classes; give one name per class, in class order"
+            )
+        metrics = zeroshot_evaluate(model, dataset, names, prompts, sample_fn, batch_size, num_workers, skip_corrupt)
+        return {**metrics, "classnames": names, "templates": prompts}
+
+    return _run_clip_eval("zeroshot", checkpoint, data, output, device, evaluate)
 
 
 def run_retrieval(
@@ -508,38 +524,27 @@ def run_retrieval(
         device: auto | cpu | cuda.
         skip_corrupt: skip and count unreadable samples instead of failing.
     """
-    start = time.perf_counter()
-    model, cfg, step = load_clip_checkpoint(checkpoint, _resolve_device(device))
-    dataset, name, options = build_eval_dataset(data)
-    metrics = retrieval_evaluate(model, dataset, model.eval_sample_fn(cfg.data), batch_size, num_workers, skip_corrupt)
-    path = Path(output) if output is not None else _default_output(checkpoint, "retrieval", name, options)
-    result = {
-        "task": "retrieval",
-        "checkpoint": str(checkpoint),
-        "step": step,
-        "data": data,
-        "dataset": name,
-        "options": options,
-        **metrics,
-        "vitssl_version": vitssl.__version__,
-        "seconds": round(time.perf_counter() - start, 3),
-        "output": str(path),
+
+    def evaluate(model: Any, dataset: Dataset, sample_fn: Callable[[Any, Any], Any]) -> dict[str, Any]:
+        return retrieval_evaluate(model, dataset, sample_fn, batch_size, num_workers, skip_corrupt)
+
+    return _run_clip_eval("retrieval", checkpoint, data, output, device, evaluate)
+
+
+def _common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of :func:`run_zeroshot` / :func:`run_retrieval` from the options of :func:`_add_common`."""
+    return {
+        "output": args.output,
+        "batch_size": args.batch_size,
+        "num_workers": args.num_workers,
+        "device": args.device,
+        "skip_corrupt": args.skip_corrupt,
     }
-    _write_json(result, path)
-    return result
 
 
 def _cmd_zeroshot(args: argparse.Namespace) -> int:
     r = run_zeroshot(
-        args.checkpoint,
-        args.data,
-        classnames=args.classnames,
-        templates=args.templates,
-        output=args.output,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        device=args.device,
-        skip_corrupt=args.skip_corrupt,
+        args.checkpoint, args.data, classnames=args.classnames, templates=args.templates, **_common_kwargs(args)
     )
     print(
         f"zero-shot {r['dataset']} ({r['num_samples']} images, {r['num_classes']} classes, {r['num_templates']} "
@@ -550,15 +555,7 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
 
 
 def _cmd_retrieval(args: argparse.Namespace) -> int:
-    r = run_retrieval(
-        args.checkpoint,
-        args.data,
-        output=args.output,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        device=args.device,
-        skip_corrupt=args.skip_corrupt,
-    )
+    r = run_retrieval(args.checkpoint, args.data, **_common_kwargs(args))
     print(f"retrieval {r['dataset']} ({r['num_images']} images, {r['num_texts']} captions)")
     for direction in ("image_to_text", "text_to_image"):
         recalls = "  ".join(f"{k} {v:.2f}" for k, v in r[direction].items())
