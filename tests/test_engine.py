@@ -204,3 +204,9 @@ def test_ddp_two_processes_match_one(tmp_path):
     for key, value in weights(one).items():
         if value.is_floating_point():
             torch.testing.assert_close(value, weights(two)[key], rtol=1e-4, atol=1e-5)
+
+
+def test_resume_into_another_model_fails_clearly(tmp_path):
+    train(make_cfg(tmp_path, "train.stop_after_steps=2"))
+    with pytest.raises(CheckpointError, match="does not fit the configured model"):
+        train(make_cfg(tmp_path, "model.backbone=test_pvt"))

@@ -25,6 +25,7 @@ import vitssl
 from vitssl.config import ConfigError, save_config, to_container
 from vitssl.engine import distributed as dist
 from vitssl.engine.checkpoint import (
+    CheckpointError,
     find_resume_checkpoint,
     list_step_checkpoints,
     load_checkpoint,
@@ -306,7 +307,14 @@ class _Trainer:
         if found is None:
             return
         path, state = found
-        self.objective.load_state_dict(state["model"])
+        try:
+            self.objective.load_state_dict(state["model"])
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[0:2]
+            raise CheckpointError(
+                f"checkpoint {path} does not fit the configured model ({' '.join(first)}); it was written by another "
+                "model.backbone/objective: use another output_dir, or resume=none in an empty one"
+            ) from None
         self.optimizer.load_state_dict(state["optimizer"])
         for group in self.optimizer.param_groups:  # restore the flag the saved groups may lack
             group.setdefault("apply_wd", group.get("weight_decay", 0.0) > 0)
