@@ -64,7 +64,6 @@ class TrainConfig:
     stop_after_steps: int | None = None  # stop exactly as a preemption would (schedules unchanged)
     log_every_steps: int = 10  # optimizer steps between metrics lines
     compile: bool = False  # torch.compile the objective (opt-in)
-    seed_data_order: bool = True  # data order from (seed, epoch): required for exact resume
 
 
 @dataclass
@@ -177,6 +176,7 @@ def resolve_config_path(name: str | Path) -> Path:
     """Find a recipe: a path, or a name relative to the repository's ``configs/`` (``.yaml`` optional)."""
     path = Path(name)
     candidates = [path, path.with_suffix(".yaml"), CONFIG_DIR / path, (CONFIG_DIR / path).with_suffix(".yaml")]
+    candidates = list(dict.fromkeys(candidates))  # "x.yaml" tried once
     for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()
