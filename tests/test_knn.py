@@ -104,7 +104,7 @@ def test_queries_are_searched_and_voted_in_chunks(data, monkeypatch):
     monkeypatch.setattr(knn, "_TRAIN_BLOCK_BYTES", 50 * 24 * 4)  # training blocks of 50 rows, fewer than k
     chunked = knn.knn_predict(train, labels, query, 20, num_classes=NUM_CLASSES, chunk_size=7)
     np.testing.assert_allclose(chunked, whole, rtol=1e-6)
-    for raw in (train, knn.normalize_features(train)):  # normalised into the block buffer / searched as views
+    for raw in (train, knn.normalize_features(train)):  # blocks normalised into the buffer / searched whole
         blocked = knn.knn_predict(raw, labels, query, 200, num_classes=NUM_CLASSES, chunk_size=7)
         np.testing.assert_allclose(blocked, _reference(train, labels, query, 200, 0.07, NUM_CLASSES)[0], rtol=1e-5)
     chunked_eval = knn.knn_evaluate(train, labels, query, query_labels, ks=[20], num_classes=NUM_CLASSES, chunk_size=7)
