@@ -122,8 +122,15 @@ def stratified_holdout(labels: np.ndarray | torch.Tensor, fraction: float, seed:
     return fit.astype(np.int64), holdout.astype(np.int64)
 
 
-def _report(scores: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, Any]:
-    """top-1, top-5 (top-min(5, C)), per-class top-1 (None for absent classes), confusion matrix (true x pred)."""
+def classification_report(scores: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """top-1, top-5 (top-min(5, C)), mean and per-class top-1 (percent; None for absent classes) and the
+    confusion matrix (true x predicted), the report of :func:`train_linear_probe`.
+
+    Args:
+        scores: (N, C) class scores.
+        labels: (N,) true classes.
+        num_classes: C.
+    """
     top = min(5, num_classes)
     ranked = np.argsort(-scores, axis=1, kind="stable")[:, :top]  # (N, top); ties -> lower class, like argmax
     pred = ranked[:, 0]
@@ -164,6 +171,37 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def _best_head(diverged: torch.Tensor, hold_acc: torch.Tensor, lrs: Sequence[float]) -> int:
+    """Index of the head with the best held-out top-1 among those that did not diverge.
+
+    Args:
+        diverged: (H,) bool on the CPU, True where a head's loss became non-finite.
+        hold_acc: (H,) held-out top-1 per head (NaN without a held-out split: the first finite head wins).
+        lrs: the swept learning rates, named in the error.
+
+    Returns:
+        The head index; ties go to the earlier lr (first maximum).
+    """
+    if bool(diverged.all()):
+        raise RuntimeError(f"every head diverged (non-finite loss) for lrs {list(lrs)}; try smaller learning rates")
+    return int(torch.argmax(torch.where(diverged, torch.tensor(-1.0), torch.nan_to_num(hold_acc, nan=0.0))))
+
+
+def _sweep_rows(
+    lrs: Sequence[float], hold_acc: torch.Tensor, last_loss: torch.Tensor, diverged: torch.Tensor
+) -> list[dict[str, Any]]:
+    """One ``sweep`` entry per lr: ``value``, ``holdout_top1``, ``final_loss`` and ``diverged``."""
+    return [
+        {
+            "value": lr,
+            "holdout_top1": float(hold_acc[h]),
+            "final_loss": float(last_loss[h]),
+            "diverged": bool(diverged[h]),
+        }
+        for h, lr in enumerate(lrs)
+    ]
 
 
 def train_linear_probe(
@@ -263,21 +301,10 @@ def train_linear_probe(
         hold_acc = (hold_pred == y_all[hold_rows]).float().mean(dim=1) * 100  # (H,)
     else:
         hold_acc = torch.full((len(lrs),), float("nan"))
-    if bool(diverged.all()):
-        raise RuntimeError(f"every head diverged (non-finite loss) for lrs {list(lrs)}; try smaller learning rates")
-    choice = torch.where(diverged, torch.tensor(-1.0), torch.nan_to_num(hold_acc, nan=0.0))
-    best = int(torch.argmax(choice))  # first maximum: ties go to the earlier lr
+    best = _best_head(diverged, hold_acc, lrs)
     val_scores = _head_scores(model, x_val, dev, best)  # (M, C)
-    report = _report(val_scores, y_val.numpy(), num_classes)
-    sweep = [
-        {
-            "value": lr,
-            "holdout_top1": float(hold_acc[h]),
-            "final_loss": float(last_loss[h]),
-            "diverged": bool(diverged[h]),
-        }
-        for h, lr in enumerate(lrs)
-    ]
+    report = classification_report(val_scores, y_val.numpy(), num_classes)
+    sweep = _sweep_rows(lrs, hold_acc, last_loss, diverged)
     _logger.info(
         "linear probe: lr sweep %s -> best lr %g (holdout %.2f%%), val top-1 %.2f%%",
         [f"{s['value']:g}:{s['holdout_top1']:.1f}" for s in sweep],
@@ -385,7 +412,7 @@ def logistic_regression_probe(
         sweep.append({"value": float(c), "holdout_top1": hold, "converged": converged})
         models.append(clf)
     best = int(np.argmax([np.nan_to_num(s["holdout_top1"], nan=0.0) for s in sweep]))
-    report = _report(full_scores(models[best], x_val), y_val, num_classes)
+    report = classification_report(full_scores(models[best], x_val), y_val, num_classes)
     return {
         "method": "logistic_regression",
         "param": "C",

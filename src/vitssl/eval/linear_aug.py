@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from vitssl.engine import distributed as dist
+from vitssl.eval.linear import classification_report
 
 _logger = logging.getLogger(__name__)
 
@@ -68,30 +69,6 @@ class _Rows(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         return self.base[int(self.rows[index])][0], int(self.labels[index])
-
-
-def classification_report(scores: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, Any]:
-    """top-1, top-5 (top-min(5, C)), mean and per-class top-1 (percent; None for absent classes) and the
-    confusion matrix (true x predicted), the report of :func:`vitssl.eval.linear.train_linear_probe`.
-
-    Args:
-        scores: (N, C) class scores.
-        labels: (N,) true classes.
-        num_classes: C.
-    """
-    top = min(5, num_classes)
-    ranked = np.argsort(-scores, axis=1, kind="stable")[:, :top]  # (N, top); ties -> lower class, like argmax
-    pred = ranked[:, 0]
-    cm = np.bincount(labels * num_classes + pred, minlength=num_classes * num_classes).reshape(num_classes, -1)
-    per_class = [float(cm[c, c] / cm[c].sum() * 100) if cm[c].sum() else None for c in range(num_classes)]
-    present = [a for a in per_class if a is not None]
-    return {
-        "top1": float((pred == labels).mean() * 100) if len(labels) else float("nan"),
-        "top5": float((ranked == labels[:, None]).any(axis=1).mean() * 100) if len(labels) else float("nan"),
-        "mean_per_class_top1": float(np.mean(present)) if present else float("nan"),
-        "per_class_top1": per_class,
-        "confusion_matrix": cm.astype(np.int64),
-    }
 
 
 def _global_batches(n: int, batch: int, epoch: int, seed: int) -> list[np.ndarray]:
@@ -143,7 +120,7 @@ def augmented_linear_probe(
         augmentation's description under ``augmentation``.
     """
     from vitssl.data import TransformedDataset
-    from vitssl.eval.linear import MultiHeadLinear, default_lrs, stratified_holdout
+    from vitssl.eval.linear import MultiHeadLinear, _best_head, _sweep_rows, default_lrs, stratified_holdout
 
     t0 = time.perf_counter()
     labels = np.asarray(train_labels, dtype=np.int64)
@@ -211,21 +188,11 @@ def augmented_linear_probe(
         else:
             hold_acc = torch.full((len(lrs),), float("nan"))
         diverged_cpu = diverged.cpu()
-        if bool(diverged_cpu.all()):
-            raise RuntimeError(f"every head diverged (non-finite loss) for lrs {list(lrs)}; try smaller learning rates")
-        best = int(torch.argmax(torch.where(diverged_cpu, torch.tensor(-1.0), torch.nan_to_num(hold_acc, nan=0.0))))
+        best = _best_head(diverged_cpu, hold_acc, lrs)
         val = torch.from_numpy(np.ascontiguousarray(val_features)).float().to(dev)
         val_scores = heads(val, best).cpu().numpy()  # (M, K)
     report = classification_report(val_scores, np.asarray(val_labels, dtype=np.int64), num_classes)
-    sweep = [
-        {
-            "value": lr,
-            "holdout_top1": float(hold_acc[h]),
-            "final_loss": float(last_loss[h]),
-            "diverged": bool(diverged_cpu[h]),
-        }
-        for h, lr in enumerate(lrs)
-    ]
+    sweep = _sweep_rows(lrs, hold_acc, last_loss, diverged_cpu)
     return {
         "method": "linear_sgd_aug",
         "param": "lr",

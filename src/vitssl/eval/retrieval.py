@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from vitssl import __version__
+from vitssl.eval._io import make_tmp_dir, replace_dir
 from vitssl.eval.knn import faiss, normalize_features  # importing faiss through knn selects its BLAS kernels
 
 _logger = logging.getLogger(__name__)
@@ -341,23 +342,10 @@ def _normalise_ids(ids: Sequence[str] | Mapping[int, str], count: int) -> tuple[
 
 def _replace_dir(tmp: Path, directory: Path, overwrite: bool) -> None:
     """Move a finished temporary directory into place; the old one (if any) disappears only afterwards."""
-    if directory.exists():
-        if not overwrite:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise FileExistsError(f"{directory} already exists; pass overwrite=True (--overwrite) to replace it")
-        old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, directory)
-
-
-def _tmp_dir(directory: Path) -> Path:
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    return tmp
+    if directory.exists() and not overwrite:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FileExistsError(f"{directory} already exists; pass overwrite=True (--overwrite) to replace it")
+    replace_dir(tmp, directory)
 
 
 def _write_ids(path: Path, faiss_ids: np.ndarray, samples: Sequence[str]) -> None:
@@ -403,7 +391,7 @@ def write_index_dir(
             f"vectors must be float32 of shape ({index.ntotal}, {index.d}) to match the index, "
             f"got {vectors.dtype} {vectors.shape}"
         )
-    tmp = _tmp_dir(directory)
+    tmp = make_tmp_dir(directory)
     try:
         faiss.write_index(index, str(tmp / INDEX_FILE))
         _write_ids(tmp / IDS_FILE, faiss_ids, samples)
@@ -862,7 +850,7 @@ def merge_shards(shard_dirs: Sequence[str | Path], out_dir: str | Path, overwrit
         build_seconds=sum(s.manifest.get("build_seconds", 0.0) for s in shards) + time.perf_counter() - t0,
     )
     out_dir = Path(out_dir)
-    tmp = _tmp_dir(out_dir)
+    tmp = make_tmp_dir(out_dir)
     try:
         faiss.write_index(base, str(tmp / INDEX_FILE))
         _write_ids(tmp / IDS_FILE, faiss_ids, samples)
