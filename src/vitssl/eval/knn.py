@@ -33,6 +33,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from vitssl.eval.metrics import accuracy_report, topk_hits
+
 _logger = logging.getLogger(__name__)
 
 # AVX-512 subsets that OpenBLAS's SkylakeX SGEMM kernels use; all must be present to select them.
@@ -416,26 +418,6 @@ def knn_predict(
     return next(iter(scores.values()))
 
 
-def _hits(scores: np.ndarray, labels: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per query: is the label the top-1 class, is it among the top ``top`` classes."""
-    # argsort of the negated scores is stable: ties resolve to the lower class index, as argmax does.
-    ranked = np.argsort(-scores, axis=1, kind="stable")[:, :top]  # (N, top)
-    return ranked[:, 0] == labels, (ranked == labels[:, None]).any(axis=1)
-
-
-def _accuracy(hit1: np.ndarray, hit5: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, Any]:
-    counts = np.bincount(labels, minlength=num_classes)
-    correct = np.bincount(labels, weights=hit1.astype(np.float64), minlength=num_classes)
-    per_class = [float(correct[c] / counts[c] * 100) if counts[c] else None for c in range(num_classes)]
-    present = [a for a in per_class if a is not None]
-    return {
-        "top1": float(hit1.mean() * 100),
-        "top5": float(hit5.mean() * 100),
-        "mean_per_class_top1": float(np.mean(present)) if present else float("nan"),
-        "per_class_top1": per_class,
-    }
-
-
 def knn_evaluate(
     train_features: np.ndarray | torch.Tensor,
     train_labels: np.ndarray | torch.Tensor,
@@ -489,9 +471,10 @@ def knn_evaluate(
         stop = start + _VOTE_CHUNK
         for k, e in effective.items():
             scores = _vote(sims[start:stop, :e], neighbour_labels[start:stop, :e], temperature, num_classes)
-            hits[k][0][start:stop], hits[k][1][start:stop] = _hits(scores, vlab[start:stop], top)
+            pred, hits[k][1][start:stop] = topk_hits(scores, vlab[start:stop], top)
+            hits[k][0][start:stop] = pred == vlab[start:stop]
     n_train = int(train_np.shape[0])
-    results = {str(k): {"k": e, **_accuracy(*hits[k], vlab, num_classes)} for k, e in effective.items()}
+    results = {str(k): {"k": e, **accuracy_report(*hits[k], vlab, num_classes)} for k, e in effective.items()}
     return {
         "temperature": temperature,
         "num_train": n_train,

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitssl.eval.metrics import accuracy_report, topk_hits
+
 _logger = logging.getLogger(__name__)
 
 # Base learning rates of the sweep, scaled by batch / 256 (the linear scaling rule of MoCo v3 / MAE probes).
@@ -131,22 +133,10 @@ def classification_report(scores: np.ndarray, labels: np.ndarray, num_classes: i
         labels: (N,) true classes.
         num_classes: C.
     """
-    top = min(5, num_classes)
-    ranked = np.argsort(-scores, axis=1, kind="stable")[:, :top]  # (N, top); ties -> lower class, like argmax
-    pred = ranked[:, 0]
+    pred, hit_top = topk_hits(scores, labels, min(5, num_classes))
     cm = np.bincount(labels * num_classes + pred, minlength=num_classes * num_classes).reshape(num_classes, -1)
-    per_class: list[float | None] = []
-    for c in range(num_classes):
-        n_c = cm[c].sum()
-        per_class.append(float(cm[c, c] / n_c * 100) if n_c else None)
-    present = [a for a in per_class if a is not None]
-    return {
-        "top1": float((pred == labels).mean() * 100) if len(labels) else float("nan"),
-        "top5": float((ranked == labels[:, None]).any(axis=1).mean() * 100) if len(labels) else float("nan"),
-        "mean_per_class_top1": float(np.mean(present)) if present else float("nan"),
-        "per_class_top1": per_class,
-        "confusion_matrix": cm.astype(np.int64),
-    }
+    report = accuracy_report(pred == labels, hit_top, labels, num_classes)
+    return {**report, "confusion_matrix": cm.astype(np.int64)}
 
 
 @torch.no_grad()

@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -40,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 import vitssl
 from vitssl.config import CONFIG_DIR, ConfigError, from_container
 from vitssl.eval._io import write_json
+from vitssl.eval.metrics import accuracy_report, topk_hits
 from vitssl.eval.spec import DEFAULT_SPLIT, SPEC_SYNTAX, build_eval_dataset
 
 _logger = logging.getLogger(__name__)
@@ -237,21 +239,10 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
         logits: ``(N, K)`` class scores.
         labels: ``(N,)`` true classes in ``[0, K)``.
     """
-    num_classes = logits.shape[1]
-    ranked = logits.topk(min(5, num_classes), dim=1).indices  # (N, k)
-    hit1 = ranked[:, 0] == labels  # (N,)
-    hit5 = (ranked == labels[:, None]).any(dim=1)  # (N,)
-    per_class: list[float | None] = []
-    for c in range(num_classes):
-        mask = labels == c
-        per_class.append(float(hit1[mask].double().mean() * 100) if mask.any() else None)
-    present = [a for a in per_class if a is not None]
-    return {
-        "top1": float(hit1.double().mean() * 100),
-        "top5": float(hit5.double().mean() * 100),
-        "mean_per_class_top1": sum(present) / len(present) if present else float("nan"),
-        "per_class_top1": per_class,
-    }
+    scores, truth = logits.float().cpu().numpy(), labels.cpu().numpy().astype(np.int64)
+    num_classes = scores.shape[1]
+    pred, hit_top = topk_hits(scores, truth, min(5, num_classes))
+    return accuracy_report(pred == truth, hit_top, truth, num_classes)
 
 
 def dataset_labels(dataset: Dataset) -> list[int]:
