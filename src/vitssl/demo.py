@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from vitssl.config import load_config
-from vitssl.engine import build_objective, load_checkpoint, train
+from vitssl.engine import build_objective, load_objective, train
 from vitssl.engine.checkpoint import LAST_NAME
 
 _logger = logging.getLogger(__name__)
@@ -50,8 +50,7 @@ def evaluate_demo(cfg: Any, checkpoint: Path) -> dict[str, dict[str, float]]:
 
     torch.manual_seed(cfg.seed)
     random_init = build_objective(cfg).eval()
-    pretrained = build_objective(cfg).eval()
-    pretrained.load_state_dict(load_checkpoint(checkpoint)["model"])
+    pretrained, _, _ = load_objective(checkpoint)
     sample_fn = pretrained.eval_sample_fn(cfg.data)
     splits = {}
     for role in ("train", "val"):

@@ -1,7 +1,14 @@
 """The training engine: one loop, optimizers and schedules, checkpoints, distributed helpers."""
 
 from vitssl.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from vitssl.engine.trainer import NonFiniteLossError, TrainResult, build_objective, request_stop, train
+from vitssl.engine.trainer import (
+    NonFiniteLossError,
+    TrainResult,
+    build_objective,
+    load_objective,
+    request_stop,
+    train,
+)
 
 __all__ = [
     "CheckpointError",
@@ -9,6 +16,7 @@ __all__ = [
     "TrainResult",
     "build_objective",
     "load_checkpoint",
+    "load_objective",
     "request_stop",
     "save_checkpoint",
     "train",

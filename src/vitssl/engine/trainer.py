@@ -10,7 +10,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,6 +179,34 @@ def build_objective(cfg: DictConfig) -> torch.nn.Module:
         return create_backbone(cfg.model.backbone, **kwargs)
 
     return OBJECTIVES.get(cfg.objective.name)(cfg.objective, backbone_factory)
+
+
+def load_objective(
+    path: str | Path, device: torch.device | str = "cpu", check: Callable[[DictConfig], None] | None = None
+) -> tuple[Any, DictConfig, dict[str, Any]]:
+    """Rebuild a checkpoint's objective from the config stored in it, weights loaded, in eval mode.
+
+    Args:
+        path: an engine checkpoint (any objective).
+        device: where the objective goes.
+        check: called with the checkpoint's config before anything is built (e.g. to refuse other objectives
+            with a message of the caller's own).
+
+    Returns:
+        ``(objective, cfg, state)``: the objective, the run's validated config and the checkpoint dict.
+
+    Raises:
+        CheckpointError: the file is missing, truncated or not a vitssl checkpoint.
+    """
+    from vitssl.config import from_container
+
+    state = load_checkpoint(path)
+    cfg = from_container(state["config"])
+    if check is not None:
+        check(cfg)
+    objective = build_objective(cfg)
+    objective.load_state_dict(state["model"])
+    return objective.to(device).eval(), cfg, state
 
 
 class _Trainer:
@@ -486,4 +514,12 @@ def train(cfg: DictConfig) -> TrainResult:
     return _Trainer(cfg).run()
 
 
-__all__ = ["NonFiniteLossError", "ResumableSampler", "TrainResult", "build_objective", "request_stop", "train"]
+__all__ = [
+    "NonFiniteLossError",
+    "ResumableSampler",
+    "TrainResult",
+    "build_objective",
+    "load_objective",
+    "request_stop",
+    "train",
+]

@@ -243,17 +243,11 @@ def load_for_eval(checkpoint_path: str | os.PathLike, device: torch.device | str
     Raises:
         CheckpointError: the file is missing, truncated or not a vitssl checkpoint.
     """
-    from vitssl.config import from_container
-    from vitssl.engine import build_objective
-    from vitssl.engine.checkpoint import load_checkpoint
+    from vitssl.engine import load_objective
 
-    state = load_checkpoint(checkpoint_path)
-    digest = checkpoint_sha256(checkpoint_path)
-    cfg = from_container(state["config"])
-    objective = build_objective(cfg)
-    objective.load_state_dict(state["model"])
+    objective, cfg, _ = load_objective(checkpoint_path, device)
     objective.requires_grad_(False)
-    return objective.to(device).eval(), cfg, digest
+    return objective, cfg, checkpoint_sha256(checkpoint_path)
 
 
 def parse_layer(layer: str) -> str:

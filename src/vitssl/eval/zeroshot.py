@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 import vitssl
-from vitssl.config import CONFIG_DIR, ConfigError, from_container
+from vitssl.config import CONFIG_DIR, ConfigError
 from vitssl.eval._io import write_json
 from vitssl.eval.metrics import accuracy_report, topk_hits
 from vitssl.eval.spec import DEFAULT_SPLIT, SPEC_SYNTAX, build_eval_dataset
@@ -99,22 +99,20 @@ def load_clip_checkpoint(path: str | os.PathLike, device: torch.device | str = "
         ``(model, cfg, step)``: the :class:`vitssl.ssl.clip.Clip` module, the run's validated config and the
         optimizer step the checkpoint was written at.
     """
-    from vitssl.engine import build_objective
-    from vitssl.engine.checkpoint import CheckpointError, load_checkpoint
+    from vitssl.engine import CheckpointError, load_objective
+
+    def only_clip(cfg: Any) -> None:
+        if cfg.objective.name != "clip":
+            raise ConfigError(
+                f"checkpoint {path} was trained with objective '{cfg.objective.name}'; zero-shot and image-text "
+                "retrieval need a 'clip' checkpoint (for other objectives use `vitssl eval knn` or `linear`)"
+            )
 
     try:
-        state = load_checkpoint(path)
+        model, cfg, state = load_objective(path, device, check=only_clip)
     except CheckpointError as err:
         raise ConfigError(str(err)) from None
-    cfg = from_container(state["config"])
-    if cfg.objective.name != "clip":
-        raise ConfigError(
-            f"checkpoint {path} was trained with objective '{cfg.objective.name}'; zero-shot and image-text "
-            "retrieval need a 'clip' checkpoint (for other objectives use `vitssl eval knn` or `linear`)"
-        )
-    model = build_objective(cfg)
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), cfg, int(state["step"])
+    return model, cfg, int(state["step"])
 
 
 # --------------------------------------------------------------------------------------------------------------

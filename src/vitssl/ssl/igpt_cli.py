@@ -37,19 +37,17 @@ def load_igpt_checkpoint(path: str | Path, device: torch.device | str = "cpu") -
         path: a checkpoint written by the engine for ``objective.name=igpt``.
         device: where the model goes.
     """
-    from vitssl.config import from_container
-    from vitssl.engine import CheckpointError, build_objective, load_checkpoint
+    from vitssl.engine import CheckpointError, load_objective
+
+    def only_igpt(cfg: Any) -> None:
+        if cfg.objective.name != "igpt":
+            raise ConfigError(f"checkpoint {path} was trained with objective {cfg.objective.name!r}, not igpt")
 
     try:
-        state = load_checkpoint(path)
+        objective, cfg, _ = load_objective(path, device, check=only_igpt)
     except CheckpointError as err:
         raise ConfigError(str(err)) from None
-    cfg = from_container(state["config"])
-    if cfg.objective.name != "igpt":
-        raise ConfigError(f"checkpoint {path} was trained with objective {cfg.objective.name!r}, not igpt")
-    objective = build_objective(cfg)
-    objective.load_state_dict(state["model"])
-    return cfg, objective.to(device).eval()
+    return cfg, objective
 
 
 def validation_dataset(cfg: Any, objective: torch.nn.Module, split: str | None = None) -> torch.utils.data.Dataset:
