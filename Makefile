@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# `make demo ARGS="seed=1 train.epochs=5"` passes key=value overrides to the demo recipe.
 demo: $(STAMP)
-	$(BIN)/python -m vitssl.demo
+	$(BIN)/python -m vitssl.demo $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -1,4 +1,4 @@
-"""Retrieval index build time, query throughput and recall@10 for Flat, IVF, IVF-PQ and HNSW (vitssl.eval.retrieval).
+"""Retrieval index build time, query throughput and recall@10 for Flat, IVF, IVF-PQ and HNSW (vitssl.index.core).
 
 Corpus and queries are the clustered synthetic features of ``knn_vs_sklearn.py`` (L2-normalised, inner
 product). Recall@10 is measured against exact search (``faiss.knn`` on the same vectors), the intersection of the
@@ -43,7 +43,8 @@ from knn_vs_sklearn import blas_kernels, clustered_features  # noqa: E402
 
 
 def main(args: argparse.Namespace) -> list[dict]:
-    from vitssl.eval import knn, retrieval
+    from vitssl.eval import knn
+    from vitssl.index import core as retrieval
 
     faiss = knn.faiss
     corpus, _ = clustered_features(args.corpus, args.dim, 100, seed=0, sample_seed=1)
@@ -65,7 +66,8 @@ def main(args: argparse.Namespace) -> list[dict]:
     print("|---|---:|---:|---|---:|---:|")
     for factory, params in settings:
         t0 = time.perf_counter()
-        index = retrieval.build_index(corpus, factory, normalize=False)
+        # CPU figures (--threads): a GPU faiss build would otherwise train and fill the IVF indexes on the GPU.
+        index = retrieval.build_index(corpus, factory, normalize=False, use_gpu=False)
         build_s = time.perf_counter() - t0
         size_mb = faiss.serialize_index(index).nbytes / 2**20
         for p in params:

@@ -121,7 +121,8 @@ def blas_kernels() -> list[str]:
 def main(args: argparse.Namespace) -> dict:
     from sklearn.neighbors import KNeighborsClassifier
 
-    from vitssl.eval import knn, retrieval
+    from vitssl.eval import knn
+    from vitssl.index import core as retrieval
 
     faiss = knn.faiss
     train, train_labels = clustered_features(args.train, args.dim, args.classes, seed=0, sample_seed=1)

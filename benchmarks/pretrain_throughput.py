@@ -15,7 +15,9 @@ convolutions, attention); MFU = FLOPs per step × steps/s ÷ the device's dense 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -105,14 +107,18 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", choices=("off", "on", "both"), default="both")
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak; default by device name")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{args.backbone} {args.img_size}px batch {args.batch} bf16 on {name}, torch {torch.__version__}")
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    record: dict = {"backbone": args.backbone, "img_size": args.img_size, "batch": args.batch, "device": name,
+                    "torch": torch.__version__, "runs": {}}  # fmt: skip
     for compiled in modes:
         r = measure(args, compiled)
+        record["runs"]["compile" if compiled else "eager"] = r
         label = "compile" if compiled else "eager  "
         mem = f" mem {r['max_mem_gb']:.1f} GB" if "max_mem_gb" in r else ""
         print(
@@ -120,6 +126,9 @@ def main() -> None:
             f"{r['tflop_per_step']:.2f} TFLOP/step  {r['achieved_tflops']:6.1f} TFLOP/s  "
             f"MFU {r['mfu_percent']:.1f}%{mem}"
         )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

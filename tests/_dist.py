@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from vitssl.engine.distributed import destroy_distributed, find_free_port, init_distributed
+from vitssl.distributed import destroy_distributed, find_free_port, init_distributed
 
 
 def _worker(fn: Callable[..., Any], rank: int, world_size: int, port: int, args: tuple, out_dir: str) -> None:
@@ -45,7 +45,7 @@ def _worker(fn: Callable[..., Any], rank: int, world_size: int, port: int, args:
 def run_distributed(fn: Callable[..., Any], world_size: int = 2, *args: Any, timeout_s: float = 120.0) -> list[Any]:
     """Call ``fn(*args)`` in ``world_size`` processes joined in a gloo process group; return results by rank.
 
-    Inside ``fn`` the group is initialised through ``vitssl.engine.distributed.init_distributed`` from the
+    Inside ``fn`` the group is initialised through ``vitssl.distributed.init_distributed`` from the
     launcher environment variables, so ``get_rank()`` and the collectives work. Results travel back through
     ``torch.save`` files, so they may hold tensors.
 

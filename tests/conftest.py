@@ -9,32 +9,39 @@ import os
 
 import pytest
 
+import vitssl.ssl  # noqa: F401  (registers the objectives, as the vitssl command does before reading a config)
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+def _slurm_required() -> bool:
+    """``.ci/run`` installs SLURM and sets VITSSL_REQUIRE_SLURM=1: there a SLURM test may not skip."""
+    return os.environ.get("VITSSL_REQUIRE_SLURM", "").strip().lower() in ("1", "true", "yes")
+
+
+def _skip_or_fail(reason: str) -> None:
+    if _slurm_required():
+        pytest.fail(f"VITSSL_REQUIRE_SLURM is set but the SLURM tests cannot run: {reason}")
+    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
     """munged + slurmctld + slurmd on this host for the whole session; ``SLURM_CONF`` points at it.
 
-    Skipped (with the reason) where SLURM is not installed or cannot start; in CI (``CI=true``) a cluster
-    that is installed but does not start fails the tests instead, so a broken setup cannot hide.
+    Skipped (with the reason) where SLURM is not installed or cannot start; with ``VITSSL_REQUIRE_SLURM=1``
+    (set by ``.ci/run``, which installs SLURM) each of those is a failure instead, so a broken setup cannot hide.
     """
     from slurm_cluster import ClusterStartError, SlurmCluster, missing_binaries
 
     missing = missing_binaries()
     if missing:
-        pytest.skip(f"SLURM is not installed here ({', '.join(missing)} missing): apt-get install slurm-wlm munge")
-    if os.geteuid() != 0 and not _in_ci():
-        pytest.skip("the SLURM test cluster starts munged/slurmctld/slurmd as root; this session is not root")
+        _skip_or_fail(f"SLURM is not installed here ({', '.join(missing)} missing): apt-get install slurm-wlm munge")
+    if os.geteuid() != 0:
+        _skip_or_fail("the SLURM test cluster starts munged/slurmctld/slurmd as root; this session is not root")
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
     try:
         cluster.start()
     except ClusterStartError as err:
-        if _in_ci():
-            pytest.fail(f"SLURM is installed but the test cluster did not start (CI must run these tests):\n{err}")
-        pytest.skip(f"the SLURM test cluster did not start:\n{err}")
+        _skip_or_fail(f"the SLURM test cluster did not start:\n{err}")
     try:
         yield cluster
     finally:
@@ -47,6 +54,7 @@ def local_two_process_run(tmp_path_factory: pytest.TempPathFactory):
 
     Shared by the local-launch test and the SLURM tests that compare their weights with it.
     """
+    from vitssl.cli.pretrain import PRETRAIN_TARGET, PretrainJob
     from vitssl.config import load_config
     from vitssl.launch import launch
 
@@ -55,7 +63,7 @@ def local_two_process_run(tmp_path_factory: pytest.TempPathFactory):
     saved = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # the SLURM jobs compared with this run use one thread per rank too
     try:
-        return out, launch("vitssl.engine:train", cfg)
+        return out, launch(PRETRAIN_TARGET, PretrainJob.from_config(cfg), cfg.launch, cfg.output_dir)
     finally:
         if saved is None:
             os.environ.pop("OMP_NUM_THREADS")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -26,6 +28,9 @@ from vitssl.backbones import (
 from vitssl.backbones import pvt as pvt_module
 from vitssl.backbones._base import register_variant
 from vitssl.backbones.vit import VisionTransformerBackbone
+from vitssl.config import ConfigError
+from vitssl.errors import UserError
+from vitssl.registry import UnknownNameError
 
 TEST_NAMES = list_backbones("test_*")
 POOLING = {"test_vit": "cls", "test_pvt": "cls", "test_swin": "mean", "test_pvt_v2": "mean"}
@@ -70,12 +75,18 @@ def test_registry_has_the_curated_names() -> None:
 
 
 def test_unknown_name_fails_with_valid_names() -> None:
-    with pytest.raises(KeyError) as info:
+    with pytest.raises(UnknownNameError) as info:
         create_backbone("vit_smal_patch16_224")
     message = str(info.value)
+    assert isinstance(info.value, UserError) and "\n" not in message
     assert "vit_smal_patch16_224" in message
     assert "vit_small_patch16_224" in message  # suggestion
-    assert "Valid names:" in message and "test_pvt_v2" in message and "pvt_large" in message
+    assert "Valid names:" in message and "pvt_large" in message and "pvt_v2_b0" in message
+    # the test variants are not offered to users, only pointed at
+    assert not any(name in message for name in TEST_NAMES) and "vitssl backbones --all" in message
+    assert create_backbone("test_vit").name == "test_vit"  # still buildable by name
+    with pytest.raises(UnknownNameError, match="Did you mean 'test_vit'"):
+        create_backbone("test_vitt")  # someone typing a test name gets the test names
 
 
 def test_none_kwargs_mean_model_defaults() -> None:
@@ -85,12 +96,76 @@ def test_none_kwargs_mean_model_defaults() -> None:
 
 
 def test_bad_kwargs_fail_clearly() -> None:
-    with pytest.raises(TypeError, match="num_classes"):
+    with pytest.raises(ConfigError, match=r"num_classes cannot be set.*~model\.backbone_kwargs\.num_classes"):
         create_backbone("test_vit", num_classes=10)
-    with pytest.raises(TypeError, match=r"test_pvt_v2.*not_an_option"):
+    with pytest.raises(ConfigError, match=r"test_pvt_v2.*not_an_option"):
         create_backbone("test_pvt_v2", not_an_option=1)
     with pytest.raises(ValueError, match="pos_embed='rope'"):
         create_backbone("test_vit", pos_embed="rope")
+
+
+# options a ViT recipe passes (MoCo v3's stability fixes, a patch size) that other families do not take
+VIT_OPTIONS = dict(patch_size=16, pos_embed="sincos", freeze_patch_embed=True, weight_init="moco")
+
+
+@pytest.mark.parametrize("name", ["pvt_tiny", "test_pvt", "test_pvt_v2", "test_swin"])
+def test_options_of_another_family_are_one_line_config_errors(name: str) -> None:
+    # Swin takes patch_size and weight_init; a ViT-style "depth" is its "depths"
+    options = VIT_OPTIONS if name != "test_swin" else dict(pos_embed="sincos", freeze_patch_embed=True, depth=3)
+    with pytest.raises(ConfigError) as info:
+        create_backbone(name, drop_path_rate=0.1, **options)
+    message = str(info.value)
+    assert isinstance(info.value, UserError) and "\n" not in message
+    assert message.startswith(f"backbone {name!r} does not take the options ")
+    for option in options:
+        assert f"~model.backbone_kwargs.{option}" in message, option  # how to delete each one
+    assert "(or every backbone option with ~model.backbone_kwargs)" in message
+    assert "~model.backbone_kwargs.drop_path_rate" not in message  # options that fit are not blamed
+    if name in ("pvt_tiny", "test_pvt"):
+        assert "patch_size (did you mean patch_sizes?)" in message
+    if name == "test_swin":
+        assert "depth (did you mean depths?)" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "fix"),
+    [
+        ("pvt_tiny", 100, "set data.img_size=96"),
+        ("test_pvt", 48, "set data.img_size=64"),  # halfway rounds up
+        ("test_pvt", 16, "set data.img_size=32"),  # never below one stride
+        ("test_pvt", (64, 40), "set model.backbone_kwargs.img_size=[64,32]"),
+        ("test_swin", 225, "set data.img_size=224"),
+        ("test_vit", (30, 32), "set data.img_size=32"),
+    ],
+)
+def test_sizes_that_do_not_fit_name_the_nearest_valid_size(name: str, size: int | tuple, fix: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        create_backbone(name, img_size=size)
+    message = str(info.value)
+    assert message.startswith(f"backbone {name!r}: img_size=") and fix in message and "\n" not in message
+
+
+def test_pvt_stride_follows_its_patch_sizes() -> None:
+    bb = create_backbone("test_pvt", patch_sizes=(2, 2, 2, 2), img_size=48)  # total stride 16
+    assert bb.pyramid_strides == [2, 4, 8, 16]
+    with pytest.raises(ConfigError, match=r"total patch stride 16; set data\.img_size=48"):
+        create_backbone("test_pvt", patch_sizes=(2, 2, 2, 2), img_size=40)
+
+
+def test_options_are_checked_against_the_constructor_signature() -> None:
+    from vitssl.backbones.pvt import PVTBackbone
+    from vitssl.backbones.pvt_v2 import PVTv2Backbone
+    from vitssl.backbones.swin import SwinBackbone
+
+    assert {"patch_sizes", "sr_ratios", "img_size", "drop_path_rate"} <= PVTBackbone.accepted_kwargs()
+    assert {
+        "pos_embed",
+        "freeze_patch_embed",
+        "weight_init",
+        "patch_size",
+    } <= VisionTransformerBackbone.accepted_kwargs()
+    assert "img_size" in PVTv2Backbone.accepted_kwargs()  # the wrapper's own option
+    assert "window_size" in SwinBackbone.accepted_kwargs() and "num_classes" not in SwinBackbone.accepted_kwargs()
 
 
 def test_registering_a_variant_twice_is_harmless() -> None:
@@ -245,7 +320,7 @@ def test_vit_sizes() -> None:
     assert dyn.forward_pyramid(_images(48, 24))[0].shape == (2, 32, 12, 6)
     with pytest.raises(ValueError, match="multiples of 4"):
         dyn(_images(30))
-    with pytest.raises(ValueError, match="not a multiple of patch_size=4"):
+    with pytest.raises(ConfigError, match=r"not a multiple of the patch size 4; set data\.img_size=32"):
         create_backbone("test_vit", img_size=30)
 
 
@@ -257,7 +332,7 @@ def test_swin_sizes() -> None:
         bb(_images(32))
     dyn = create_backbone("test_swin", dynamic_img_size=True).eval()
     assert dyn.forward_tokens(_images(64, 32)).shape == (2, 2 * 1, 64)
-    with pytest.raises(ValueError, match=r"multiples of 4, e.g. 224, 256, 192, 64 or \(224, 160\)"):
+    with pytest.raises(ConfigError, match=r"data\.img_size=32.*multiples of 4, e.g. 224, 256, 192, 64 or \(224, 160\)"):
         create_backbone("test_swin", img_size=30)
 
 
@@ -276,7 +351,7 @@ def test_pvt_sizes() -> None:
     assert bb.forward_tokens(_images(64, 32)).shape == (2, 1 + 2, 32)
     with pytest.raises(ValueError, match="multiples of 32"):
         bb(_images(48))
-    with pytest.raises(ValueError, match="multiples of the total patch stride 32"):
+    with pytest.raises(ConfigError, match="multiple of PVT's total patch stride 32"):
         create_backbone("test_pvt", img_size=48)
     with pytest.raises(ValueError, match="sr_ratio 1"):
         create_backbone("test_pvt", sr_ratios=(4, 2, 1, 2))
@@ -375,39 +450,81 @@ def test_load_backbone_state_layouts(tmp_path: Path) -> None:
         save_backbone(src, tmp_path / "bb.pth")
 
 
-def test_pvt_loads_official_checkpoints_and_other_sizes(tmp_path: Path) -> None:
-    """Official PVT keys (patch_embed1, pos_embed1, block1.0) load through timm; position embeddings are resized."""
-    bb = create_backbone("test_pvt").eval()
+def _official_pvt_layout(state: dict[str, torch.Tensor], num_classes: int = 1000) -> dict[str, torch.Tensor]:
+    """Our PVT v1 timm-layout weights in the official code's layout (whai362/PVT, classification/pvt.py).
+
+    The mapping, stage i counted from 0 here and from 1 there: ``stages.i.patch_embed.*`` -> ``patch_embed{i+1}.*``,
+    ``stages.i.pos_embed`` -> ``pos_embed{i+1}`` (the last one with the class slot first, as ours),
+    ``stages.i.blocks.j.*`` -> ``block{i+1}.j.*`` (same names inside a block: norm1, attn.q, attn.kv, attn.sr,
+    attn.norm, attn.proj, norm2, mlp.fc1, mlp.fc2); ``cls_token`` and ``norm`` keep their names; the official
+    checkpoints also hold the ImageNet classifier ``head``.
+    """
     official = {}
-    for k, v in bb.timm_state_dict().items():
-        parts = k.split(".")
+    for key, value in state.items():
+        parts = key.split(".")
         if parts[0] == "stages":
-            stage = int(parts[1]) + 1
-            rest = parts[3:]
-            if parts[2] == "blocks":
-                k = ".".join([f"block{stage}", *rest])
-            else:
-                k = ".".join([f"{parts[2]}{stage}", *rest])
-        official[k] = v
-    assert "block1.0.attn.sr.weight" in official and "pos_embed4" in official and "patch_embed2.proj.weight" in official
+            stage, kind, rest = int(parts[1]) + 1, parts[2], parts[3:]
+            key = ".".join([f"block{stage}", *rest] if kind == "blocks" else [f"{kind}{stage}", *rest])
+        official[key] = value
+    width = state["cls_token"].shape[-1]
+    official["head.weight"] = torch.randn(num_classes, width)
+    official["head.bias"] = torch.zeros(num_classes)
+    return official
+
+
+def test_pvt_loads_official_checkpoints_and_other_sizes(tmp_path: Path) -> None:
+    """Official PVT keys (patch_embed1, pos_embed1, block1.0, head) load through every path: timm's pretrained
+    loading, load_backbone_state (plain, or inside a checkpoint's "model" entry); position embeddings are
+    resized for another img_size and the classifier is dropped."""
+    bb = create_backbone("test_pvt").eval()
+    official = _official_pvt_layout(bb.timm_state_dict())
+    assert {"block1.0.attn.sr.weight", "pos_embed4", "patch_embed2.proj.weight", "head.weight"} <= set(official)
+    assert not any(k.startswith("stages.") for k in official)
+    x = _images(32)
+    x_big = _images(64)
+    with torch.no_grad():
+        expected, expected_big = bb(x), bb(x_big)
+
+    for checkpoint in (official, {"model": official, "epoch": 300}):
+        loaded = create_backbone("test_pvt").eval()
+        result = load_backbone_state(loaded, checkpoint)
+        assert not result.missing_keys and not result.unexpected_keys
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), expected)
+    # built for 64 px: the 32-px embeddings are resized at load exactly as the backbone resizes them per input
+    big = create_backbone("test_pvt", img_size=64).eval()
+    load_backbone_state(big, official)
+    with torch.no_grad():
+        torch.testing.assert_close(big(x_big), expected_big)
+
     path = tmp_path / "pvt_official.pth"
     torch.save({"model": official}, path)
-    model = timm.create_model(
-        "pvt_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), num_classes=0, **bb.timm_kwargs
-    ).eval()
+    for kwargs, images, out in (
+        (bb.timm_kwargs, x, expected),
+        ({**bb.timm_kwargs, "img_size": 64}, x_big, expected_big),
+    ):
+        model = timm.create_model(
+            "pvt_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), num_classes=0, **kwargs
+        ).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(images), out)
+
+
+@pytest.mark.parametrize("name", ["test_vit", "test_swin", "test_pvt_v2"])
+def test_timm_classifier_checkpoints_load_without_their_head(name: str) -> None:
+    """A timm model's state dict with an ImageNet head (what timm's checkpoints hold) loads into the headless
+    backbone, as timm's own pretrained loading drops the head when num_classes=0."""
+    bb = create_backbone(name).eval()
+    classifier = timm.create_model(bb.timm_name, num_classes=10, **bb.timm_kwargs).eval()
+    state = classifier.state_dict()
+    assert any(k.startswith("head.") for k in state)
+    load_backbone_state(bb, state)
     x = _images(32)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), bb(x))
-        # built for 64 px: the 32-px embeddings are resized at load exactly as the backbone resizes them per input
-        big = timm.create_model(
-            "pvt_tiny",
-            pretrained=True,
-            pretrained_cfg_overlay=dict(file=str(path)),
-            num_classes=0,
-            **{**bb.timm_kwargs, "img_size": 64},
-        ).eval()
-        x = _images(64)
-        torch.testing.assert_close(big(x), bb(x))
+        features = classifier.forward_head(classifier.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(bb(x), features)
+    with pytest.raises(KeyError, match="unexpected not_a_weight"):
+        load_backbone_state(bb, {**state, "not_a_weight": torch.zeros(1)})
 
 
 def test_pvt_gradient_checkpointing_gives_the_same_result() -> None:
@@ -430,8 +547,39 @@ def test_describe_and_table() -> None:
         describe_backbone("test_vit", pos_embed="sincos", freeze_patch_embed=True)["trainable_params"]
         < (describe_backbone("test_vit")["params"])
     )
-    table = format_backbone_table("test_*")
+    table = format_backbone_table("test_*", include_test=True)
     assert table.splitlines()[0].split()[:3] == ["name", "family", "params"]
     assert all(name in table for name in TEST_NAMES) and len(table.splitlines()) == 2 + len(TEST_NAMES)
-    with pytest.raises(KeyError, match="no backbone matches 'nope\\*'"):
+
+
+def test_table_hides_test_variants_unless_asked() -> None:
+    pattern = "[pt]*_[tp]*"  # pvt_tiny, test_pvt, test_pvt_v2: cheap to describe
+    rows = [line.split()[0] for line in format_backbone_table(pattern).splitlines()[2:]]  # `vitssl backbones PATTERN`
+    assert rows == ["pvt_tiny"]
+    rows = [line.split()[0] for line in format_backbone_table(pattern, include_test=True).splitlines()[2:]]  # --all
+    assert rows == ["pvt_tiny", "test_pvt", "test_pvt_v2"]
+    with pytest.raises(UnknownNameError, match=r"only test_\* variants match 'test_\*'.*--all"):
+        format_backbone_table("test_*")
+    with pytest.raises(UnknownNameError) as info:
         format_backbone_table("nope*")
+    message = str(info.value)
+    assert isinstance(info.value, UserError) and message.startswith("no backbone matches 'nope*'")
+    assert "Valid names: " in message and "vit_small_patch16_224" in message and "test_vit" not in message
+
+
+# --- the weight file --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_saved_backbone_file_mode_follows_the_umask(umask: int, tmp_path: Path) -> None:
+    """Written like every other run file (0666 less the umask: 0644 usually), not safetensors' 0600."""
+    bb = create_backbone("test_vit")
+    previous = os.umask(umask)
+    try:
+        path = save_backbone(bb, tmp_path / "run" / "backbone.safetensors")
+        save_backbone(bb, path)  # over an existing file: replaced whole
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in path.parent.iterdir()] == ["backbone.safetensors"]  # no temporary left behind
+    assert load_backbone(path).name == "test_vit"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import pickle
@@ -13,10 +12,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vitssl.backbones import list_backbones
+from vitssl.cli import main
 from vitssl.config import ConfigError, build_config, load_config, to_container
 from vitssl.data import PALETTE, SHAPE_CLASSES, ShapesCaptions, build_dataset
 from vitssl.engine import build_objective, train
 from vitssl.eval import zeroshot as zs
+from vitssl.eval.features import CorruptSampleError
 from vitssl.ssl.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, CaptionSample, Clip, ClipTokenizer
 
 TINY_TEXT = {"embed_dim": 32, "text_width": 32, "text_depth": 1, "text_heads": 2}
@@ -200,8 +201,9 @@ def test_unreadable_samples_fail_by_name_or_are_skipped(tmp_path, tiny: Clip) ->
     (tmp_path / "val.csv").write_text("\n".join(rows) + "\n")
     dataset = build_dataset("image_text_csv", root=tmp_path, split="val")
     sample_fn = tiny.eval_sample_fn(_cfg().data)
-    with pytest.raises(ConfigError, match=r"missing.png.*--skip-corrupt"):
+    with pytest.raises(CorruptSampleError, match=r"missing.png.*--skip-corrupt") as caught:
         zs.encode_images(tiny, dataset, sample_fn, batch_size=2)
+    assert "data.skip_corrupt" not in str(caught.value)  # the training fix does not apply to an evaluation
     result = zs.retrieval_evaluate(tiny, dataset, sample_fn, batch_size=2, skip_corrupt=True)
     # 0.png listed twice is one image with two captions
     assert (result["num_images"], result["num_texts"], result["skipped_corrupt"]) == (3, 4, 2)
@@ -259,7 +261,7 @@ def test_short_cpu_run_learns_zero_shot_and_retrieval() -> None:
     assert ret["image_to_text"]["R@10"] > 15.0  # chance 5
 
 
-def test_engine_checkpoint_through_eval_commands(tmp_path) -> None:
+def test_engine_checkpoint_through_eval_commands(tmp_path, capsys) -> None:
     # logit_scale starts at ln 200, above the cap: the engine's on_step_end hook must bring it to ln 100
     cfg = build_config(
         {
@@ -278,25 +280,24 @@ def test_engine_checkpoint_through_eval_commands(tmp_path) -> None:
     logit_scale = float(torch.load(ckpt, weights_only=True)["model"]["logit_scale"])
     assert math.log(100) - 0.01 < logit_scale <= math.log(100) + 1e-6
 
-    parser = argparse.ArgumentParser(prog="vitssl")  # as vitssl.cli builds it: an "eval" group of sub-commands
-    commands = parser.add_subparsers(dest="command", required=True)
-    groups = {"eval": commands.add_parser("eval").add_subparsers(dest="eval_command", required=True)}
-    zs.register_eval_commands(groups["eval"])
-    args = parser.parse_args(
+    assert main(
         ["eval", "zeroshot", str(ckpt), "--data", "shapes_captions:num_samples=24", "--device", "cpu",
          "--classnames", "zeroshot/shapes_classnames.txt", "--templates", "zeroshot/shapes_templates.txt"]
-    )  # fmt: skip
-    assert args.func(args) == 0
+    ) == 0  # fmt: skip
+    assert "zero-shot shapes_captions (24 images, 8 classes, 16 templates)" in capsys.readouterr().out
     result = json.loads((tmp_path / "run" / "zeroshot-shapes_captions-val.json").read_text())
     assert result["step"] == 2 and result["num_samples"] == 24 and result["num_templates"] == 16
     assert 0.0 <= result["top1"] <= result["top5"] <= 100.0 and result["classnames"] == list(SHAPE_CLASSES)
 
     out = tmp_path / "r.json"
-    args = parser.parse_args(["eval", "retrieval", str(ckpt), "--data", "shapes_captions:num_samples=24,split=test",
-                              "--device", "cpu", "--output", str(out)])  # fmt: skip
-    assert args.func(args) == 0
+    assert main(["eval", "retrieval", str(ckpt), "--data", "shapes_captions:num_samples=24,split=test",
+                 "--device", "cpu", "--output", str(out)]) == 0  # fmt: skip
+    assert "text to image: R@1" in capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result["num_images"] == 24 and set(result["text_to_image"]) == {"R@1", "R@5", "R@10"}
+    # the command line names the option of a data spec it cannot use, in one line
+    assert main(["eval", "retrieval", str(ckpt), "--data", "shapes_captions:num_sample=3", "--device", "cpu"]) == 2
+    assert "--data 'shapes_captions:num_sample=3'" in capsys.readouterr().err
 
     # a checkpoint of another objective is refused by name
     other = build_config({"model": {"backbone": "test_vit"}, "objective": {"name": "supervised", "num_classes": 8}})

@@ -9,7 +9,7 @@ import torch
 import torch.distributed.nn.functional as dist_fn
 
 from _dist import run_distributed
-from vitssl.engine import distributed as D
+from vitssl import distributed as D
 
 _N, _D = 3, 4  # rows per rank, feature width
 

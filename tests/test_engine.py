@@ -192,21 +192,58 @@ def test_accumulation_matches_big_batch(tmp_path):
             torch.testing.assert_close(value, weights(b)[key], rtol=1e-4, atol=1e-5)
 
 
-def _ddp_run(out: str) -> int:
-    return train(make_cfg(Path(out), "train.epochs=1", "optim.name=sgd")).step
+def _ddp_run(out: str) -> list[int]:
+    """Two runs in one process group: no accumulation, and 2 micro-steps per optimizer step (DDP no_sync)."""
+    steps = []
+    for accum in (1, 2):
+        cfg = make_cfg(Path(out) / f"accum{accum}", "train.epochs=1", "optim.name=sgd", f"train.accum_steps={accum}")
+        steps.append(train(cfg).step)
+    return steps
 
 
-def test_ddp_two_processes_match_one(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    train(make_cfg(one, "train.epochs=1", "optim.name=sgd"))
-    steps = run_distributed(_ddp_run, 2, str(two))
-    assert steps == [4, 4]
-    for key, value in weights(one).items():
-        if value.is_floating_point():
-            torch.testing.assert_close(value, weights(two)[key], rtol=1e-4, atol=1e-5)
+def test_ddp_two_processes_match_one_with_and_without_accumulation(tmp_path):
+    """2 ranks = 1 rank, for accum_steps 1 and 2 (gradient accumulation × several processes)."""
+    steps = run_distributed(_ddp_run, 2, str(tmp_path / "two"))
+    assert steps == [[4, 4], [4, 4]]
+    for accum in (1, 2):
+        one = tmp_path / f"one{accum}"
+        train(make_cfg(one, "train.epochs=1", "optim.name=sgd", f"train.accum_steps={accum}"))
+        two = weights(tmp_path / "two" / f"accum{accum}")
+        for key, value in weights(one).items():
+            if value.is_floating_point():
+                torch.testing.assert_close(value, two[key], rtol=1e-4, atol=1e-5)
 
 
-def test_resume_into_another_model_fails_clearly(tmp_path):
+def test_resume_auto_refuses_a_run_with_other_settings(tmp_path):
+    """resume=auto never continues another configuration's weights; extending or placing a run is allowed."""
     train(make_cfg(tmp_path, "train.stop_after_steps=2"))
-    with pytest.raises(CheckpointError, match="does not fit the configured model"):
+    with pytest.raises(ConfigError, match=r"other settings \(model.backbone: 'test_vit' -> 'test_pvt'\)"):
         train(make_cfg(tmp_path, "model.backbone=test_pvt"))
+    with pytest.raises(ConfigError, match=r"seed: 0 -> 1.*another output_dir.*resume=none"):
+        train(make_cfg(tmp_path, "seed=1"))
+    result = train(make_cfg(tmp_path, "train.epochs=3", "train.stop_after_steps=5", "train.log_every_steps=2"))
+    assert (result.status, result.step) == ("stopped", 5)  # more epochs, another stop: the same run continues
+
+
+def test_explicit_checkpoint_of_another_model_fails_clearly(tmp_path):
+    train(make_cfg(tmp_path / "a", "train.stop_after_steps=2"))
+    with pytest.raises(CheckpointError, match="does not fit the configured model"):
+        train(make_cfg(tmp_path / "b", "model.backbone=test_pvt", f"resume={tmp_path / 'a' / LAST_NAME}"))
+
+
+def test_contrastive_objectives_refuse_accumulation(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.accum_steps=2: objective moco_v3 .* negatives"):
+        train(load_config("pretrain/mocov3_demo", [f"output_dir={tmp_path}", "train.accum_steps=2"]))
+
+
+def test_weight_decay_filter_switch(tmp_path):
+    """weight_decay_filter=false decays every trainable parameter (the official MoCo v3 AdamW)."""
+    from vitssl.engine.trainer import _Trainer
+
+    filtered = _Trainer(make_cfg(tmp_path / "a"))
+    assert [g["weight_decay"] for g in filtered.optimizer.param_groups] == [0.05, 0.0]
+    every = _Trainer(make_cfg(tmp_path / "b", "optim.weight_decay_filter=false"))
+    (group,) = every.optimizer.param_groups
+    assert group["weight_decay"] == 0.05 and len(group["params"]) == len(
+        [p for p in every.objective.parameters() if p.requires_grad]
+    )

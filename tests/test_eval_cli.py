@@ -13,7 +13,7 @@ import torch
 from vitssl.cli import main
 from vitssl.config import load_config
 from vitssl.eval import features as F
-from vitssl.eval import retrieval
+from vitssl.index import core as retrieval
 
 TRAIN = "shapes:num_samples=48"
 VAL = "shapes:num_samples=24"
@@ -237,15 +237,27 @@ def test_sharded_build_on_slurm_is_a_train_job_an_array_and_a_merge(ckpt, tmp_pa
 
 
 def test_user_errors_exit_2_with_one_clear_line(ckpt, tmp_path, capsys):
-    truncated = tmp_path / "truncated.pth"
+    run = tmp_path / "run"
+    run.mkdir()
+    truncated = run / "checkpoint_last.pth"
     truncated.write_bytes(ckpt.read_bytes()[:5000])
+    earlier = run / "checkpoint_000100.pth"
+    earlier.write_bytes(b"")
+    broken = tmp_path / "broken" / "cats"  # an imagefolder with an undecodable image
+    broken.mkdir(parents=True)
+    (broken / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     workers = ["--num-workers", 0]
+    missing = "imagefolder:root=/nonexistent/data"
     cases = [
-        (["eval", "knn", truncated, "--train", TRAIN, "--val", VAL, *workers], "truncated or corrupt"),
+        # eval commands take another checkpoint, not resume=auto (a training setting)
+        (["eval", "knn", truncated, "--train", TRAIN, "--val", VAL, *workers], f"another checkpoint, e.g. {earlier}"),
         (["eval", "knn", tmp_path / "missing.pth", "--train", TRAIN, "--val", VAL], "does not exist"),
-        (["eval", "features", ckpt, "--data", "imagefolder:root=/nonexistent/data", *workers], "/nonexistent/data"),
+        (["eval", "features", ckpt, "--data", missing, *workers], f"--data {missing!r}: "),
+        (["eval", "knn", ckpt, "--train", missing, "--val", VAL, *workers], f"--train {missing!r}: "),
+        (["eval", "linear", ckpt, "--train", TRAIN, "--val", "sh apes", *workers], "--val: data spec 'sh apes'"),
         (["eval", "features", ckpt, "--data", VAL, "--layer", "last9", *workers], "--layer last9"),
         (["eval", "features", ckpt, "--data", VAL, "optim.lr=3"], "launch settings only"),
+        (["eval", "features", ckpt, "--data", f"imagefolder:root={broken.parent}", *workers], "--skip-corrupt"),
         (["index", "build", ckpt, "--data", VAL, "--out", tmp_path / "i", "--factory", "IVF"], "--factory 'IVF'"),
         (["index", "query", tmp_path, "--image", "x.png"], "manifest.json is missing"),
     ]
@@ -255,7 +267,38 @@ def test_user_errors_exit_2_with_one_clear_line(ckpt, tmp_path, capsys):
         err = capsys.readouterr().err
         last = err.strip().splitlines()[-1]
         assert last.startswith("vitssl ") and ": error: " in last and message in last, (argv, err)
-        assert "Traceback" not in err
+        assert "Traceback" not in err and "resume=auto" not in err and "data.skip_corrupt" not in err, (argv, err)
+    assert _run("eval", "features", ckpt, "--data", f"imagefolder:root={broken.parent}", "--skip-corrupt") == 2
+    assert "no readable image among the 1 items" in capsys.readouterr().err  # skipped, and nothing is left
+
+
+def test_query_grid_draws_dataset_items_that_are_not_files(ckpt, tmp_path, capsys):
+    from PIL import Image
+
+    from vitssl.data import build_dataset
+    from vitssl.index.grid import GREY, Neighbour, query_grid_tiles
+
+    data = "digits:split=val"
+    out = tmp_path / "digits-index"
+    assert _run("index", "build", ckpt, "--data", data, "--out", out, "--num-workers", 0) == 0
+    digits = build_dataset("digits", split="val")
+    query = tmp_path / "query.png"
+    digits[7][0].save(query)  # a corpus item as a query file: its nearest neighbour is itself
+    grid, answer = tmp_path / "grid.png", tmp_path / "q.json"
+    assert _run("index", "query", out, "--image", query, "-k", 3, "--grid", grid, "--json", answer) == 0
+    assert grid.read_bytes()[:8] == PNG_MAGIC and f"query grid: {grid}" in capsys.readouterr().out
+    hits = json.loads(answer.read_text())["queries"][0]["neighbours"]
+    assert hits[0]["sample"] == "digits/val/7"  # not a file: drawn grey before
+    source = json.loads((out / "manifest.json").read_text())["source"]
+    neighbours = [Neighbour(h["id"], h["sample"], h["score"]) for h in hits]
+    (row,) = query_grid_tiles([str(query)], [neighbours], source, tile_size=128)
+    first = row[1].pixels
+    assert first.shape == (128, 128, 3) and first.std() > 30  # the digit itself, not a grey tile
+    grey = (first == GREY).all(axis=2)  # (128, 128)
+    assert not grey.all(axis=0).any() and not grey.all(axis=1).any()  # enlarged: the 16 px digit fills the tile
+    assert row[1].caption.startswith(f"#{hits[0]['id']} {digits.classes[digits.targets[7]]}\n")
+    with Image.open(grid) as png:
+        assert png.size[0] >= 4 * 128 * 0.9  # the query and three neighbours side by side
 
 
 def test_unknown_trailing_arguments_are_still_rejected(ckpt):

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from vitssl.config import ConfigError, load_config
+from vitssl.data.common import SKIP_HINT
+from vitssl.errors import UserError
 from vitssl.eval import features as F
 from vitssl.eval.spec import build_eval_dataset, canonical_options, parse_data_spec
 
@@ -216,15 +218,47 @@ def test_extract_rows_skips_corrupt_items_only_when_asked(model):
             return len(dataset)
 
         def __getitem__(self, i):
-            if i == 3:
-                raise CorruptImageError("cannot decode image shapes/val/3")
+            if i == 3:  # the data layer's message names the training fix, a config key
+                raise CorruptImageError(f"cannot decode image shapes/val/3 ({SKIP_HINT})")
             return dataset[i]
 
     fn = model.feature_fn("pooled")
-    with pytest.raises(ConfigError, match=r"shapes/val/3.*--skip-corrupt"):
-        F.extract_rows(fn, Broken(), model.sample_fn, batch_size=8)
+    for workers in (0, 1):  # a loader worker re-raises the error with its traceback as the message
+        with pytest.raises(F.CorruptSampleError) as caught:
+            F.extract_rows(fn, Broken(), model.sample_fn, batch_size=8, num_workers=workers)
+        message = str(caught.value)
+        assert message == f"cannot decode image shapes/val/3; {F.SKIP_CORRUPT_HINT}", workers
+        assert isinstance(caught.value, UserError) and "data.skip_corrupt" not in message
     feats, rows = F.extract_rows(fn, Broken(), model.sample_fn, batch_size=8, skip_corrupt=True)
     assert rows.tolist() == [r for r in range(20) if r != 3] and feats.shape == (19, 32)
+
+
+def test_progress_logs_every_tenth_without_a_terminal(monkeypatch, caplog):
+    monkeypatch.setattr(F.Progress, "QUIET_S", 0.0)  # log from the start (short loops stay quiet otherwise)
+    monkeypatch.setattr(F.Progress, "LOG_EVERY_S", 1e9)  # only the 10 % steps, however slow the machine
+    monkeypatch.setattr(F.sys.stderr, "isatty", lambda: False)
+    with caplog.at_level("INFO", logger="vitssl.eval.features"), F.Progress(50, "features of x", "img") as progress:
+        for _ in range(50):
+            progress.update(1)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 10 and lines[0].startswith("features of x: 5/50 img (10%)")
+    assert lines[-1].startswith("features of x: 50/50 img (100%)")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="vitssl.eval.features"), F.Progress(50, "quiet", enabled=False) as progress:
+        progress.update(50)  # other ranks say nothing
+    assert not caplog.records
+
+
+def test_one_extraction_loop_serves_transformed_datasets(model, monkeypatch):
+    from vitssl.data import TransformedDataset
+
+    dataset, _, _ = build_eval_dataset(DATA)
+    calls = []
+    real = F._embed
+    monkeypatch.setattr(F, "_embed", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    F.extract_features(model.objective.eval_features, TransformedDataset(dataset, model.sample_fn, seed=0), 8)
+    F.extract_rows(model.feature_fn("pooled"), dataset, model.sample_fn, [2, 5], batch_size=8)
+    assert calls == [None, [2, 5]]  # both entry points run the same loop
 
 
 def test_feature_set_folder_round_trip_and_damage(tmp_path):
@@ -269,3 +303,7 @@ def test_data_specs():
         build_eval_dataset("shapes:num_sample=3")
     with pytest.raises(ConfigError, match="does not exist"):
         build_eval_dataset("imagefolder:root=/nonexistent/data")
+    with pytest.raises(ConfigError, match=r"^--train 'imagefolder:root=/nonexistent/data': "):
+        build_eval_dataset("imagefolder:root=/nonexistent/data", option="--train")  # named as the user typed it
+    with pytest.raises(ConfigError, match=r"^--val: data spec 'sh apes'"):
+        build_eval_dataset("sh apes", option="--val")

@@ -14,16 +14,17 @@ from PIL import Image
 from torch.utils.data import Subset
 
 from vitssl.backbones import BACKBONES, create_backbone, list_backbones
+from vitssl.cli.igpt import register_commands
 from vitssl.config import ConfigError, load_config
 from vitssl.data import TransformedDataset, build_dataset
 from vitssl.engine import build_objective, load_checkpoint, train
 from vitssl.engine.checkpoint import LAST_NAME
 from vitssl.eval.features import extract_features
+from vitssl.eval.igpt_samples import completion_grid
 from vitssl.eval.knn import knn_predict
 from vitssl.ssl import OBJECTIVES
 from vitssl.ssl import palette as pal
 from vitssl.ssl.igpt import PALETTE_FILE, IGPTConfig, bert_loss, draw_mask, evaluate_bits_per_token
-from vitssl.ssl.igpt_cli import completion_grid, register_commands
 
 RECIPE = "configs/pretrain/igpt_test_tiny.yaml"
 K = 16  # palette colours in these tests

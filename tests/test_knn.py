@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from vitssl import _faiss
 from vitssl.eval import knn
 
 NUM_CLASSES = 7
@@ -187,22 +188,22 @@ class _RecordingFaissFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 @pytest.mark.parametrize(
     ("vendor", "flags", "user_value", "seen"),
     [
-        ("AuthenticAMD", set(knn._SKYLAKEX_FLAGS), None, "SkylakeX"),  # Zen 4/5: AVX-512 kernels
+        ("AuthenticAMD", set(_faiss._SKYLAKEX_FLAGS), None, "SkylakeX"),  # Zen 4/5: AVX-512 kernels
         ("AuthenticAMD", {"avx2", "avx512f"}, None, None),  # incomplete AVX-512: OpenBLAS decides
-        ("GenuineIntel", set(knn._SKYLAKEX_FLAGS), None, None),  # OpenBLAS knows these CPUs itself
-        ("AuthenticAMD", set(knn._SKYLAKEX_FLAGS), "Haswell", "Haswell"),  # the user's choice wins
+        ("GenuineIntel", set(_faiss._SKYLAKEX_FLAGS), None, None),  # OpenBLAS knows these CPUs itself
+        ("AuthenticAMD", set(_faiss._SKYLAKEX_FLAGS), "Haswell", "Haswell"),  # the user's choice wins
     ],
 )
 def test_faiss_import_blas_kernel_choice(monkeypatch, vendor, flags, user_value, seen):
     finder = _RecordingFaissFinder()
     monkeypatch.delitem(sys.modules, "faiss")  # restored at teardown
     monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
-    monkeypatch.setattr(knn, "_cpu_info", lambda: (vendor, flags))
+    monkeypatch.setattr(_faiss, "_cpu_info", lambda: (vendor, flags))
     if user_value is None:
         monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
     else:
         monkeypatch.setenv("OPENBLAS_CORETYPE", user_value)
-    knn._import_faiss()
+    _faiss._import_faiss()
     assert finder.seen == [seen]
     # The variable lives only during the import: subprocesses (e.g. SLURM jobs elsewhere) never inherit it.
     assert os.environ.get("OPENBLAS_CORETYPE") == user_value
@@ -210,5 +211,5 @@ def test_faiss_import_blas_kernel_choice(monkeypatch, vendor, flags, user_value,
 
 @pytest.mark.skipif(platform.machine() != "x86_64" or not os.path.exists("/proc/cpuinfo"), reason="x86-64 Linux")
 def test_cpu_info_reads_proc_cpuinfo():
-    vendor, flags = knn._cpu_info()
+    vendor, flags = _faiss._cpu_info()
     assert vendor and "sse2" in flags  # every x86-64 CPU has SSE2

@@ -16,10 +16,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from vitssl.cli.launch import register_commands
+from vitssl.cli.pretrain import PRETRAIN_TARGET, PretrainJob
 from vitssl.config import ConfigError, load_config
 from vitssl.launch import LaunchError, launch, launch_sweep, run_local, sweep_summary
-from vitssl.launch.cli import register_commands
-from vitssl.launch.common import RemoteTraceback, append_job_record, resolve_target
+from vitssl.launch.common import RemoteTraceback, append_job_record, requeued, resolve_target
 from vitssl.launch.local import _rank_error
 from vitssl.launch.slurm import RequeueLimitError, _GracefulStop, _stopped_on_request, executor_parameters
 from vitssl.launch.sweep import combinations, parse_sweep, run_name, split_top_level
@@ -37,25 +38,30 @@ def cli(*argv: str) -> int:
 
 
 # ------------------------------------------------------------------------------------- spawned targets
-def raise_on_rank_one(cfg):
+def raise_on_rank_one(job):
     if os.environ["RANK"] == "1":
-        raise ValueError(f"bad value on rank 1 ({cfg.data.img_size} px)")
+        raise ValueError(f"bad value on rank 1 ({job.config['data']['img_size']} px)")
     time.sleep(600)  # rank 0 stands for a rank stuck in a collective that will never complete
 
 
-def pid_target(cfg):
+def pid_target(job):
     return os.getpid()
+
+
+def run(target, cfg, kind="train"):
+    """Launch ``target`` with the training payload of ``cfg``, as `vitssl pretrain` does."""
+    return launch(target, PretrainJob.from_config(cfg), cfg.launch, cfg.output_dir, kind=kind)
 
 
 # ------------------------------------------------------------------------------------------- local launch
 def test_one_process_runs_in_this_process(tmp_path):
-    assert launch(pid_target, tiny_cfg(tmp_path), kind="eval") == os.getpid()
+    assert run(pid_target, tiny_cfg(tmp_path), kind="eval") == os.getpid()
 
 
 def test_rank_exception_reaches_the_caller_with_its_traceback(tmp_path):
     start = time.monotonic()
     with pytest.raises(ValueError, match=r"bad value on rank 1 \(32 px\)") as excinfo:
-        run_local("test_launch:raise_on_rank_one", tiny_cfg(tmp_path), nprocs=2, grace_s=1.0)
+        run_local("test_launch:raise_on_rank_one", PretrainJob.from_config(tiny_cfg(tmp_path)), nprocs=2, grace_s=1.0)
     assert time.monotonic() - start < 60  # the stuck rank 0 was terminated, not waited for
     cause = excinfo.value.__cause__
     assert isinstance(cause, RemoteTraceback)
@@ -80,9 +86,9 @@ def test_local_two_process_pretraining(local_two_process_run):
 
 def test_launch_settings_are_checked(tmp_path):
     with pytest.raises(ConfigError, match=r"launch.nodes=2 needs launch=slurm"):
-        launch(pid_target, tiny_cfg(tmp_path, "launch.nodes=2"))
+        run(pid_target, tiny_cfg(tmp_path, "launch.nodes=2"))
     with pytest.raises(ConfigError, match=r"launch.tasks_per_node=0"):
-        launch(pid_target, tiny_cfg(tmp_path, "launch.tasks_per_node=0"))
+        run(pid_target, tiny_cfg(tmp_path, "launch.tasks_per_node=0"))
     bad = {"launch.timeout_min=0": "launch.timeout_min", "launch.max_requeue=-1": "launch.max_requeue"}
     for override, key in bad.items():
         with pytest.raises(ConfigError, match=key):
@@ -96,7 +102,7 @@ def test_launch_settings_are_checked(tmp_path):
 def test_slurm_launch_without_slurm_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no srun on PATH: not a SLURM login node
     with pytest.raises(LaunchError, match=r"launch.dry_run=true"):
-        launch("vitssl.engine:train", tiny_cfg(tmp_path, "launch=slurm"))
+        run(PRETRAIN_TARGET, tiny_cfg(tmp_path, "launch=slurm"))
 
 
 # ----------------------------------------------------------------------------------------------- sweeps
@@ -118,7 +124,7 @@ def test_sweep_overrides_make_a_cartesian_product():
 def test_local_sweep_and_summary(tmp_path, capsys):
     sweep_dir = tmp_path / "sweep"
     overrides = [f"output_dir={sweep_dir}", "optim.lr=1e-3,5e-3", "train.epochs=1", "train.stop_after_steps=3"]
-    results = launch_sweep("pretrain/test_tiny", overrides)
+    results = launch_sweep("pretrain/test_tiny", overrides, PRETRAIN_TARGET, PretrainJob.from_config)
     assert [(r.status, r.step) for r in results] == [("stopped", 3), ("stopped", 3)]
     rows = sweep_summary(sweep_dir)
     assert [(r["run"], r["status"], r["step"]) for r in rows] == [
@@ -131,7 +137,7 @@ def test_local_sweep_and_summary(tmp_path, capsys):
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:5] == ["run", "status", "step", "epoch", "loss"] and len(table) == 3
     with pytest.raises(ConfigError, match="nothing to sweep"):
-        launch_sweep("pretrain/test_tiny", [f"output_dir={sweep_dir}"])
+        launch_sweep("pretrain/test_tiny", [f"output_dir={sweep_dir}"], PRETRAIN_TARGET, PretrainJob.from_config)
 
 
 # ------------------------------------------------------------------------------- jobs / logs from files
@@ -247,10 +253,15 @@ def test_only_rank_zero_arms_the_watchdog(preempt_signal):
     assert stopper.received and len(stops) == 1 and fake.calls == 0
 
 
-def test_stop_counts_as_preemption_unless_stop_after_steps_was_reached(tmp_path):
-    cfg = tiny_cfg(tmp_path, "train.stop_after_steps=6")
-    stopped = SimpleNamespace(status="stopped", step=3)
-    assert _stopped_on_request(stopped, cfg, signalled=False)  # another rank got the signal
-    assert not _stopped_on_request(SimpleNamespace(status="stopped", step=6), cfg, signalled=False)
-    assert _stopped_on_request(SimpleNamespace(status="stopped", step=6), cfg, signalled=True)
-    assert not _stopped_on_request(SimpleNamespace(status="finished", step=8), cfg, signalled=True)
+def test_stop_counts_as_preemption_unless_stop_after_steps_was_reached():
+    # another rank got the signal: the engine's agreed stop says so
+    assert _stopped_on_request(SimpleNamespace(status="stopped", step=3, stop_requested=True), signalled=False)
+    assert not _stopped_on_request(SimpleNamespace(status="stopped", step=6, stop_requested=False), signalled=False)
+    assert _stopped_on_request(SimpleNamespace(status="stopped", step=6, stop_requested=False), signalled=True)
+    assert not _stopped_on_request(SimpleNamespace(status="finished", step=8, stop_requested=False), signalled=True)
+
+
+def test_requeued_training_payload_resumes():
+    job = PretrainJob({"resume": "none", "seed": 3})
+    assert requeued(job).config == {"resume": "auto", "seed": 3} and job.config["resume"] == "none"
+    assert requeued("plain") == "plain"  # payloads without requeued() run again as they are

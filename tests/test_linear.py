@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from vitssl.errors import UserError
 from vitssl.eval import linear
 
 C, D = 6, 32
@@ -120,9 +121,12 @@ def test_logistic_regression_sweep_reports_every_c(blobs):
 
 def test_bad_inputs_name_the_problem(blobs):
     x, y, xv, yv = blobs
+    assert issubclass(linear.ProbeError, UserError) and issubclass(linear.ProbeError, ValueError)
     with pytest.raises(ValueError, match=r"train_labels must lie in \[0, 3\)"):
         linear.train_linear_probe(x, y, xv, yv, num_classes=3, epochs=1)
-    with pytest.raises(ValueError, match="holds out no training rows"):
+    with pytest.raises(linear.ProbeError, match="holds out no training rows"):  # a UserError: one line, no trace
         linear.train_linear_probe(x, y, xv, yv, num_classes=C, holdout_fraction=0.0, epochs=1)
+    with pytest.raises(linear.ProbeError, match=r"every head diverged .* try smaller learning rates"):
+        linear.train_linear_probe(x, y, xv, yv, num_classes=C, lrs=(float("inf"),), holdout_fraction=0.0, epochs=1)
     with pytest.raises(ValueError, match="val_feats have dimension 8"):
         linear.train_linear_probe(x, y, xv[:, :8], yv, num_classes=C, epochs=1)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
 from _dist import run_distributed
-from vitssl.engine.distributed import get_rank, get_world_size
+from vitssl.distributed import get_rank, get_world_size
 from vitssl.ssl.losses import clip_loss, contrastive_loss
 
 _N, _D, _W = 4, 8, 2  # rows per rank, feature width, ranks in the multi-process test

@@ -1,4 +1,4 @@
-"""Retrieval index directories (vitssl.eval.retrieval): build, store, query, shard + merge, evaluate, errors."""
+"""Retrieval index directories (vitssl.index.core): build, store, query, shard + merge, evaluate, errors."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ import shutil
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from vitssl.eval import retrieval
 from vitssl.eval.knn import normalize_features
-from vitssl.eval.retrieval import IndexFormatError
+from vitssl.index import core as retrieval
+from vitssl.index.core import IndexFormatError
 
 D = 32
 
@@ -92,17 +91,57 @@ def test_evaluate_samples_stored_vectors_and_computes_map(tmp_path, corpus):
     q = np.asarray(vectors[:3])
     truth = [[0], ["images/00001.jpg"], [2, 2999]]  # each query's own row is its best match
     gt = retrieval.evaluate_index(out, q, ground_truth=truth, k=5)
+    # Query 3 finds row 2 first and not row 2999 in its top 5: AP@5 = 1 / min(5, 2).
+    assert gt["map_name"] == "mAP@5"
     assert gt["map"] == pytest.approx((1 + 1 + 0.5) / 3) and gt["map_exact"] == gt["map"]
 
 
-def test_recall_and_map_by_hand():
+def test_evaluate_names_full_ranking_map(tmp_path, corpus):
+    out = retrieval.build_index_dir(tmp_path / "small", corpus[:50], _samples(50), "Flat")
+    q = np.asarray(retrieval.load_index_dir(out).vectors()[:2])
+    gt = retrieval.evaluate_index(out, q, ground_truth=[[0, 49], [1]], k=50)  # k covers the whole index
+    assert gt["map_name"] == "mAP" and 0 < gt["map"] <= 1 and gt["map"] == gt["map_exact"]
+
+
+def test_recall_by_hand():
     approx = np.array([[1, 2, 3], [4, 5, -1]])
     exact = np.array([[1, 3, 9], [4, 6, 7]])
     assert retrieval.recall_at_k(approx, exact, 1) == 1.0
     assert retrieval.recall_at_k(approx, exact, 3) == pytest.approx((2 / 3 + 1 / 3) / 2)
-    assert retrieval.mean_average_precision([[1, 2, 3]], [{1, 3}]) == pytest.approx((1 + 2 / 3) / 2)
-    # A relevant item never retrieved still counts in |R|.
-    assert retrieval.mean_average_precision([[7, 1]], [{1, 5}]) == pytest.approx(0.5 / 2)
+
+
+# Relevance [1, 0, 1, 0, 0]: hits at ranks 1 and 3, so the precisions summed are 1/1 and 2/3.
+_RANKING = ["a", "x", "b", "y", "z"]
+
+
+@pytest.mark.parametrize(
+    ("relevant", "k", "expected"),
+    [
+        ({"a", "b"}, 5, (1 + 2 / 3) / 2),  # AP@5: / min(5, 2)
+        ({"a", "b", "c"}, 5, (1 + 2 / 3) / 3),  # AP@5: / min(5, 3); "c" was never retrieved
+        ({"a", "b"}, 3, (1 + 2 / 3) / 2),  # AP@3 over [a, x, b]: / min(3, 2)
+        ({"a", "b", "c"}, 3, (1 + 2 / 3) / 3),  # AP@3: / min(3, 3)
+        ({"a", "b"}, 2, 1 / 2),  # AP@2 over [a, x]: / min(2, 2)
+        ({"a", "b", "c"}, 2, 1 / 2),  # AP@2: / min(2, 3)
+        ({"a", "b"}, None, (1 + 2 / 3) / 2),  # full ranking: / |R|
+        ({"a", "b", "c"}, None, (1 + 2 / 3) / 3),
+    ],
+)
+def test_average_precision_by_hand(relevant, k, expected):
+    assert retrieval.mean_average_precision([_RANKING], [relevant], k=k) == pytest.approx(expected)
+
+
+def test_map_at_k_of_a_perfect_list_is_one_when_relevant_exceed_k():
+    relevant = set(range(140))
+    perfect = [list(range(10))]
+    assert retrieval.mean_average_precision(perfect, [relevant], k=10) == 1.0
+    # Read as a full ranking (the whole database), ten of 140 found is AP 10/140: the old, wrong mAP@10.
+    assert retrieval.mean_average_precision(perfect, [relevant], k=None) == pytest.approx(10 / 140)
+    # Rankings longer than k are cut at k; ids outside the ground truth (-1 padding) are misses.
+    assert retrieval.mean_average_precision([[0, -1, 1, 2]], [relevant], k=2) == pytest.approx(1 / 2)
+    assert retrieval.mean_average_precision(np.array([[7, 1], [3, 4]]), [{1, 5}, set()], k=None) == 0.5 / 2
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        retrieval.mean_average_precision(perfect, [relevant], k=0)
 
 
 @pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat", "HNSW16"])
@@ -219,22 +258,6 @@ def test_existing_directory_is_replaced_only_when_asked(flat_dir, corpus):
     retrieval.build_index_dir(flat_dir, corpus[:50], _samples(50), overwrite=True)
     assert retrieval.load_index_dir(flat_dir).manifest["count"] == 50
     assert [p.name for p in flat_dir.parent.iterdir()] == [flat_dir.name]
-
-
-def test_query_grid_png(tmp_path):
-    paths = []
-    for i, colour in enumerate(["red", "green", "blue"]):
-        paths.append(str(tmp_path / f"{i}.png"))
-        Image.new("RGB", (40, 30), colour).save(paths[-1])
-    out = retrieval.save_query_grid_png(
-        paths[:2],
-        [[paths[1], paths[2]], [paths[0], None]],
-        np.array([[0.9, 0.8], [0.7, 0.0]]),
-        tmp_path / "g.png",
-        thumb_size=48,
-    )
-    with Image.open(out) as img:
-        assert img.format == "PNG" and img.size[0] >= 3 * 48
 
 
 def test_ground_truth_file(tmp_path):

@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from vitssl.cli.launch import register_commands
+from vitssl.cli.pretrain import PRETRAIN_TARGET, PretrainJob, pretrain_job
 from vitssl.config import load_config
 from vitssl.engine.checkpoint import LAST_NAME, list_step_checkpoints, load_checkpoint
 from vitssl.launch import JobFailedError, launch, launch_sweep, submit_array_then, wait_for
-from vitssl.launch.cli import register_commands
 from vitssl.launch.jobs import job_info
 from vitssl.ssl import OBJECTIVES, register_objective
 from vitssl.ssl.supervised import Supervised, SupervisedConfig
@@ -66,15 +67,13 @@ if "test_pausing" not in OBJECTIVES:
                 time.sleep(0.1)
 
 
-def train_target(cfg):
-    """The engine, reached through this module so that jobs register the test objective first."""
-    from vitssl.engine import train
-
-    return train(cfg)
+def train_target(job: PretrainJob):
+    """The training job, reached through this module so that jobs register the test objective first."""
+    return pretrain_job(job)
 
 
-def failing_target(cfg):
-    raise ValueError(f"deliberate failure for the test in {cfg.output_dir}")
+def failing_target(job: PretrainJob):
+    raise ValueError(f"deliberate failure for the test in {job.config['output_dir']}")
 
 
 def write_shard(folder: str, index: int) -> int:
@@ -88,6 +87,11 @@ def merge_shards(folder: str, n: int) -> int:
 
 
 # -------------------------------------------------------------------------------------------- helpers
+def run(target: str, cfg, kind: str = "train"):
+    """Launch ``target`` with the training payload of ``cfg``, as `vitssl pretrain` does."""
+    return launch(target, PretrainJob.from_config(cfg), cfg.launch, cfg.output_dir, kind=kind)
+
+
 def slurm_cfg(out: Path, *overrides: str, tasks: int = 1):
     cfg = load_config(
         "pretrain/test_tiny",
@@ -148,7 +152,7 @@ def reference(slurm_cluster, local_two_process_run) -> dict[str, torch.Tensor]:
 # -------------------------------------------------------------------------------------------- the tests
 @pytest.mark.slurm
 def test_two_task_job_matches_local_run(slurm_cluster, reference, tmp_path, capsys):
-    job = launch("test_slurm:train_target", slurm_cfg(tmp_path, tasks=2))
+    job = run("test_slurm:train_target", slurm_cfg(tmp_path, tasks=2))
     printed = capsys.readouterr().out
     assert f"Submitted SLURM job {job.job_id}" in printed and str(job.paths.stdout) in printed
     result = wait_for(job, timeout_s=JOB_TIMEOUT_S)
@@ -166,7 +170,7 @@ def test_preemption_requeues_and_resumes_exactly(slurm_cluster, reference, tmp_p
     out = tmp_path / "run"
     cfg = slurm_cfg(out, "objective.name=test_pausing", "objective.pause_at_steps=[3]", f"objective.pause_dir={pause}",
                     tasks=2)  # fmt: skip
-    job = launch("test_slurm:train_target", cfg)
+    job = run("test_slurm:train_target", cfg)
     wait_for_files([pause / "paused_3_rank0", pause / "paused_3_rank1"])
     job._interrupt()  # preemption: SIGTERM, then USR2 to every task
     info = job_info(job.job_id, job.paths.folder, 2)
@@ -194,7 +198,7 @@ def test_timeout_requeues_until_max_requeue(slurm_cluster, tmp_path):
     # With a time limit under 10 min submitit counts every USR2 as a time-out (not a preemption).
     cfg = slurm_cfg(out, "objective.name=test_pausing", "objective.pause_at_steps=[2,5]",
                     f"objective.pause_dir={pause}", "launch.timeout_min=5", "launch.max_requeue=1")  # fmt: skip
-    job = launch("test_slurm:train_target", cfg)
+    job = run("test_slurm:train_target", cfg)
     err_log = job_info(job.job_id, job.paths.folder).log_path(0, "err")
     wait_for_files([pause / "paused_2_rank0"])
     job._interrupt(timeout=True)
@@ -220,7 +224,7 @@ def test_sweep_is_one_array_of_three(slurm_cluster, tmp_path, capsys):
     sweep_dir = tmp_path / "sweep"
     overrides = [f"output_dir={sweep_dir}", "optim.lr=1e-3,2e-3,4e-3", "train.epochs=1", "launch=slurm",
                  "launch.cpus_per_task=1"]  # fmt: skip
-    jobs = launch_sweep("pretrain/test_tiny", overrides)
+    jobs = launch_sweep("pretrain/test_tiny", overrides, PRETRAIN_TARGET, PretrainJob.from_config)
     assert len(jobs) == 3
     array_id = jobs[0].job_id.split("_")[0]
     assert [j.job_id for j in jobs] == [f"{array_id}_{i}" for i in range(3)]
@@ -240,7 +244,7 @@ def test_sweep_is_one_array_of_three(slurm_cluster, tmp_path, capsys):
 
 @pytest.mark.slurm
 def test_failed_job_surfaces_error_and_log(slurm_cluster, tmp_path, capsys):
-    job = launch("test_slurm:failing_target", slurm_cfg(tmp_path), kind="eval")
+    job = run("test_slurm:failing_target", slurm_cfg(tmp_path), kind="eval")
     with pytest.raises(JobFailedError) as failure:
         wait_for(job, timeout_s=JOB_TIMEOUT_S)
     message = str(failure.value)
@@ -288,7 +292,7 @@ def test_dry_run_prints_the_sbatch_script(tmp_path, capsys):
             "launch.setup=[module load cuda/12.1]",
         ],
     )
-    script = launch("vitssl.engine:train", cfg)
+    script = run(PRETRAIN_TARGET, cfg)
     assert capsys.readouterr().out.strip() == script.strip()
     lines = set(script.splitlines())
     expected = [

@@ -1,6 +1,6 @@
 """Typed configuration: dataclass schema + YAML recipes + ``key=value`` overrides (OmegaConf).
 
-A run is described by one :class:`Config`. Recipes under ``configs/`` are small YAML deltas over the
+A run is described by one :class:`Config`. Recipes (shipped in ``vitssl/recipes``) are small YAML deltas over the
 defaults below (a recipe may name another with ``_base_: other.yaml``); command-line overrides come last.
 The ``objective`` block is typed by the objective that registers it (``vitssl.ssl``), so its keys are
 checked like every other key. Unknown keys and wrong types fail naming the key and the closest valid one.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,17 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from vitssl.errors import UserError
+from vitssl.io import atomic_write
+from vitssl.registry import OBJECTIVES
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+# Recipes ship inside the package (``vitssl/recipes``), so a wheel install finds them by name from any folder.
+CONFIG_DIR = Path(str(importlib.resources.files("vitssl") / "recipes"))
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration the user wrote is wrong; the message names the key and how to fix it."""
 
 
@@ -74,7 +80,10 @@ class OptimConfig:
     min_lr: float = 0.0  # final learning rate of the cosine schedule
     warmup_epochs: float = 0.0  # linear warm-up from 0 to the peak lr, in epochs (per iteration)
     warmup_steps: int | None = None  # warm-up in optimizer steps instead (open_clip: 10k); overrides epochs
-    weight_decay: float = 0.1  # initial weight decay (never applied to norms, biases, tokens, pos-embed)
+    weight_decay: float = 0.1  # initial weight decay
+    # true: no decay on norms, biases, tokens, position embeddings and what the backbone's no_weight_decay()
+    # names (timm's rule); false: every trainable parameter decays (the official MoCo v3 code's AdamW)
+    weight_decay_filter: bool = True
     weight_decay_end: float | None = None  # final weight decay of a cosine schedule; null = constant
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     eps: float = 1e-8  # AdamW epsilon (open_clip's ViT recipes: 1e-6)
@@ -149,14 +158,17 @@ _CHOICES = {
 
 
 def _objective_config_class(name: str) -> type:
-    from vitssl.ssl import OBJECTIVES  # the objectives register their config classes
-
+    if not len(OBJECTIVES):
+        raise ConfigError(
+            "no objective is registered: import vitssl.ssl (and vitssl.video) before building a config; "
+            "the vitssl command does so itself"
+        )
     return OBJECTIVES.get(name).Config
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist (recipes live under {CONFIG_DIR})")
+        raise ConfigError(f"config file {path} does not exist (shipped recipes: `vitssl recipes`)")
     if path in seen:
         raise ConfigError(f"config {path} includes itself through _base_")
     try:
@@ -173,21 +185,61 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 
 def resolve_config_path(name: str | Path) -> Path:
-    """Find a recipe: a path, or a name relative to the repository's ``configs/`` (``.yaml`` optional)."""
+    """Find a recipe: a path, or a name of a shipped recipe (``pretrain/mocov3_demo``; ``.yaml`` optional).
+
+    ``configs/pretrain/x.yaml``, the path recipes had inside the repository before they moved into the package,
+    still names the shipped recipe ``pretrain/x`` when no such file exists where the command runs.
+    """
     path = Path(name)
-    candidates = [path, path.with_suffix(".yaml"), CONFIG_DIR / path, (CONFIG_DIR / path).with_suffix(".yaml")]
+    shipped = Path(*path.parts[1:]) if path.parts[:1] == ("configs",) and len(path.parts) > 1 else path
+    candidates = [path, path.with_suffix(".yaml")]
+    for rel in dict.fromkeys([path, shipped]):
+        if not rel.is_absolute():
+            candidates += [CONFIG_DIR / rel, (CONFIG_DIR / rel).with_suffix(".yaml")]
     candidates = list(dict.fromkeys(candidates))  # "x.yaml" tried once
     for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()
-    raise ConfigError(f"config {str(name)!r} not found (tried {', '.join(map(str, candidates))})")
+    raise ConfigError(
+        f"recipe {str(name)!r} not found: no such file, and no shipped recipe of that name; "
+        f"shipped recipes: {', '.join(list_recipes())}"
+    )
+
+
+def list_recipes() -> list[str]:
+    """Names of the shipped recipes (``pretrain/mocov3_demo``, ...), sorted."""
+    return sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
+
+
+def _delete_key(user: DictConfig, key: str) -> None:
+    """Remove ``key`` (dotted) from the recipe's mapping: ``~key`` on the command line."""
+    *parents, leaf = key.split(".")
+    node: Any = user
+    for part in parents:
+        node = node.get(part) if isinstance(node, DictConfig) else None
+    if not isinstance(node, DictConfig) or leaf not in node:
+        raise ConfigError(f"~{key}: the recipe sets no key '{key}', so there is nothing to delete")
+    del node[leaf]
+
+
+def _split_deletions(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """``~key`` deletions (applied to the recipe first) and ``key=value`` settings."""
+    deletions = [o[1:] for o in overrides if o.startswith("~")]
+    for key in deletions:
+        if not key or "=" in key:
+            raise ConfigError(
+                f"override '~{key}' must look like ~key (delete a recipe key), e.g. ~model.backbone_kwargs"
+            )
+    return deletions, [o for o in overrides if not o.startswith("~")]
 
 
 def _parse_overrides(overrides: list[str]) -> DictConfig:
     items = []
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=3e-4)")
+            raise ConfigError(
+                f"override {item!r} must look like key=value (e.g. optim.lr=3e-4), or ~key to delete a recipe key"
+            )
         key, value = item.split("=", 1)
         if key == "launch":  # `launch=slurm` is shorthand for launch.backend=slurm
             key = "launch.backend"
@@ -253,7 +305,15 @@ def build_config(user: dict[str, Any] | DictConfig, check_files: bool = True) ->
         cfg = OmegaConf.merge(schema, user_cfg)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
-        raise ConfigError(f"config key '{key}': {getattr(err, 'msg', err)}") from None
+        message = str(getattr(err, "msg", err)).strip().splitlines()[0]  # OmegaConf adds its own context lines
+        expected = OmegaConf.select(schema, key, default=None) if key != "?" else None
+        if isinstance(expected, DictConfig):
+            hint = f"; it is a mapping: clear the recipe's with ~{key}, or set one entry with {key}.NAME=VALUE"
+        elif expected is not None:
+            hint = f"; expected a {type(expected).__name__} like {expected!r}"
+        else:
+            hint = ""
+        raise ConfigError(f"config key '{key}': {message}{hint}") from None
     if check_files:
         _check_choices(cfg)
     OmegaConf.set_readonly(cfg, False)
@@ -264,11 +324,16 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     """Resolve a recipe and ``key=value`` overrides into a validated config.
 
     Args:
-        path: a YAML recipe (path, or a name under ``configs/``); None for the defaults only.
-        overrides: ``key=value`` strings applied last (``launch=slurm`` is ``launch.backend=slurm``).
+        path: a YAML recipe (path, or a shipped recipe's name); None for the defaults only.
+        overrides: ``key=value`` strings applied last (``launch=slurm`` is ``launch.backend=slurm``); ``~key``
+            deletes a key the recipe sets, before the settings apply (``~model.backbone_kwargs``: the backbone's
+            own defaults).
     """
+    deletions, settings = _split_deletions(list(overrides or []))
     user = OmegaConf.create(_read_yaml(resolve_config_path(path)) if path is not None else {})
-    user = OmegaConf.merge(user, _parse_overrides(list(overrides or [])))
+    for key in deletions:
+        _delete_key(user, key)
+    user = OmegaConf.merge(user, _parse_overrides(settings))
     return build_config(user)
 
 
@@ -284,10 +349,7 @@ def from_container(data: dict[str, Any]) -> DictConfig:
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    tmp.replace(path)
+    atomic_write(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def config_to_yaml(cfg: DictConfig | ListConfig) -> str:

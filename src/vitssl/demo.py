@@ -1,9 +1,12 @@
 """``make demo``: MoCo v3 on scikit-learn's bundled digits, then k-NN and linear probes against baselines.
 
-Trains the recipe ``configs/pretrain/mocov3_demo.yaml`` on the CPU (a few minutes on 2 cores, no
-download), then evaluates frozen features on the held-out split for three encoders: raw pixels, the
-random-initialised encoder, and the pretrained one. Prints a table and writes ``results.json`` and
-``curves.png`` into the run folder. Re-running resumes (or skips) the finished training.
+Trains the shipped recipe ``pretrain/mocov3_demo`` on the CPU (a few minutes on 2 cores, no download), then
+evaluates frozen features on the held-out split for three encoders: raw pixels, the random-initialised encoder,
+and the pretrained one. Prints a table and writes ``results.json`` and ``curves.png`` into the run folder.
+
+The run folder follows the settings: ``runs/demo`` for the recipe as shipped, ``runs/demo-<overrides>`` with
+``key=value`` overrides (``python -m vitssl.demo seed=1`` trains into ``runs/demo-seed=1``), so other settings
+never reuse another run's weights. Re-running the same command reuses its finished run and says so.
 """
 
 from __future__ import annotations
@@ -11,19 +14,33 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vitssl.config import load_config
-from vitssl.engine import build_objective, load_objective, train
+from vitssl.cli._common import load_run_config
+from vitssl.cli.pretrain import PretrainJob, pretrain_job
+from vitssl.engine import build_objective, load_objective
 from vitssl.engine.checkpoint import LAST_NAME
+from vitssl.errors import UserError
+from vitssl.io import write_json
 
 _logger = logging.getLogger(__name__)
 
 RECIPE = "pretrain/mocov3_demo"
+DEFAULT_OUTPUT = "runs/demo"
+
+
+def demo_output_dir(overrides: list[str]) -> str:
+    """``runs/demo``, or ``runs/demo-<overrides>`` when settings change (an explicit ``output_dir=`` wins)."""
+    settings = sorted(o for o in overrides if not o.startswith("output_dir="))
+    if not settings:
+        return DEFAULT_OUTPUT
+    slug = re.sub(r"[^A-Za-z0-9_.=,+-]+", "_", ",".join(settings))[:120]
+    return f"{DEFAULT_OUTPUT}-{slug}"
 
 
 def _probe(
@@ -103,22 +120,36 @@ def plot_curves(run_dir: Path, path: Path, random_init_knn: float | None = None)
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the demo recipe")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    cfg = load_config(RECIPE, args.overrides)
+def run_demo(overrides: list[str]) -> int:
+    """Train (or reuse) the demo run for these overrides, evaluate it and print the table."""
+    if not any(o.startswith("output_dir=") for o in overrides):
+        overrides = [*overrides, f"output_dir={demo_output_dir(overrides)}"]
+    cfg = load_run_config(RECIPE, overrides)
     run_dir = Path(cfg.output_dir)
-    result = train(cfg)
+    if (run_dir / LAST_NAME).is_file():
+        print(f"reusing the run in {run_dir} (same settings; resume=auto continues or skips it)")
+    result = pretrain_job(PretrainJob.from_config(cfg))
     _logger.info("training %s at step %d", result.status, result.step)
     results = evaluate_demo(cfg, run_dir / LAST_NAME)
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(results, run_dir / "results.json")
     plot_curves(run_dir, run_dir / "curves.png", results["random_init"]["knn_top1"])
     print(format_table(results))
     print(f"\nwrote {run_dir / 'results.json'} and {run_dir / 'curves.png'}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the demo recipe, e.g. seed=1")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("vitssl").setLevel(logging.INFO)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    try:
+        return run_demo(list(args.overrides))
+    except UserError as err:
+        print(f"vitssl demo: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -7,14 +7,13 @@ import fnmatch
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
+from vitssl.errors import UserError
+
 T = TypeVar("T")
 
 
-class UnknownNameError(KeyError):
+class UnknownNameError(UserError, KeyError):
     """Raised for a name that is not registered; the message lists the valid names."""
-
-    def __str__(self) -> str:  # KeyError would quote the whole message
-        return str(self.args[0])
 
 
 class Registry(Generic[T]):
@@ -69,3 +68,9 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+# Objectives (image and video) register here by name, so that the config can type an ``objective`` block and the
+# engine can build one, neither importing the modules that define them. The command-line entry points import
+# the objective packages (``vitssl.ssl``, ``vitssl.video``) before they read a config.
+OBJECTIVES: Registry[type] = Registry("objective")

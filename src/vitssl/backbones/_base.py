@@ -8,24 +8,42 @@ layout is stripping that prefix.
 from __future__ import annotations
 
 import abc
+import difflib
+import inspect
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from vitssl.config import ConfigError
 from vitssl.registry import Registry
 
 _logger = logging.getLogger(__name__)
 
-# name -> factory(**kwargs) -> Backbone; filled by the family modules when `vitssl.backbones` is imported
-BACKBONES: Registry[Callable[..., Backbone]] = Registry("backbone")
-
 # parameter names (last part) that carry positions or tokens, which no_weight_decay() reports
 _NO_DECAY_LEAVES = ("cls_token", "reg_token", "pos_embed", "relative_position_bias_table")
-# passing these makes no sense for a headless feature extractor, and timm would get them twice
-_RESERVED_KWARGS = ("num_classes", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "features_only")
+# passing these makes no sense for a headless feature extractor built without weights, and timm would get some twice
+_RESERVED_KWARGS = (
+    "num_classes",
+    "pretrained",
+    "pretrained_cfg",
+    "pretrained_cfg_overlay",
+    "features_only",
+    "checkpoint_path",
+)
+# options timm.create_model itself takes (layer-config switches) besides the model constructor's arguments
+_CREATE_MODEL_KWARGS = ("scriptable", "exportable", "no_jit")
+# the tiny variants the tests and CPU smoke runs use; listed only on request (`vitssl backbones --all`)
+TEST_PREFIX = "test_"
+# where create_backbone's options come from in a run, for the fixes the messages suggest
+_KWARGS_KEY = "model.backbone_kwargs"
+
+
+def is_test_variant(name: str) -> bool:
+    """Whether ``name`` is one of the tiny ``test_*`` variants (registered, but hidden from users' lists)."""
+    return name.startswith(TEST_PREFIX)
 
 
 def to_2tuple(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -37,11 +55,13 @@ def to_2tuple(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
 
 
 class Backbone(nn.Module, metaclass=abc.ABCMeta):
-    """Common interface of all backbones (see the Backbone contract in DESIGN.md).
+    """Common interface of all backbones: ``num_features``, ``forward(x) -> (B, C)`` (pooled embedding),
+    ``forward_tokens(x) -> (B, N, C)`` (last-stage tokens) and ``forward_pyramid(x) -> [(B, C_i, H_i, W_i)]``.
 
     Subclasses build ``self.model`` (a timm-layout module) and set ``num_features``, ``num_prefix_tokens``,
     ``pyramid_strides``, ``pyramid_channels``, ``img_size``, ``in_chans``, ``dynamic_img_size`` and
-    ``timm_kwargs``.
+    ``timm_kwargs``; they declare ``model_class`` and ``wrapper_kwargs``, so options that do not fit the family
+    are refused before anything is built.
 
     Args:
         name: registry name this backbone was created under.
@@ -52,6 +72,10 @@ class Backbone(nn.Module, metaclass=abc.ABCMeta):
     """
 
     family: str = ""
+    # the model class whose constructor receives the timm kwargs: its signature says which options fit
+    model_class: ClassVar[Callable[..., nn.Module] | None] = None
+    # options the wrapper consumes itself before building the model
+    wrapper_kwargs: ClassVar[tuple[str, ...]] = ()
     model: nn.Module
     num_features: int
     num_prefix_tokens: int
@@ -66,14 +90,38 @@ class Backbone(nn.Module, metaclass=abc.ABCMeta):
         super().__init__()
         reserved = sorted(set(kwargs) & set(_RESERVED_KWARGS))
         if reserved:
-            raise TypeError(
+            raise ConfigError(
                 f"backbone {name!r}: {', '.join(reserved)} cannot be set on a backbone (backbones are headless and "
-                "built without weights; load weights with load_backbone / load_backbone_state)"
+                "built without weights; load weights with load_backbone / load_backbone_state); "
+                f"{_removal_hint(reserved)}"
             )
+        self._check_options(name, kwargs)
         self.name = name
         self.timm_name = timm_name
         self.kwargs: dict[str, Any] = dict(kwargs)
         self.config: dict[str, Any] = {**defaults, **kwargs}
+
+    @classmethod
+    def accepted_kwargs(cls) -> set[str] | None:
+        """Every option ``create_backbone`` passes on for this family; None when the constructor takes ``**kwargs``
+        (then only timm can tell)."""
+        if cls.model_class is None:
+            return None
+        params = inspect.signature(cls.model_class).parameters.values()
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            return None
+        names = {p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL}
+        return (names - set(_RESERVED_KWARGS)) | set(cls.wrapper_kwargs) | set(_CREATE_MODEL_KWARGS)
+
+    @classmethod
+    def _check_options(cls, name: str, kwargs: Mapping[str, Any]) -> None:
+        """Refuse options the family does not take before building anything (timm would raise a bare TypeError)."""
+        accepted = cls.accepted_kwargs()
+        if accepted is None:
+            return
+        unknown = sorted(set(kwargs) - accepted)
+        if unknown:
+            raise options_error(name, unknown, sorted(accepted - set(_CREATE_MODEL_KWARGS)))
 
     # --- the contract -------------------------------------------------------------------------------------------
 
@@ -111,6 +159,20 @@ class Backbone(nn.Module, metaclass=abc.ABCMeta):
         """Recompute block activations in the backward pass to save memory."""
         self.model.set_grad_checkpointing(enable)
 
+    def convert_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Weights in another layout -> this model's timm layout (``load_backbone_state`` runs it on every load).
+
+        The base drops a classification head the headless model lacks (as timm's pretrained loading does with
+        ``num_classes=0``); families whose official checkpoints use other names map them first.
+
+        Args:
+            state_dict: weights, already without a ``model.`` prefix.
+        """
+        classifier = getattr(self.model, "pretrained_cfg", {}).get("classifier") or "head"
+        heads = {c.split(".", 1)[0] for c in ((classifier,) if isinstance(classifier, str) else classifier)}
+        own = self.model.state_dict().keys()
+        return {k: v for k, v in state_dict.items() if k in own or k.split(".", 1)[0] not in heads}
+
     def extra_repr(self) -> str:
         return f"name={self.name!r}, timm_name={self.timm_name!r}"
 
@@ -139,6 +201,75 @@ class Backbone(nn.Module, metaclass=abc.ABCMeta):
                 "resize or pad the images"
             )
         return h, w
+
+
+class BackboneRegistry(Registry[Callable[..., Backbone]]):
+    """The backbone registry; its unknown-name message leaves out the ``test_*`` variants users never need."""
+
+    def unknown_message(self, name: str) -> str:
+        # someone typing a test name (test_vitt) is shown the test names; everyone else the real ones
+        shown = [n for n in self if is_test_variant(name) or not is_test_variant(n)]
+        close = difflib.get_close_matches(name, shown, n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        hidden = "" if is_test_variant(name) else f" (and the {TEST_PREFIX}* variants: vitssl backbones --all)"
+        return f"unknown {self.kind} {name!r}.{hint} Valid names: {', '.join(shown)}{hidden}"
+
+
+# name -> factory(**kwargs) -> Backbone; filled by the family modules when `vitssl.backbones` is imported
+BACKBONES: BackboneRegistry = BackboneRegistry("backbone")
+
+
+def _removal_hint(options: list[str]) -> str:
+    """How a user removes options a recipe passes: ``~model.backbone_kwargs.NAME`` (or all of them)."""
+    each = " ".join(f"~{_KWARGS_KEY}.{o}" for o in options)
+    they, them = ("they come", "them") if len(options) > 1 else ("it comes", "it")
+    return (
+        f"{they} from {_KWARGS_KEY} in the recipe: delete {them} with {each} on the command line "
+        f"(or every backbone option with ~{_KWARGS_KEY})"
+    )
+
+
+def options_error(name: str, unknown: list[str], accepted: list[str]) -> ConfigError:
+    """The one-line error for options backbone ``name`` does not take, with close matches and the fix.
+
+    Args:
+        name: registry name.
+        unknown: the options it does not take.
+        accepted: the options it takes (for suggestions and the list).
+    """
+    shown = []
+    for option in unknown:
+        close = difflib.get_close_matches(option, accepted, n=1, cutoff=0.75)
+        shown.append(f"{option} (did you mean {close[0]}?)" if close else option)
+    return ConfigError(
+        f"backbone {name!r} does not take the option{'s' if len(unknown) > 1 else ''} {', '.join(shown)}; "
+        f"{_removal_hint(unknown)}. Options of {name!r}: {', '.join(accepted)}"
+    )
+
+
+def check_img_size(name: str, img_size: tuple[int, int], multiple: int, what: str, extra: str = "") -> None:
+    """Raise a ConfigError naming the nearest valid size unless both sides of ``img_size`` are multiples.
+
+    Args:
+        name: registry name.
+        img_size: (height, width).
+        multiple: what each side must be a multiple of.
+        what: the name of that constraint for the message, e.g. "the total patch stride".
+        extra: an alternative fix appended to the message.
+    """
+    if not any(side % multiple for side in img_size):
+        return
+    nearest = tuple(max(multiple, (side + multiple // 2) // multiple * multiple) for side in img_size)
+    if nearest[0] == nearest[1]:
+        fix = (
+            f"set data.img_size={nearest[0]}, the nearest multiple (or {_KWARGS_KEY}.img_size={nearest[0]} where the "
+            "recipe sets the size there)"
+        )
+    else:
+        fix = f"set {_KWARGS_KEY}.img_size=[{nearest[0]},{nearest[1]}], the nearest multiples"
+    raise ConfigError(
+        f"backbone {name!r}: img_size={tuple(img_size)} is not a multiple of {what} {multiple}; {fix}{extra}"
+    )
 
 
 def check_min_input_size(name: str, h: int, w: int, min_size: int) -> None:
@@ -187,8 +318,11 @@ def create_timm_model(backbone_name: str, timm_name: str, kwargs: Mapping[str, A
     try:
         return timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)
     except TypeError as e:
-        raise TypeError(
-            f"backbone {backbone_name!r} (timm model {timm_name!r}) does not accept the options {sorted(kwargs)}: {e}"
+        # option names were checked against the constructor beforehand, so a value is of the wrong kind
+        raise ConfigError(
+            f"backbone {backbone_name!r} (timm model {timm_name!r}) cannot be built with {dict(kwargs)}: {e}; "
+            "check the values (per-stage options such as depths or num_heads take one value per stage), which come "
+            f"from {_KWARGS_KEY} in the recipe (delete one with ~{_KWARGS_KEY}.NAME)"
         ) from e
 
 

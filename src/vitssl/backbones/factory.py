@@ -11,9 +11,11 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
-from vitssl.backbones._base import BACKBONES, Backbone
+from vitssl.backbones._base import BACKBONES, TEST_PREFIX, Backbone, is_test_variant
+from vitssl.io import atomic_write
 from vitssl.registry import UnknownNameError
 
 _logger = logging.getLogger(__name__)
@@ -81,8 +83,9 @@ def save_backbone(backbone: Backbone, path: str | os.PathLike[str]) -> Path:
         _META_TIMM_KWARGS: _to_json(backbone.timm_kwargs, "timm model kwargs"),
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in backbone.timm_state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    # safetensors' save_file creates its file with mode 0600; the atomic write gives 0644 less the umask, like the
+    # run's other files, and a reader never sees half a file.
+    atomic_write(path, safetensors_bytes(tensors, metadata=metadata))
     _logger.info("saved backbone %s (%d tensors) to %s", backbone.name, len(tensors), path)
     return path
 
@@ -126,15 +129,23 @@ def load_backbone(path: str | os.PathLike[str], **overrides: Any) -> Backbone:
 def load_backbone_state(
     backbone: Backbone, state_dict: Mapping[str, torch.Tensor], prefix: str = "", strict: bool = True
 ) -> torch.nn.modules.module._IncompatibleKeys:
-    """Load weights in timm's layout or in the backbone's own (``model.``-prefixed) layout.
+    """Load weights in timm's layout, the backbone's own (``model.``-prefixed) layout, or a family's official one.
+
+    Official layouts are mapped by ``backbone.convert_state_dict`` (PVT v1: ``patch_embed1``, ``block1.0``, ...);
+    a classification head the backbone lacks is dropped, as timm's pretrained loading does.
 
     Args:
         backbone: the target.
-        state_dict: the weights.
+        state_dict: the weights; a checkpoint dict holding them under ``model`` or ``state_dict`` (an official
+            checkpoint file, a vitssl training checkpoint) is unwrapped first.
         prefix: take only keys under this prefix, stripped first, e.g. ``"backbone."`` for the ``model`` entry of
             a training checkpoint (the objective's state dict).
         strict: fail on missing or unexpected keys (after the prefixes are stripped).
     """
+    for key in ("model", "state_dict"):
+        if isinstance(state_dict.get(key), Mapping):
+            state_dict = state_dict[key]
+            break
     if prefix:
         picked = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
         if not picked:
@@ -143,7 +154,7 @@ def load_backbone_state(
         state_dict = picked
     if state_dict and all(k.startswith(_MODEL_PREFIX) for k in state_dict):
         state_dict = {k[len(_MODEL_PREFIX) :]: v for k, v in state_dict.items()}
-    result = backbone.model.load_state_dict(dict(state_dict), strict=False)
+    result = backbone.model.load_state_dict(backbone.convert_state_dict(state_dict), strict=False)
     if strict and (result.missing_keys or result.unexpected_keys):
 
         def show(keys: list[str]) -> str:
@@ -185,15 +196,27 @@ def _format_count(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
 
 
-def format_backbone_table(pattern: str = "*") -> str:
-    """A text table of the backbones matching ``pattern`` (for ``vitssl backbones [PATTERN]``).
+def format_backbone_table(pattern: str = "*", include_test: bool = False) -> str:
+    """A text table of the backbones matching ``pattern`` (for ``vitssl backbones [PATTERN] [--all]``).
 
     Args:
         pattern: shell-style wildcard over registry names.
+        include_test: also list the tiny ``test_*`` variants (for tests and CPU smoke runs).
     """
-    names = list_backbones(pattern)
+    matches = list_backbones(pattern)
+    names = [n for n in matches if include_test or not is_test_variant(n)]
     if not names:
-        raise UnknownNameError(f"no backbone matches {pattern!r}. Valid names: {', '.join(list_backbones())}")
+        if matches:  # only hidden test variants match
+            raise UnknownNameError(
+                f"only {TEST_PREFIX}* variants match {pattern!r}, and those tiny test models are listed only on "
+                "request: add --all (include_test=True)"
+            )
+        shown = [n for n in list_backbones() if include_test or not is_test_variant(n)]
+        hidden = "" if include_test else f" (and the {TEST_PREFIX}* variants: --all)"
+        raise UnknownNameError(
+            f"no backbone matches {pattern!r} (a shell-style wildcard such as 'vit_*' or 'pvt*'). "
+            f"Valid names: {', '.join(shown)}{hidden}"
+        )
     header = ("name", "family", "params", "features", "strides", "input", "timm model")
     rows = [header]
     for name in names:

@@ -13,11 +13,15 @@ Position embeddings are made for ``img_size`` and bilinearly resized for other i
 code does). Importing this module registers ``pvt_tiny`` ... ``pvt_large`` with timm, so
 ``timm.create_model("pvt_small", pretrained=True, pretrained_cfg_overlay=dict(file=path))`` builds and loads
 them, from our exports or from the official checkpoints (their keys are remapped by ``checkpoint_filter_fn``).
+``load_backbone_state`` runs the same mapping, so an official checkpoint also loads straight into a backbone:
+``load_backbone_state(create_backbone("pvt_small"), torch.load("pvt_small.pth"))`` (the ImageNet head is dropped).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -33,6 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vitssl.backbones._base import (
     Backbone,
+    check_img_size,
     check_last_blocks,
     check_min_input_size,
     create_timm_model,
@@ -560,15 +565,23 @@ def pvt_large(pretrained: bool = False, **kwargs: Any) -> PyramidVisionTransform
     return _create_pvt("pvt_large", pretrained, **kwargs)
 
 
+_DEFAULT_IMG_SIZE = inspect.signature(PyramidVisionTransformer).parameters["img_size"].default
+_STRIDE = "PVT's total patch stride"
+
+
 class PVTBackbone(Backbone):
     """Our PVT v1 as a backbone; pooled embedding = the class token after the final norm (official)."""
 
     family = "pvt"
+    model_class = PyramidVisionTransformer
     model: PyramidVisionTransformer
 
     def __init__(self, name: str, timm_name: str, defaults: Mapping[str, Any], kwargs: Mapping[str, Any]) -> None:
         super().__init__(name, timm_name, defaults, kwargs)
         cfg = dict(self.config)
+        # checked here, before the model raises from deep inside timm's builder without naming the fix
+        img_size = to_2tuple(cfg.get("img_size", _DEFAULT_IMG_SIZE))
+        check_img_size(name, img_size, math.prod(cfg.get("patch_sizes", _PAPER_ARGS["patch_sizes"])), _STRIDE)
         # built through timm (registered above), as the other families are, so exports load back the same way
         self.model = create_timm_model(name, timm_name, cfg)
         self.timm_kwargs = cfg
@@ -586,6 +599,11 @@ class PVTBackbone(Backbone):
             stride * stage.blocks[0].attn.sr_ratio if len(stage.blocks) else stride
             for stride, stage in zip(self.pyramid_strides, model.stages)
         )
+
+    def convert_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Official PVT v1 keys (``patch_embed1``, ``pos_embed1``, ``block1.0``) -> ours, position embeddings
+        resized to this model's ``img_size``, and the classification head dropped."""
+        return super().convert_state_dict(checkpoint_filter_fn(state_dict, self.model))
 
     def _check(self, x: torch.Tensor) -> None:
         h, w = self._check_input(x, self.pyramid_strides[-1])

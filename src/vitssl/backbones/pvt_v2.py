@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from timm.models.pvt_v2 import PyramidVisionTransformerV2
 
 from vitssl.backbones._base import (
     Backbone,
@@ -29,6 +30,8 @@ class PVTv2Backbone(Backbone):
     """A timm PVT v2 as a backbone; pooled embedding = mean of the last stage's (normed) tokens."""
 
     family = "pvt_v2"
+    model_class = PyramidVisionTransformerV2
+    wrapper_kwargs = ("img_size",)  # timm's model takes any size; the wrapper records it
 
     def __init__(self, name: str, timm_name: str, defaults: Mapping[str, Any], kwargs: Mapping[str, Any]) -> None:
         super().__init__(name, timm_name, defaults, kwargs)

@@ -14,8 +14,16 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from timm.models.swin_transformer import SwinTransformer
 
-from vitssl.backbones._base import Backbone, check_last_blocks, create_timm_model, register_variant, to_2tuple
+from vitssl.backbones._base import (
+    Backbone,
+    check_img_size,
+    check_last_blocks,
+    create_timm_model,
+    register_variant,
+    to_2tuple,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -24,6 +32,7 @@ class SwinBackbone(Backbone):
     """A timm Swin Transformer as a backbone; pooled embedding = mean of the final-normed last-stage tokens."""
 
     family = "swin"
+    model_class = SwinTransformer
 
     def __init__(self, name: str, timm_name: str, defaults: Mapping[str, Any], kwargs: Mapping[str, Any]) -> None:
         super().__init__(name, timm_name, defaults, kwargs)
@@ -37,11 +46,15 @@ class SwinBackbone(Backbone):
         patch_embed = model.patch_embed
         self.patch_size = to_2tuple(patch_embed.patch_size)[0]
         self.img_size = to_2tuple(patch_embed.img_size)
-        if any(s % self.patch_size for s in self.img_size):
-            raise ValueError(
-                f"backbone {name!r}: img_size={self.img_size} is not a multiple of the patch size {self.patch_size}; "
-                f"Swin takes any sides that are multiples of {self.patch_size}, e.g. 224, 256, 192, 64 or (224, 160)"
-            )
+        # timm pads grids that do not fill the windows and shrinks windows larger than a grid, so the patch size
+        # is the only constraint
+        check_img_size(
+            name,
+            self.img_size,
+            self.patch_size,
+            "the patch size",
+            extra=f"; Swin takes any multiples of {self.patch_size}, e.g. 224, 256, 192, 64 or (224, 160)",
+        )
         self.in_chans = patch_embed.proj.in_channels
         self.dynamic_img_size = bool(model.dynamic_img_size)
         self.num_features = int(model.num_features)

@@ -15,9 +15,17 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from vitssl.backbones._base import Backbone, check_last_blocks, create_timm_model, register_variant, to_2tuple
+from vitssl.backbones._base import (
+    Backbone,
+    check_img_size,
+    check_last_blocks,
+    create_timm_model,
+    register_variant,
+    to_2tuple,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -75,6 +83,8 @@ class VisionTransformerBackbone(Backbone):
     """
 
     family = "vit"
+    model_class = VisionTransformer
+    wrapper_kwargs = ("freeze_patch_embed",)  # pos_embed is timm's too, extended with "sincos"
 
     def __init__(self, name: str, timm_name: str, defaults: Mapping[str, Any], kwargs: Mapping[str, Any]) -> None:
         super().__init__(name, timm_name, defaults, kwargs)
@@ -102,10 +112,9 @@ class VisionTransformerBackbone(Backbone):
         self.in_chans = patch_embed.proj.in_channels
         self.dynamic_img_size = bool(model.dynamic_img_size)
         self._dynamic_img_pad = bool(patch_embed.dynamic_img_pad)
-        if not self._dynamic_img_pad and any(s % self.patch_size[0] for s in self.img_size):
-            raise ValueError(
-                f"backbone {name!r}: img_size={self.img_size} is not a multiple of patch_size={self.patch_size[0]}; "
-                f"use sides that are multiples of {self.patch_size[0]} (or dynamic_img_pad=True)"
+        if not self._dynamic_img_pad:
+            check_img_size(
+                name, self.img_size, self.patch_size[0], "the patch size", extra=" (or dynamic_img_pad=True)"
             )
         self.num_features = int(model.num_features)
         self.num_prefix_tokens = int(model.num_prefix_tokens)

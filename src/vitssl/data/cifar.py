@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from vitssl.data.common import DATASETS, ImageDataset, check_split, require_root
+from vitssl.errors import DataError, MissingFileError
 
 
 class _CifarBase(ImageDataset):
@@ -28,7 +29,7 @@ class _CifarBase(ImageDataset):
         folder = base / self.folder if (base / self.folder).is_dir() else base
         missing = [f for f in (*self.train_files, *self.test_files, self.meta_file) if not (folder / f).is_file()]
         if missing:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{self.name}: {str(folder)!r} lacks {', '.join(missing)}; expected the python version of the "
                 f"dataset, i.e. {layout} (root may point at {self.folder}/ or its parent)"
             )
@@ -43,7 +44,7 @@ class _CifarBase(ImageDataset):
         self.targets = [int(t) for t in labels]
         self.classes = list(_load_pickle(folder / self.meta_file)[self._names_key()])
         if len(self.targets) != len(self.data):
-            raise ValueError(f"{self.name}: {str(folder)!r} has {len(self.data)} images but {len(self.targets)} labels")
+            raise DataError(f"{self.name}: {str(folder)!r} has {len(self.data)} images but {len(self.targets)} labels")
 
     def _label_key(self) -> str:
         raise NotImplementedError
@@ -64,7 +65,7 @@ def _load_pickle(path: Path) -> dict[str, Any]:
         with open(path, "rb") as f:
             return pickle.load(f, encoding="latin1")
     except (pickle.UnpicklingError, EOFError, ValueError) as exc:
-        raise ValueError(f"cannot read CIFAR pickle {str(path)!r}: {exc}; re-extract the archive") from exc
+        raise DataError(f"cannot read CIFAR pickle {str(path)!r}: {exc}; re-extract the archive") from exc
 
 
 @DATASETS.register("cifar10")
@@ -112,7 +113,7 @@ class CIFAR100(_CifarBase):
         self, root: str | os.PathLike | None, split: str = "train", label_mode: Literal["fine", "coarse"] = "fine"
     ) -> None:
         if label_mode not in ("fine", "coarse"):
-            raise ValueError(f"cifar100: label_mode must be 'fine' or 'coarse', got {label_mode!r}")
+            raise DataError(f"cifar100: label_mode must be 'fine' or 'coarse', got {label_mode!r}")
         self.label_mode = label_mode
         super().__init__(root, split)
 

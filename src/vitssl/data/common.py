@@ -12,6 +12,7 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset
 
+from vitssl.errors import DataError, MissingFileError, UserError
 from vitssl.registry import Registry
 
 _logger = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bm
 SKIP_HINT = "set data.skip_corrupt=true to skip such samples"
 
 
-class CorruptImageError(RuntimeError):
+class CorruptImageError(UserError, RuntimeError):
     """A sample that cannot be read: an undecodable or truncated image (or, for image-text sets, a missing
     image member or an empty caption). The message names the file or sample."""
 
@@ -92,10 +93,10 @@ def require_root(name: str, root: str | os.PathLike | None, layout: str) -> Path
         layout: a description of the expected files.
     """
     if root is None or str(root) == "":
-        raise ValueError(f"dataset {name!r} needs a root folder: set data.root=PATH, where PATH holds {layout}")
+        raise DataError(f"dataset {name!r} needs a root folder: set data.root=PATH, where PATH holds {layout}")
     path = Path(os.path.expandvars(str(root))).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"dataset {name!r}: root {str(path)!r} does not exist; expected {layout}")
+        raise MissingFileError(f"dataset {name!r}: root {str(path)!r} does not exist; expected {layout}")
     return path
 
 
@@ -103,7 +104,7 @@ def check_split(name: str, split: str, valid: tuple[str, ...], aliases: dict[str
     """Return the canonical split name, or fail naming the valid ones."""
     split = (aliases or {}).get(split, split)
     if split not in valid:
-        raise ValueError(f"dataset {name!r} has no split {split!r}; valid splits: {', '.join(valid)}")
+        raise DataError(f"dataset {name!r} has no split {split!r}; valid splits: {', '.join(valid)}")
     return split
 
 
@@ -129,12 +130,12 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, split: str =
         if key not in valid:
             close = difflib.get_close_matches(key, valid, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(
+            raise DataError(
                 f"dataset {name!r} has no option {key!r}.{hint} Valid options: {', '.join(valid) or '(none)'}"
             )
     options = {k: v for k, v in kwargs.items() if v is not None}
     dataset = cls(root=root, split=split, **options)
-    _logger.info("built dataset %s split=%s: %d items, %d classes", name, split, len(dataset), len(dataset.classes))
+    _logger.debug("built dataset %s split=%s: %d items, %d classes", name, split, len(dataset), len(dataset.classes))
     return dataset
 
 

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from vitssl.data.common import DATASETS, ImageDataset, check_split
+from vitssl.errors import DataError
 
 # 397 of the 1797 images are held out by default (the figure the project's digits results are quoted on).
 DIGITS_VAL_FRACTION = 397 / 1797
@@ -73,9 +74,9 @@ class Digits(ImageDataset):
     ) -> None:
         self.split = check_split("digits", split, ("train", "val"), aliases={"test": "val"})
         if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"digits: val_fraction must be in (0, 1), got {val_fraction}")
+            raise DataError(f"digits: val_fraction must be in (0, 1), got {val_fraction}")
         if img_size < 1:
-            raise ValueError(f"digits: img_size must be a positive number of pixels, got {img_size}")
+            raise DataError(f"digits: img_size must be a positive number of pixels, got {img_size}")
         images, labels = _load_digits()
         n_val = round(val_fraction * len(labels))
         train_idx, val_idx = stratified_split(labels, n_val, seed)

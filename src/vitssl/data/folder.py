@@ -8,6 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from vitssl.data.common import DATASETS, IMG_EXTENSIONS, ImageDataset, open_rgb, require_root
+from vitssl.errors import DataError, MissingFileError
 
 _LAYOUT = "one sub-folder per class with images inside (root/<class>/<image>.jpg), or root/<split>/<class>/<image>"
 # Folder names that mark a root as holding splits; if one of them exists, the requested split must exist too.
@@ -32,13 +33,13 @@ class ImageFolder(ImageDataset):
     ) -> None:
         base = require_root("imagefolder", root, _LAYOUT)
         if not base.is_dir():
-            raise NotADirectoryError(f"imagefolder root {str(base)!r} is a file; expected a folder with {_LAYOUT}")
+            raise DataError(f"imagefolder root {str(base)!r} is a file; expected a folder with {_LAYOUT}")
         folder = base / split
         if not folder.is_dir():
             present = [s for s in _SPLIT_NAMES if (base / s).is_dir()]
             if present:
                 # Falling back to root would silently treat the split folders as classes.
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"imagefolder root {str(base)!r} has split folders {', '.join(present)} but no {split!r}; "
                     f"choose one of them as split"
                 )
@@ -47,7 +48,7 @@ class ImageFolder(ImageDataset):
         exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
         self.classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
         if not self.classes:
-            raise FileNotFoundError(f"imagefolder {str(folder)!r} has no class sub-folders; expected {_LAYOUT}")
+            raise MissingFileError(f"imagefolder {str(folder)!r} has no class sub-folders; expected {_LAYOUT}")
         self.samples: list[str] = []
         self.targets: list[int] = []
         empty = []
@@ -58,7 +59,7 @@ class ImageFolder(ImageDataset):
             self.samples += files
             self.targets += [label] * len(files)
         if empty:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"imagefolder {str(folder)!r}: class folder(s) {', '.join(empty)} hold no images with extensions "
                 f"{', '.join(exts)}; remove them or add images"
             )

@@ -29,6 +29,7 @@ from vitssl.data.common import (
     open_rgb,
     require_root,
 )
+from vitssl.errors import DataError, MissingFileError
 
 _logger = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class ImageTextCSV(ImageDataset):
             candidates = [path / f"{split}.csv", path / f"{split}.tsv"]
             found = [c for c in candidates if c.is_file()]
             if not found:
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"image_text_csv: folder {str(path)!r} has neither {split}.csv nor {split}.tsv; "
                     f"expected {_CSV_LAYOUT}"
                 )
@@ -92,7 +93,7 @@ class ImageTextCSV(ImageDataset):
             header = reader.fieldnames or []
             for col, what in ((image_column, "image_column"), (caption_column, "caption_column")):
                 if col not in header:
-                    raise ValueError(
+                    raise DataError(
                         f"image_text_csv: {str(path)!r} has no column {col!r} (set {what}); its columns are "
                         f"{header} (delimiter {delimiter!r}: set delimiter if the file uses another)"
                     )
@@ -108,7 +109,7 @@ class ImageTextCSV(ImageDataset):
                 self.targets.append(caption)
                 self._rows.append(reader.line_num)
         if not self.samples:
-            raise ValueError(f"image_text_csv: {str(path)!r} has a header but no rows; expected {_CSV_LAYOUT}")
+            raise DataError(f"image_text_csv: {str(path)!r} has a header but no rows; expected {_CSV_LAYOUT}")
         self._bad = bad
         _warn_bad(f"image_text_csv {path}", bad, len(self.samples), self._describe)
 
@@ -152,19 +153,19 @@ def resolve_shards(pattern: str | os.PathLike, split: str) -> list[Path]:
         folder = path / split if (path / split).is_dir() else path
         shards = sorted(folder.glob("*.tar"))
         if not shards:
-            raise FileNotFoundError(f"webdataset: folder {str(folder)!r} holds no .tar shards")
+            raise MissingFileError(f"webdataset: folder {str(folder)!r} holds no .tar shards")
         return shards
     shards: list[Path] = []
     for expanded in expand_braces(text):
         if glob.has_magic(expanded):
             hits = sorted(glob.glob(expanded))
             if not hits:
-                raise FileNotFoundError(f"webdataset: no shard matches {expanded!r} (from {str(pattern)!r})")
+                raise MissingFileError(f"webdataset: no shard matches {expanded!r} (from {str(pattern)!r})")
             shards += [Path(h) for h in hits]
         elif Path(expanded).is_file():
             shards.append(Path(expanded))
         else:
-            raise FileNotFoundError(f"webdataset: shard {expanded!r} (from pattern {str(pattern)!r}) does not exist")
+            raise MissingFileError(f"webdataset: shard {expanded!r} (from pattern {str(pattern)!r}) does not exist")
     return shards
 
 
@@ -203,7 +204,7 @@ class WebDataset(ImageDataset):
         caption_ext: str = "txt",
     ) -> None:
         if root is None or str(root) == "":
-            raise ValueError(
+            raise DataError(
                 "dataset 'webdataset' needs a root: set data.root to a shard pattern such as "
                 "/data/shard-{000..009}.tar, a glob, or a folder of .tar shards"
             )
@@ -233,7 +234,7 @@ class WebDataset(ImageDataset):
                 self._images.append(image)
                 self.targets.append(caption)
         if not self.keys:
-            raise ValueError(f"webdataset: shards {[str(s) for s in self.shards]} contain no samples")
+            raise DataError(f"webdataset: shards {[str(s) for s in self.shards]} contain no samples")
         self._bad = bad
         _warn_bad("webdataset", bad, len(self.keys), self.sample_id)
 
@@ -258,7 +259,7 @@ class WebDataset(ImageDataset):
                         raw = tar.extractfile(info).read()  # type: ignore[union-attr]  # regular file: never None
                         captions[key] = raw.decode("utf-8", errors="replace").strip()
         except tarfile.TarError as exc:
-            raise ValueError(
+            raise DataError(
                 f"webdataset: cannot read shard {str(shard)!r} ({exc}); shards must be uncompressed .tar files"
             ) from exc
         return samples, captions

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vitssl.data.common import DATASETS, ImageDataset, check_split
+from vitssl.errors import DataError
 
 SHAPE_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "ring", "heart", "arrow")
 
@@ -98,12 +99,12 @@ class Shapes(ImageDataset):
     ) -> None:
         self.split = check_split("shapes", split, tuple(_SPLIT_IDS))
         if img_size < 8:
-            raise ValueError(f"shapes: img_size must be at least 8 pixels, got {img_size}")
+            raise DataError(f"shapes: img_size must be at least 8 pixels, got {img_size}")
         num_samples = _DEFAULT_NUM_SAMPLES[self.split] if num_samples is None else num_samples
         if num_samples < 1:
-            raise ValueError(f"shapes: num_samples must be positive, got {num_samples}")
+            raise DataError(f"shapes: num_samples must be positive, got {num_samples}")
         if seed < 0:
-            raise ValueError(f"shapes: seed must be non-negative, got {seed}")
+            raise DataError(f"shapes: seed must be non-negative, got {seed}")
         self.img_size = img_size
         self.seed = seed
         self.classes = list(SHAPE_CLASSES)

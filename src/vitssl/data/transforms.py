@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from vitssl.errors import DataError
+
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -31,12 +33,12 @@ def blur_kernel_size(img_size: int) -> int:
 
 def _check_prob(name: str, p: float) -> None:
     if not 0.0 <= p <= 1.0:
-        raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
+        raise DataError(f"{name} must be a probability in [0, 1], got {p}")
 
 
 def _per_view(name: str, value: Sequence[float]) -> tuple[float, float]:
     if len(value) != 2:
-        raise ValueError(f"{name} needs one probability per view (2 values), got {list(value)}")
+        raise DataError(f"{name} needs one probability per view (2 values), got {list(value)}")
     for p in value:
         _check_prob(name, p)
     return float(value[0]), float(value[1])
@@ -78,13 +80,13 @@ def moco_v3_views(
         Two ``Compose`` transforms, view 1 then view 2.
     """
     if img_size < 1:
-        raise ValueError(f"img_size must be positive, got {img_size}")
+        raise DataError(f"img_size must be positive, got {img_size}")
     if not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
-        raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {tuple(crop_scale)}")
+        raise DataError(f"crop_scale must satisfy 0 < min <= max <= 1, got {tuple(crop_scale)}")
     if not 0.0 < blur_sigma[0] <= blur_sigma[1]:
-        raise ValueError(f"blur_sigma must satisfy 0 < min <= max, got {tuple(blur_sigma)}")
+        raise DataError(f"blur_sigma must satisfy 0 < min <= max, got {tuple(blur_sigma)}")
     if len(jitter) != 4:
-        raise ValueError(f"jitter needs (brightness, contrast, saturation, hue), got {list(jitter)}")
+        raise DataError(f"jitter needs (brightness, contrast, saturation, hue), got {list(jitter)}")
     _check_prob("jitter_p", jitter_p)
     _check_prob("grayscale_p", grayscale_p)
     blur = _per_view("blur_p", blur_p)
@@ -125,9 +127,9 @@ def eval_transform(
         interpolation: "bilinear" (MoCo v3's linear evaluation), "bicubic" or "nearest".
     """
     if resize_ratio < 1.0:
-        raise ValueError(f"resize_ratio must be >= 1 (resize then crop), got {resize_ratio}")
+        raise DataError(f"resize_ratio must be >= 1 (resize then crop), got {resize_ratio}")
     if interpolation not in _INTERPOLATIONS:
-        raise ValueError(f"interpolation must be one of {', '.join(_INTERPOLATIONS)}, got {interpolation!r}")
+        raise DataError(f"interpolation must be one of {', '.join(_INTERPOLATIONS)}, got {interpolation!r}")
     resize = round(img_size * resize_ratio)
     return T.Compose(
         [

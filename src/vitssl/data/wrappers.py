@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from vitssl.data.common import CorruptImageError
+from vitssl.data.common import SKIP_HINT, CorruptImageError
 
 _logger = logging.getLogger(__name__)
 
@@ -72,7 +72,8 @@ class TransformedDataset(Dataset):
         except CorruptImageError as exc:
             if not self.skip_corrupt:
                 raise
-            _logger.warning("skipping corrupt sample %d: %s", index, exc)
+            # skipping is on: the hint that says how to turn it on would only be noise here
+            _logger.warning("skipping corrupt sample %d: %s", index, str(exc).replace(f" ({SKIP_HINT})", ""))
             return None
         value = sample_seed(self.seed, self.epoch, index)
         py_state = random.getstate()

@@ -2,6 +2,7 @@
 
 from vitssl.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vitssl.engine.trainer import (
+    Callback,
     NonFiniteLossError,
     TrainResult,
     build_objective,
@@ -11,6 +12,7 @@ from vitssl.engine.trainer import (
 )
 
 __all__ = [
+    "Callback",
     "CheckpointError",
     "NonFiniteLossError",
     "TrainResult",

@@ -12,7 +12,6 @@ a checkpoint cannot run code.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import re
@@ -21,6 +20,9 @@ from typing import Any
 
 import torch
 
+from vitssl.errors import UserError
+from vitssl.io import atomic_open, atomic_path
+
 _logger = logging.getLogger(__name__)
 
 LAST_NAME = "checkpoint_last.pth"
@@ -28,35 +30,8 @@ REQUIRED_KEYS = ("model", "optimizer", "step", "epoch", "config")
 _STEP_RE = re.compile(r"^checkpoint_(\d+)\.pth$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file is missing, truncated, corrupt or not a vitssl checkpoint."""
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems do not allow opening directories
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(data: bytes, path: str | Path) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync and rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
 
 
 def step_checkpoint_path(output_dir: str | Path, step: int) -> Path:
@@ -79,22 +54,18 @@ def save_checkpoint(state: dict[str, Any], output_dir: str | Path, keep_last: in
         raise ValueError(f"checkpoint state lacks {missing}")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    data = buffer.getvalue()
     step_path = step_checkpoint_path(output_dir, int(state["step"]))
-    atomic_write_bytes(data, step_path)
-    # checkpoint_last.pth: a hard link costs no space; fall back to a second copy where links fail.
+    with atomic_open(step_path, "wb") as f:
+        torch.save(state, f)
+    # checkpoint_last.pth: a hard link (no extra space) renamed into place; a second copy where links fail.
     last = output_dir / LAST_NAME
-    tmp_link = output_dir / f".{LAST_NAME}.link{os.getpid()}"
     try:
-        if tmp_link.exists():
-            tmp_link.unlink()
-        os.link(step_path, tmp_link)
-        os.replace(tmp_link, last)
-        _fsync_dir(output_dir)
+        with atomic_path(last) as tmp:
+            tmp.unlink()
+            os.link(step_path, tmp)
     except OSError:
-        atomic_write_bytes(data, last)
+        with atomic_open(last, "wb") as f:
+            torch.save(state, f)
     _prune(output_dir, max(1, keep_last))
     return step_path
 

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
 import vitssl
+from vitssl import distributed as dist
 from vitssl.config import ConfigError, save_config, to_container
-from vitssl.engine import distributed as dist
 from vitssl.engine.checkpoint import (
     CheckpointError,
     find_resume_checkpoint,
@@ -33,6 +33,7 @@ from vitssl.engine.checkpoint import (
 )
 from vitssl.engine.logger import MetricLogger
 from vitssl.engine.optim import build_optimizer, cosine_schedule, peak_lr
+from vitssl.errors import UserError
 
 _logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def request_stop() -> None:
     _STOP.set()
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss became NaN or infinite; the run stops and its last good checkpoint stays."""
 
 
@@ -59,6 +60,21 @@ class TrainResult:
     output_dir: str
     checkpoint_path: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)  # last logged metrics
+    stop_requested: bool = False  # stopped by request_stop() on some rank (a preemption), not stop_after_steps
+
+
+class Callback:
+    """Extension point of the engine: code from higher floors (e.g. evaluation) runs inside the loop.
+
+    The engine calls the hooks on every rank; a callback that works on one rank only checks the rank itself.
+    """
+
+    def on_train_start(self, objective: torch.nn.Module, device: torch.device) -> None:
+        """Called once, after the objective is built and resumed, before the first step."""
+
+    def on_epoch_end(self, epoch: int, step: int) -> dict[str, float]:
+        """Called after each epoch's last step; returns metrics to log (empty: nothing)."""
+        return {}
 
 
 class ResumableSampler(Sampler[int]):
@@ -154,13 +170,62 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → this rank's GPU when CUDA is available, else the CPU."""
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA device is visible; use device=auto or device=cpu")
-    return torch.device("cuda", dist.get_local_rank() % torch.cuda.device_count())
+# Keys that extend or place a run without changing what it computes: a run resumed with resume=auto may change
+# them. Any other difference from the checkpoint's config is refused (it would silently reuse other weights).
+RESUMABLE_CHANGES = (
+    "train.epochs",
+    "train.stop_after_steps",
+    "train.log_every_steps",
+    "train.checkpoint_every_steps",
+    "train.keep_last",
+    "train.compile",
+    "data.num_workers",
+    "eval.",
+    "launch.",
+    "device",
+    "resume",
+    "output_dir",
+    "meta",
+)
+
+
+# Free-form mappings of the config: an entry added or removed there is a change (elsewhere a key on one side only
+# comes from a version that had other fields, and is not compared).
+_FREE_FORM = ("model.backbone_kwargs.", ".kwargs.")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _may_change(key: str) -> bool:
+    return any(key == k or key.startswith(k if k.endswith(".") else k + ".") for k in RESUMABLE_CHANGES)
+
+
+def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for settings that differ between a checkpoint's config and the current one.
+
+    Keys of :data:`RESUMABLE_CHANGES` are not compared, nor keys that only one side has because another
+    version wrote it; entries added to or removed from a free-form mapping (``backbone_kwargs``) are.
+    """
+    old, new = _flatten(stored), _flatten(current)
+    changes = []
+    for key in sorted(old.keys() | new.keys()):
+        if _may_change(key):
+            continue
+        if key in old and key in new:
+            if old[key] != new[key]:
+                changes.append(f"{key}: {old[key]!r} -> {new[key]!r}")
+        elif any(part in f".{key}" for part in _FREE_FORM):
+            before = repr(old[key]) if key in old else "(unset)"
+            after = repr(new[key]) if key in new else "(unset)"
+            changes.append(f"{key}: {before} -> {after}")
+    return changes
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -172,7 +237,7 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def build_objective(cfg: DictConfig) -> torch.nn.Module:
     """Build the configured objective, giving it a factory for fresh backbones."""
     from vitssl.backbones import create_backbone
-    from vitssl.ssl import OBJECTIVES
+    from vitssl.registry import OBJECTIVES
 
     def backbone_factory(**overrides: Any) -> torch.nn.Module:
         kwargs = {"img_size": cfg.data.img_size, **dict(cfg.model.backbone_kwargs), **overrides}
@@ -210,13 +275,13 @@ def load_objective(
 
 
 class _Trainer:
-    def __init__(self, cfg: DictConfig) -> None:
+    def __init__(self, cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> None:
         from vitssl.data import TransformedDataset, build_dataset, collate_skip_none
 
         self.cfg = cfg
         dist.init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.device = resolve_device(cfg.device)
+        self.device = dist.resolve_device(cfg.device)
         self.out = Path(cfg.output_dir)
         tcfg = cfg.train
 
@@ -227,10 +292,17 @@ class _Trainer:
                 f"world_size × train.accum_steps = {self.world} × {tcfg.accum_steps}"
             )
         self.micro_batch = micro
+        self.callbacks = list(callbacks)
 
         # Model init is identical on every rank (DDP would broadcast rank 0's weights anyway).
         _seed_all(cfg.seed)
         self.objective = build_objective(cfg).to(self.device)
+        if tcfg.accum_steps > 1 and not getattr(self.objective, "supports_accumulation", True):
+            raise ConfigError(
+                f"train.accum_steps={tcfg.accum_steps}: objective {cfg.objective.name} contrasts each sample with "
+                "the rest of its batch, so accumulating would shrink its negatives to batch/accum_steps; reach "
+                "the batch with more processes (launch.*) or lower train.batch_size, and set train.accum_steps=1"
+            )
         self.objective.setup(cfg)  # run-level preparation (e.g. iGPT's palette), before any data is read
         _seed_all(cfg.seed + 1000 * self.rank)  # per-rank randomness (masks, dropout) from here on
 
@@ -259,6 +331,11 @@ class _Trainer:
             persistent_workers=False,
         )
         self.total_steps = tcfg.epochs * self.steps_per_epoch
+        if self.rank == 0:
+            _logger.info(
+                "training on %s (%d samples): %d epochs x %d steps of %d images on %d process(es)",
+                cfg.data.train.name, len(self.dataset), tcfg.epochs, self.steps_per_epoch, tcfg.batch_size, self.world,
+            )  # fmt: skip
         warmup = cfg.optim.warmup_steps
         if warmup is None:
             warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
@@ -268,7 +345,12 @@ class _Trainer:
         wd_end = cfg.optim.weight_decay if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end
         self.wd_schedule = cosine_schedule(cfg.optim.weight_decay, wd_end, self.total_steps)
 
-        self.optimizer = build_optimizer(self.objective.param_groups(cfg.optim.weight_decay), cfg.optim)
+        if cfg.optim.weight_decay_filter:
+            groups = self.objective.param_groups(cfg.optim.weight_decay)
+        else:
+            trainable = [p for p in self.objective.parameters() if p.requires_grad]
+            groups = [{"params": trainable, "weight_decay": cfg.optim.weight_decay}]
+        self.optimizer = build_optimizer(groups, cfg.optim)
         for group in self.optimizer.param_groups:
             group["apply_wd"] = group.get("weight_decay", 0.0) > 0
         self.amp_dtype = _autocast_dtype(cfg.precision, self.device)
@@ -280,11 +362,6 @@ class _Trainer:
                 self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         self.forward = torch.compile(self.model) if tcfg.compile else self.model
-        self.monitor = None
-        if cfg.eval.knn_every_epochs > 0 and cfg.data.val is not None:
-            from vitssl.engine.knn_monitor import KnnMonitor
-
-            self.monitor = KnnMonitor(cfg, self.objective, self.device)
 
         self.step, self.epoch, self.step_in_epoch = 0, 0, 0
         self.skipped = 0
@@ -327,7 +404,16 @@ class _Trainer:
             return None
         if resume == "auto":
             found = find_resume_checkpoint(self.out)
-            return (str(found[0]), found[1]) if found else None
+            if found is None:
+                return None
+            changes = config_changes(found[1].get("config", {}), to_container(self.cfg))
+            if changes:
+                raise ConfigError(
+                    f"output_dir {self.out} holds a run with other settings ({'; '.join(changes)}); resume=auto "
+                    "would continue it with its own weights. Train into another output_dir, or remove its "
+                    "checkpoints and use resume=none to start over"
+                )
+            return str(found[0]), found[1]
         return resume, load_checkpoint(resume)
 
     def restore(self) -> None:
@@ -398,14 +484,16 @@ class _Trainer:
                 continue  # the whole micro-batch was corrupt and skipped
             batch = _to_device(batch, self.device)
             last = micro_step == accum - 1
+            # DDP all-reduces gradients in backward; micro-steps before the last skip it. The one no_sync()
+            # context must hold forward AND backward (a context manager cannot be entered twice).
             sync = contextlib.nullcontext() if last or self.world == 1 else self.model.no_sync()
             autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
-            with sync, autocast:
-                out = self.forward(batch)
-            loss = out["loss"]
-            if not torch.isfinite(loss.detach()):
-                nonfinite = 1.0
             with sync:
+                with autocast:
+                    out = self.forward(batch)
+                loss = out["loss"]
+                if not torch.isfinite(loss.detach()):
+                    nonfinite = 1.0
                 self.scaler.scale(loss / accum).backward()
             for key, value in out.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach()) / accum
@@ -429,7 +517,7 @@ class _Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        metrics["_stop"] = float(packed[-1] > 0)
+        metrics["_stop_requested"] = float(packed[-1] > 0)
         return metrics
 
     def run(self) -> TrainResult:
@@ -439,6 +527,9 @@ class _Trainer:
         logger = MetricLogger(self.out, self.total_steps, self.step, enabled=self.rank == 0)
         last_metrics: dict[str, Any] = {}
         status = "finished"
+        stop_requested = False
+        for callback in self.callbacks:
+            callback.on_train_start(self.objective, self.device)
         try:
             while self.epoch < tcfg.epochs and status == "finished":
                 self.sampler.set_epoch(self.epoch)
@@ -452,23 +543,21 @@ class _Trainer:
                     self.step += 1
                     self.step_in_epoch += 1
                     self.objective.on_step_end(self.step, self.total_steps)
-                    stop = metrics.pop("_stop") > 0 or (
-                        tcfg.stop_after_steps is not None and self.step >= tcfg.stop_after_steps
-                    )
+                    stop_requested = metrics.pop("_stop_requested") > 0
+                    stop = stop_requested or (tcfg.stop_after_steps is not None and self.step >= tcfg.stop_after_steps)
                     epoch_end = self.step_in_epoch == self.steps_per_epoch
                     if self.step % tcfg.log_every_steps == 0 or epoch_end or stop:
                         last_metrics = {"epoch": self.epoch, "lr": lr, **metrics}
                         if self.skipped:
                             last_metrics["skipped_corrupt"] = self.skipped
                         logger.log(self.step, last_metrics)
-                    if (
-                        epoch_end
-                        and self.monitor is not None
-                        and (self.epoch + 1) % self.cfg.eval.knn_every_epochs == 0
-                    ):
-                        knn = self.monitor.evaluate()
-                        last_metrics.update(knn)
-                        logger.log(self.step, {"epoch": self.epoch, **knn})
+                    if epoch_end:
+                        extra: dict[str, float] = {}
+                        for callback in self.callbacks:
+                            extra.update(callback.on_epoch_end(self.epoch, self.step))
+                        if extra:
+                            last_metrics.update(extra)
+                            logger.log(self.step, {"epoch": self.epoch, **extra})
                     if stop or epoch_end or self.step % tcfg.checkpoint_every_steps == 0:
                         self.save()
                     if stop:
@@ -483,10 +572,9 @@ class _Trainer:
             _STOP.clear()
         if status == "finished" and self.rank == 0:
             self._export_backbone()
-        return TrainResult(status, self.step, self.epoch, str(self.out), self.last_checkpoint, last_metrics)
-
-    def _monitor_due(self) -> bool:
-        return self.monitor is not None and (self.epoch + 1) % self.cfg.eval.knn_every_epochs == 0
+        return TrainResult(
+            status, self.step, self.epoch, str(self.out), self.last_checkpoint, last_metrics, stop_requested
+        )
 
     def _export_backbone(self) -> None:
         from vitssl.backbones import save_backbone
@@ -497,11 +585,12 @@ class _Trainer:
             _logger.warning("backbone not exported in timm's layout: %s", err)
 
 
-def train(cfg: DictConfig) -> TrainResult:
+def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Run (or resume) the training described by ``cfg`` in this process (one rank of a DDP job).
 
     Args:
         cfg: a resolved config from :func:`vitssl.config.load_config`.
+        callbacks: hooks run inside the loop (e.g. the online k-NN monitor of ``vitssl.eval.monitor``).
 
     Returns:
         What happened: ``status`` ``"finished"``, or ``"stopped"`` after ``train.stop_after_steps`` or a
@@ -511,10 +600,11 @@ def train(cfg: DictConfig) -> TrainResult:
         NonFiniteLossError: the loss became NaN/inf (the last good checkpoint stays in place).
         CheckpointError: ``resume`` names an unusable checkpoint.
     """
-    return _Trainer(cfg).run()
+    return _Trainer(cfg, callbacks).run()
 
 
 __all__ = [
+    "Callback",
     "NonFiniteLossError",
     "ResumableSampler",
     "TrainResult",

@@ -21,6 +21,11 @@ the evaluation transform's description, corrupt-sample handling, row range) and 
 A folder is written to a temporary sibling and renamed into place, so it is complete or absent. A later call
 with the same key loads it with no backbone forward; any change of a key part extracts again into
 a new folder.
+
+Extraction has one loop (``_embed``), behind :func:`extract_rows` (untransformed datasets, the cache, the index
+builder, zero-shot evaluation) and :func:`extract_features` (transformed datasets: the online k-NN monitor, the
+demo). :class:`Progress` shows how far it is on rank 0: a bar on a terminal, a log line every ~10 % otherwise;
+the linear probes use it too.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,11 +45,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
+from vitssl import distributed as dist
 from vitssl.config import ConfigError
-from vitssl.engine import distributed as dist
-from vitssl.eval._io import make_tmp_dir, replace_dir
+from vitssl.distributed import resolve_device
+from vitssl.errors import UserError
+from vitssl.eval.spec import LAYER_HELP, parse_layer
+from vitssl.io import make_tmp_dir, replace_dir
 
 _logger = logging.getLogger(__name__)
 
@@ -53,15 +62,129 @@ LABELS_FILE = "labels.npy"
 IDS_FILE = "ids.json"
 META_FILE = "meta.json"
 DEFAULT_CACHE_NAME = "features"  # <checkpoint folder>/features/
-_LAYER_RE = re.compile(r"^(?:pooled|cls|mean|last([1-9][0-9]*))$")
-LAYER_HELP = "pooled | cls | mean | lastN (e.g. last4: class tokens of the last 4 blocks, concatenated)"
 _HASH_BLOCK = 1 << 22
 # Digests of checkpoint files already hashed by this process: (path, device, inode, size, mtime_ns) -> sha256.
 _HASHES: dict[tuple[str, int, int, int, int], str] = {}
+# What evaluation commands tell a user whose data holds an unreadable sample (the training fix, a config key,
+# does not apply to them).
+SKIP_CORRUPT_HINT = "pass --skip-corrupt to leave such samples out (they are counted and logged)"
 
 
-class FeatureCacheError(ValueError):
+class FeatureCacheError(UserError, ValueError):
     """A feature folder is incomplete or inconsistent (its files disagree with each other or with meta.json)."""
+
+
+class CorruptSampleError(UserError, RuntimeError):
+    """A sample to evaluate cannot be read (undecodable or missing image); the message names it and the option
+    that skips such samples."""
+
+
+def corrupt_sample_error(err: BaseException, hint: str = SKIP_CORRUPT_HINT) -> CorruptSampleError:
+    """The data layer's ``CorruptImageError`` with the fix of an evaluation command instead of the training one.
+
+    The data layer's message ends in the config key a training run sets (``data.skip_corrupt=true``); evaluation
+    commands take ``--skip-corrupt`` instead. A DataLoader worker re-raises the error with the worker's traceback
+    as its message; the original message is its last line.
+
+    Args:
+        err: the ``CorruptImageError`` (or any error naming an unreadable sample).
+        hint: what the user can do about it.
+    """
+    from vitssl.data.common import SKIP_HINT
+
+    text = str(err).strip()
+    if "Original Traceback" in text:  # re-raised by a DataLoader worker
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split("Error: ", 1)[-1].strip()
+    text = text.replace(f" ({SKIP_HINT})", "").replace(SKIP_HINT, "").rstrip(" ;")
+    return CorruptSampleError(f"{text}; {hint}" if hint else text)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Progress
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Progress:
+    """Progress of a long evaluation loop, on rank 0 only: a tqdm bar when stderr is a terminal, else log lines.
+
+    Without a terminal (SLURM logs, pipes) a line is logged each time another 10 % is done or 30 s have passed since
+    the last line, from :attr:`QUIET_S` seconds on, so loops of a few seconds stay silent (their callers log a
+    summary).
+
+    Args:
+        total: units of work (images, epochs, ...).
+        desc: what is being done, e.g. ``"features of digits (val, pooled)"``.
+        unit: the name of a unit.
+        enabled: show anything at all; default: on the main process only.
+    """
+
+    LOG_FRACTION = 0.1  # share of the work between two log lines ...
+    LOG_EVERY_S = 30.0  # ... or seconds, whichever comes first
+    QUIET_S = 5.0  # no log line (and no bar) before the loop has run this long
+
+    def __init__(self, total: int, desc: str, unit: str = "img", enabled: bool | None = None) -> None:
+        self.total = max(0, int(total))
+        self.desc = desc
+        self.unit = unit
+        self.enabled = dist.is_main_process() if enabled is None else bool(enabled)
+        self.done = 0
+        self._t0 = self._last = time.monotonic()
+        self._next_fraction = self.LOG_FRACTION
+        self._bar: Any = None
+        if self.enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            # leave=False: the bar goes once done (the caller's summary line stays); delay: short loops show none
+            self._bar = tqdm(
+                total=self.total, desc=desc, unit=unit, dynamic_ncols=True, leave=False, delay=self.QUIET_S
+            )
+
+    def update(self, n: int = 1, status: str | None = None) -> None:
+        """Count ``n`` more units done; ``status`` (e.g. the current loss) is shown with the count."""
+        if not self.enabled:
+            return
+        self.done += n
+        if self._bar is not None:
+            if status:
+                self._bar.set_postfix_str(status, refresh=False)
+            self._bar.update(n)
+            return
+        now = time.monotonic()
+        fraction = self.done / self.total if self.total else 1.0
+        due = fraction >= self._next_fraction - 1e-9 or now - self._last >= self.LOG_EVERY_S
+        if due and now - self._t0 >= self.QUIET_S:
+            self._log(now, status)
+            # the next line after another 10 % from here (a line the 30 s rule wrote moves the mark too)
+            self._next_fraction = fraction + self.LOG_FRACTION
+
+    def _log(self, now: float, status: str | None) -> None:
+        elapsed = now - self._t0
+        left = (self.total - self.done) * elapsed / self.done if self.done else float("nan")
+        percent = 100.0 * self.done / self.total if self.total else 100.0
+        _logger.info(
+            "%s: %d/%d %s (%.0f%%), %.0f s, about %.0f s left%s",
+            self.desc,
+            self.done,
+            self.total,
+            self.unit,
+            percent,
+            elapsed,
+            left,
+            f", {status}" if status else "",
+        )
+        self._last = now
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -69,18 +192,108 @@ class FeatureCacheError(ValueError):
 # --------------------------------------------------------------------------------------------------------------
 
 
+class _RowItems(Dataset):
+    """Items ``(image, row)`` of ``base`` at ``rows`` (``(image, (row, target))`` with ``targets``): the row says
+    which items a corrupt-skipping loader returned."""
+
+    def __init__(self, base: Dataset, rows: np.ndarray, targets: bool = False) -> None:
+        self.base = base
+        self.rows = rows
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        row = int(self.rows[index])
+        image, target = self.base[row]
+        return image, ((row, target) if self.targets else row)
+
+
+def _as_is(image: Any, target: Any) -> tuple[Any, Any]:
+    """The sample function of datasets whose items are transformed already (picklable for loader workers)."""
+    return image, target
+
+
 @torch.no_grad()
+def _embed(
+    feature_fn: Callable[[torch.Tensor], torch.Tensor],
+    dataset: Dataset,
+    sample_fn: Callable[[Any, Any], Any] | None,
+    rows: Sequence[int] | None,
+    batch_size: int,
+    device: torch.device | str,
+    num_workers: int,
+    skip_corrupt: bool,
+    desc: str,
+    keep_targets: bool = False,
+) -> tuple[np.ndarray, np.ndarray, list[Any] | None]:
+    """The one extraction loop: rank ``r`` of ``W`` embeds ``rows[r::W]``; the parts are gathered on every rank.
+
+    Returns:
+        ``(features (M, C) float32, rows (M,) int64, targets or None)`` in ascending row order; M < len(rows) only
+        when corrupt items were skipped.
+    """
+    from vitssl.data import CorruptImageError, TransformedDataset, collate_skip_none
+
+    n = len(dataset)  # type: ignore[arg-type]
+    all_rows = np.arange(n, dtype=np.int64) if rows is None else np.asarray(list(rows), dtype=np.int64)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = _RowItems(dataset, all_rows[rank::world], keep_targets)
+    wrapped = TransformedDataset(mine, sample_fn or _as_is, seed=0, skip_corrupt=skip_corrupt)
+    pin = torch.device(device).type == "cuda"
+    loader = DataLoader(
+        wrapped, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skip_none, pin_memory=pin
+    )
+    feats: list[np.ndarray] = []
+    got: list[np.ndarray] = []
+    targets: list[Any] = []
+    desc = desc if world == 1 else f"{desc} [rank 0 of {world}]"
+    try:
+        with Progress(len(mine), desc) as progress:
+            for batch, skipped in loader:
+                if batch is not None:
+                    images, info = batch  # (b, C_in, H, W); rows (b,) or [rows (b,), targets]
+                    batch_rows = info[0] if keep_targets else info
+                    feats.append(feature_fn(images.to(device, non_blocking=True)).float().cpu().numpy())  # (b, C)
+                    got.append(np.asarray(batch_rows, dtype=np.int64))
+                    if keep_targets:
+                        targets.extend(info[1].tolist() if isinstance(info[1], torch.Tensor) else list(info[1]))
+                progress.update((len(got[-1]) if batch is not None else 0) + skipped)
+    except CorruptImageError as err:
+        raise corrupt_sample_error(err) from None
+    local = (
+        np.concatenate(feats) if feats else None,
+        np.concatenate(got) if got else np.zeros(0, dtype=np.int64),
+        targets,
+    )
+    parts = dist.all_gather_object(local) if world > 1 else [local]
+    present = [p for p in parts if p[0] is not None]
+    if not present:
+        raise CorruptSampleError(f"no readable image among the {len(all_rows)} items to embed (all skipped as corrupt)")
+    features = np.concatenate([p[0] for p in present])
+    out_rows = np.concatenate([p[1] for p in present])
+    order = np.argsort(out_rows, kind="stable")
+    out_targets = [t for p in present for t in p[2]] if keep_targets else None
+    return (
+        np.ascontiguousarray(features[order], dtype=np.float32),
+        out_rows[order],
+        [out_targets[i] for i in order] if out_targets is not None else None,
+    )
+
+
 def extract_features(
     feature_fn: Callable[[torch.Tensor], torch.Tensor],
     dataset: Dataset,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     num_workers: int = 0,
+    desc: str = "features",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``feature_fn`` over a dataset of ``(image tensor, label)`` items.
+    """Run ``feature_fn`` over a dataset of ``(image tensor, label)`` items (transformed already).
 
-    Rank ``r`` of ``W`` processes items ``r, r + W, ...``; the shards are gathered and interleaved back, so
-    every rank returns features in dataset order.
+    Rank ``r`` of ``W`` processes items ``r, r + W, ...``; the shards are gathered back, so every rank returns
+    features in dataset order.
 
     Args:
         feature_fn: maps a (B, 3, H, W) batch to (B, C) features (e.g. ``objective.eval_features``).
@@ -88,44 +301,17 @@ def extract_features(
         batch_size: images per forward pass.
         device: where ``feature_fn`` runs.
         num_workers: data-loading processes.
+        desc: what the progress display calls the loop.
 
     Returns:
         ``(features (N, C) float32 on the CPU, labels (N,) int64)``.
     """
-    rank, world = dist.get_rank(), dist.get_world_size()
-    shard = Subset(dataset, range(rank, len(dataset), world))
-    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers)
-    feats, labels = [], []
-    for images, targets in loader:
-        feats.append(feature_fn(images.to(device)).float().cpu())  # (b, C)
-        labels.append(torch.as_tensor(targets))
-    local = (torch.cat(feats), torch.cat(labels))
-    if world == 1:
-        return local
-    shards = dist.all_gather_object(local)
-    out_f = torch.empty(len(dataset), shards[0][0].shape[1])
-    out_l = torch.empty(len(dataset), dtype=torch.long)
-    for r, (f, lab) in enumerate(shards):
-        out_f[r::world], out_l[r::world] = f, lab
-    return out_f, out_l
+    features, _, labels = _embed(
+        feature_fn, dataset, None, None, batch_size, device, num_workers, False, desc, keep_targets=True
+    )
+    return torch.from_numpy(features), torch.as_tensor(labels, dtype=torch.long)
 
 
-class _RowTargets(Dataset):
-    """Items ``(image, row)`` of ``base`` at ``rows``: the row says which items a corrupt-skipping loader returned."""
-
-    def __init__(self, base: Dataset, rows: Sequence[int]) -> None:
-        self.base = base
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        row = int(self.rows[index])
-        return self.base[row][0], row
-
-
-@torch.no_grad()
 def extract_rows(
     feature_fn: Callable[[torch.Tensor], torch.Tensor],
     dataset: Dataset,
@@ -135,6 +321,7 @@ def extract_rows(
     device: torch.device | str = "cpu",
     num_workers: int = 0,
     skip_corrupt: bool = False,
+    desc: str = "features",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Features of the items ``rows`` of an untransformed dataset, every rank a shard, gathered on every rank.
 
@@ -147,41 +334,17 @@ def extract_rows(
         device: where ``feature_fn`` runs.
         num_workers: data-loading processes per rank.
         skip_corrupt: leave out unreadable items (logged) instead of failing with their name.
+        desc: what the progress display calls the loop.
 
     Returns:
         ``(features (M, C) float32, rows (M,) int64)`` in ascending row order; M < len(rows) only when corrupt
         items were skipped.
-    """
-    from vitssl.data import CorruptImageError, TransformedDataset, collate_skip_none
 
-    all_rows = np.arange(len(dataset), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)  # type: ignore[arg-type]
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mine = _RowTargets(dataset, all_rows[rank::world])
-    wrapped = TransformedDataset(mine, sample_fn, seed=0, skip_corrupt=skip_corrupt)
-    loader = DataLoader(wrapped, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skip_none)
-    feats: list[np.ndarray] = []
-    got: list[np.ndarray] = []
-    try:
-        for batch, _ in loader:
-            if batch is None:
-                continue
-            images, batch_rows = batch  # (b, C_in, H, W), (b,)
-            feats.append(feature_fn(images.to(device)).float().cpu().numpy())  # (b, C)
-            got.append(batch_rows.numpy().astype(np.int64))
-    except CorruptImageError as err:
-        raise ConfigError(f"{err}; or pass --skip-corrupt to leave such samples out") from None
-    local = (
-        np.concatenate(feats) if feats else None,
-        np.concatenate(got) if got else np.zeros(0, dtype=np.int64),
-    )
-    parts = dist.all_gather_object(local) if world > 1 else [local]
-    present = [p for p in parts if p[0] is not None]
-    if not present:
-        raise ConfigError(f"no readable item among the {len(all_rows)} rows to embed")
-    features = np.concatenate([p[0] for p in present])
-    out_rows = np.concatenate([p[1] for p in present])
-    order = np.argsort(out_rows, kind="stable")
-    return np.ascontiguousarray(features[order], dtype=np.float32), out_rows[order]
+    Raises:
+        CorruptSampleError: an item cannot be read (without ``skip_corrupt``), or none can.
+    """
+    features, got, _ = _embed(feature_fn, dataset, sample_fn, rows, batch_size, device, num_workers, skip_corrupt, desc)
+    return features, got
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -243,22 +406,42 @@ def load_for_eval(checkpoint_path: str | os.PathLike, device: torch.device | str
     Raises:
         CheckpointError: the file is missing, truncated or not a vitssl checkpoint.
     """
-    from vitssl.engine import load_objective
+    from vitssl.engine import CheckpointError, load_objective
 
-    objective, cfg, _ = load_objective(checkpoint_path, device)
+    try:
+        objective, cfg, _ = load_objective(checkpoint_path, device)
+    except CheckpointError as err:
+        raise eval_checkpoint_error(err, checkpoint_path) from None
     objective.requires_grad_(False)
     return objective, cfg, checkpoint_sha256(checkpoint_path)
 
 
-def parse_layer(layer: str) -> str:
-    """Validate a ``--layer`` value (``pooled``, ``cls``, ``mean``, ``lastN``) and return it.
+def eval_checkpoint_error(err: Exception, path: str | os.PathLike) -> Exception:
+    """The engine's error about an unreadable checkpoint, with the fix that applies to evaluation.
 
-    Raises:
-        ConfigError: not one of them.
+    The engine suggests ``resume=auto`` for a truncated checkpoint, a training setting; an evaluation command
+    needs another file instead, so the message names one (the newest other checkpoint of the run folder).
+    Other checkpoint errors are returned unchanged.
+
+    Args:
+        err: the ``CheckpointError`` raised while loading ``path``.
+        path: the checkpoint given.
     """
-    if not isinstance(layer, str) or not _LAYER_RE.match(layer):
-        raise ConfigError(f"--layer {layer!r} is not a feature layer; choose {LAYER_HELP}")
-    return layer
+    from vitssl.engine import CheckpointError
+
+    text = str(err)
+    if "truncated or corrupt" not in text and "resume=auto" not in text:
+        return err
+    path = Path(path)
+    cause = err.__context__  # the loader's own error (the engine raises "from None", which keeps the context)
+    why = f" ({type(cause).__name__}: {str(cause).splitlines()[0][:200] if str(cause) else ''})" if cause else ""
+    others = sorted(
+        (p for p in path.parent.glob("checkpoint_*.pth") if p.is_file() and p.resolve() != path.resolve()),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    example = str(others[0]) if others else f"an earlier checkpoint_<step>.pth in {path.parent}"
+    return CheckpointError(f"checkpoint {path} is truncated or corrupt{why}; pass another checkpoint, e.g. {example}")
 
 
 def _has_class_token(backbone: Any) -> bool:
@@ -341,12 +524,8 @@ class EvalModel:
     """
 
     def __init__(self, checkpoint: str | os.PathLike, device: torch.device | str = "auto") -> None:
-        if isinstance(device, str) and device in ("auto", "cpu", "cuda"):
-            from vitssl.engine.trainer import resolve_device
-
-            device = resolve_device(device)
         self.path = Path(checkpoint).absolute()
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.objective, self.cfg, self.checkpoint_hash = load_for_eval(self.path, self.device)
         self.sample_fn = self.objective.eval_sample_fn(self.cfg.data)
         self.transform = describe_transform(self.sample_fn)
@@ -388,7 +567,7 @@ class EvalModel:
         """Features (Q, C) float32 of image files, through the evaluation transform and ``layer``.
 
         Raises:
-            ConfigError: a file is missing or cannot be decoded (named).
+            CorruptSampleError: a file is missing or cannot be decoded (named).
         """
         from vitssl.data import CorruptImageError, open_rgb
 
@@ -399,8 +578,8 @@ class EvalModel:
             for path in paths[start : start + batch_size]:
                 try:
                     batch.append(self.sample_fn(open_rgb(path), -1)[0])
-                except CorruptImageError as err:
-                    raise ConfigError(str(err)) from None
+                except CorruptImageError as err:  # a query image: nothing to skip, the user names another file
+                    raise corrupt_sample_error(err, hint="") from None
             out.append(fn(torch.stack(batch).to(self.device)).float().cpu().numpy())  # (b, C)
         return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
@@ -574,6 +753,7 @@ def extract_cached(
     num_workers: int = 0,
     skip_corrupt: bool = False,
     rows: tuple[int, int] | None = None,
+    option: str = "--data",
 ) -> FeatureSet:
     """Features of a dataset from the cache, or extracted (every rank a shard) and cached.
 
@@ -589,6 +769,7 @@ def extract_cached(
         skip_corrupt: leave out unreadable samples (counted in ``meta["skipped"]``) instead of failing.
         rows: only dataset rows ``[start, stop)`` (an index shard); sliced from the whole set's cached features
             when those exist.
+        option: the command-line option ``data_spec`` came from (``--train``, ``--val``), named in errors.
 
     Returns:
         The :class:`FeatureSet`, the same on every rank; ``meta["cache_hit"]`` says whether it was read.
@@ -596,6 +777,7 @@ def extract_cached(
     Raises:
         ConfigError: bad spec, layer or rows, or a layer the backbone cannot give.
         CheckpointError: unusable checkpoint.
+        CorruptSampleError: an unreadable image (without ``skip_corrupt``).
     """
     from vitssl import __version__
     from vitssl.eval.spec import build_eval_dataset, canonical_options
@@ -603,7 +785,7 @@ def extract_cached(
     t0 = time.perf_counter()
     layer = parse_layer(layer)
     model = checkpoint if isinstance(checkpoint, EvalModel) else EvalModel(checkpoint, device)
-    dataset, name, options = build_eval_dataset(data_spec, split, absolute_root=True)
+    dataset, name, options = build_eval_dataset(data_spec, split, absolute_root=True, option=option)
     n_items = len(dataset)  # type: ignore[arg-type]
     if rows is not None and not 0 <= rows[0] <= rows[1] <= n_items:
         raise ConfigError(f"rows {rows} lie outside the {n_items} items of {data_spec!r}")
@@ -638,8 +820,9 @@ def extract_cached(
 
     fn = model.feature_fn(layer)
     wanted = range(n_items) if rows is None else range(rows[0], rows[1])
+    desc = f"features of {data_spec} ({key['split']}, {layer})"
     features, got = extract_rows(
-        fn, dataset, model.sample_fn, wanted, batch_size, model.device, num_workers, skip_corrupt
+        fn, dataset, model.sample_fn, wanted, batch_size, model.device, num_workers, skip_corrupt, desc
     )
     labels = _dataset_labels(dataset)[got]
     ids = [str(dataset.sample_id(int(r))) for r in got]  # type: ignore[attr-defined]
@@ -684,15 +867,20 @@ def extract_cached(
 
 __all__ = [
     "LAYER_HELP",
+    "SKIP_CORRUPT_HINT",
+    "CorruptSampleError",
     "EvalModel",
     "FeatureCacheError",
     "FeatureSet",
+    "Progress",
     "cache_folder",
     "check_layer",
     "checkpoint_sha256",
+    "corrupt_sample_error",
     "dataset_rows",
     "default_cache_dir",
     "describe_transform",
+    "eval_checkpoint_error",
     "extract_cached",
     "extract_features",
     "extract_rows",

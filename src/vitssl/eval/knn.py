@@ -10,81 +10,23 @@ both without materialising the (N_query, N_train) similarity matrix. The trainin
 block straight from the caller's array (``faiss.knn`` on the array itself when it is unit-norm already,
 otherwise on blocks normalised into one reused buffer, their top-k merged in a faiss heap): the training
 features are never copied whole, and no index is built.
-
-The faiss-cpu wheels bundle OpenBLAS 0.3.15, which predates AMD Zen 4/5: on the Zen 5 development machine it
-picks its pre-AVX "Barcelona" GEMM kernels unless ``OPENBLAS_CORETYPE`` says otherwise, although the CPU has
-AVX-512; newer OpenBLAS releases pick the AVX-512 (SkylakeX) kernels on these CPUs. ``_import_faiss`` selects
-them the same way while faiss loads its OpenBLAS, only when the CPU reports the AVX-512 subsets those kernels
-use and never over a user's own ``OPENBLAS_CORETYPE``. On that machine exact search runs about 4x faster
-with them than with the Barcelona kernels and about 1.9x faster than with the AVX2 (Haswell) ones
-(benchmarks/RESULTS.md, "Evaluation").
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import time
 from collections.abc import Sequence
-from types import ModuleType
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
+from vitssl._faiss import faiss, gpu_available
 from vitssl.eval.metrics import accuracy_report, topk_hits
 
 _logger = logging.getLogger(__name__)
 
-# AVX-512 subsets that OpenBLAS's SkylakeX SGEMM kernels use; all must be present to select them.
-_SKYLAKEX_FLAGS = ("avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl")
-
-
-def _cpu_info() -> tuple[str, set[str]]:
-    """Vendor id and feature flags of the first CPU from /proc/cpuinfo (empty where unavailable)."""
-    vendor, flags = "", set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "vendor_id" and not vendor:
-                    vendor = value.strip()
-                elif key == "flags":
-                    flags = set(value.split())
-                    break
-    except OSError:
-        pass
-    return vendor, flags
-
-
-def _import_faiss() -> ModuleType:
-    """Import faiss; on AVX-512 AMD CPUs let its bundled OpenBLAS use the AVX-512 GEMM kernels (see module doc).
-
-    The variable is set only for the duration of the import (OpenBLAS reads it once, when it loads), so it does
-    not leak into subprocesses, e.g. SLURM jobs that may run on CPUs without AVX-512.
-    """
-    if "faiss" in sys.modules:
-        return sys.modules["faiss"]
-    vendor, flags = _cpu_info()
-    tune = (
-        sys.platform.startswith("linux")
-        and "OPENBLAS_CORETYPE" not in os.environ
-        and vendor == "AuthenticAMD"
-        and all(f in flags for f in _SKYLAKEX_FLAGS)
-    )
-    if tune:
-        os.environ["OPENBLAS_CORETYPE"] = "SkylakeX"
-    try:
-        import faiss
-    finally:
-        if tune:
-            del os.environ["OPENBLAS_CORETYPE"]
-    return faiss
-
-
-faiss = _import_faiss()
 
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
@@ -171,11 +113,6 @@ def _check_labels(labels: np.ndarray | torch.Tensor, n: int, num_classes: int | 
     return lab, num_classes
 
 
-def _gpu_available() -> bool:
-    """True when faiss was built with GPU support and sees a GPU."""
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
 # faiss GPU brute-force search supports k up to this value.
 _GPU_MAX_K = 2048
 
@@ -219,8 +156,8 @@ def knn_search(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if use_gpu is None:
-        use_gpu = _gpu_available() and k <= _GPU_MAX_K
-    elif use_gpu and not _gpu_available():
+        use_gpu = gpu_available() and k <= _GPU_MAX_K
+    elif use_gpu and not gpu_available():
         raise RuntimeError("use_gpu=True but faiss has no GPU support or sees no GPU; install faiss-gpu or pass False")
 
     block_rows = n_train if train_is_unit else max(1, _TRAIN_BLOCK_BYTES // (4 * dim))
@@ -294,7 +231,7 @@ def knn_scores_from_neighbours(
     Returns:
         (N_query, num_classes) float32 NumPy scores.
     """
-    _check_temperature(temperature)
+    check_temperature(temperature)
     labels, num_classes = _check_labels(
         train_labels, int(_to_numpy(train_labels, "train_labels").shape[0]), num_classes
     )
@@ -308,7 +245,8 @@ def knn_scores_from_neighbours(
     return _vote(sims, labels[np.where(missing, 0, neighbours)], temperature, num_classes)
 
 
-def _check_temperature(temperature: float) -> None:
+def check_temperature(temperature: float) -> None:
+    """Raise ValueError unless ``temperature`` is a usable vote temperature (float32 votes stay finite)."""
     if not temperature > 0 or 1.0 / temperature > _MAX_INV_TEMPERATURE:
         raise ValueError(
             f"temperature must be >= {1 / _MAX_INV_TEMPERATURE:g} (exp(sim/T) overflows float32 below), "
@@ -371,7 +309,7 @@ def _search_max_k(
     use_gpu: bool | None,
 ) -> tuple[dict[int, int], np.ndarray, np.ndarray, int]:
     """Validate, clamp every k to N_train, search once with the largest: (k -> effective k, sims, labels, C)."""
-    _check_temperature(temperature)
+    check_temperature(temperature)
     if not ks or any(int(k) < 1 for k in ks):
         raise ValueError(f"ks must be a non-empty list of positive neighbour counts, got {list(ks)}")
     n_train = int(train_features.shape[0])
@@ -458,7 +396,7 @@ def knn_evaluate(
     if vlab.size and (vlab.min() < 0 or vlab.max() >= num_classes):
         raise ValueError(f"val_labels must lie in [0, {num_classes}), found [{int(vlab.min())}, {int(vlab.max())}]")
     train_np = _to_numpy(train_features, "train_features")
-    gpu = (_gpu_available() and max(ks) <= _GPU_MAX_K) if use_gpu is None else use_gpu
+    gpu = (gpu_available() and max(ks) <= _GPU_MAX_K) if use_gpu is None else use_gpu
     t0 = time.perf_counter()
     effective, sims, neighbour_labels, num_classes = _search_max_k(
         train_np, train_labels, val_features, ks, temperature, num_classes, chunk_size, gpu

@@ -26,6 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitssl.distributed import resolve_device
+from vitssl.errors import UserError
+from vitssl.eval.features import Progress
 from vitssl.eval.metrics import accuracy_report, topk_hits
 
 _logger = logging.getLogger(__name__)
@@ -34,6 +37,11 @@ _logger = logging.getLogger(__name__)
 DEFAULT_BASE_LRS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 DEFAULT_CS = (0.01, 0.1, 1.0, 10.0, 100.0)
 _EVAL_BATCH = 8192  # rows per forward when scoring (no gradients, so only activation memory matters)
+
+
+class ProbeError(UserError, ValueError):
+    """A probe cannot be trained with these settings on this data: too few rows or classes after the holdout, or
+    every learning rate diverged. The message says what to change."""
 
 
 def default_lrs(batch_size: int, base_lrs: Sequence[float] = DEFAULT_BASE_LRS) -> tuple[float, ...]:
@@ -157,12 +165,6 @@ def _head_scores(model: MultiHeadLinear, feats: torch.Tensor, device: torch.devi
     return torch.cat(out).numpy()
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _best_head(diverged: torch.Tensor, hold_acc: torch.Tensor, lrs: Sequence[float]) -> int:
     """Index of the head with the best held-out top-1 among those that did not diverge.
 
@@ -175,8 +177,14 @@ def _best_head(diverged: torch.Tensor, hold_acc: torch.Tensor, lrs: Sequence[flo
         The head index; ties go to the earlier lr (first maximum).
     """
     if bool(diverged.all()):
-        raise RuntimeError(f"every head diverged (non-finite loss) for lrs {list(lrs)}; try smaller learning rates")
+        raise ProbeError(f"every head diverged (non-finite loss) for lrs {list(lrs)}; try smaller learning rates")
     return int(torch.argmax(torch.where(diverged, torch.tensor(-1.0), torch.nan_to_num(hold_acc, nan=0.0))))
+
+
+def _loss_status(loss_h: torch.Tensor) -> str:
+    """The lowest finite loss over the heads, for a progress display."""
+    finite = loss_h[torch.isfinite(loss_h)]
+    return f"best loss {float(finite.min()):.4f}" if len(finite) else "every head diverged"
 
 
 def _sweep_rows(
@@ -243,14 +251,14 @@ def train_linear_probe(
         raise ValueError(f"epochs must be >= 1 and batch_size >= 2, got epochs={epochs}, batch_size={batch_size}")
     fit_rows, hold_rows = stratified_holdout(y_all, holdout_fraction, seed)
     if len(hold_rows) == 0 and len(lrs) > 1:
-        raise ValueError(
+        raise ProbeError(
             f"holdout_fraction={holdout_fraction} holds out no training rows, so the best of {len(lrs)} lrs cannot "
             "be picked; raise holdout_fraction or pass a single lr"
         )
     if len(fit_rows) < 2:
-        raise ValueError(f"only {len(fit_rows)} training rows remain after the holdout; need at least 2")
+        raise ProbeError(f"only {len(fit_rows)} training rows remain after the holdout; need at least 2")
 
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     x_fit, y_fit = x_all[fit_rows].to(dev), y_all[fit_rows].to(dev)
     gen = torch.Generator().manual_seed(seed)
     model = MultiHeadLinear(x_all.shape[1], num_classes, len(lrs), generator=gen).to(dev)
@@ -266,23 +274,27 @@ def train_linear_probe(
     diverged = torch.zeros(len(lrs), dtype=torch.bool, device=dev)
     last_loss = torch.zeros(len(lrs), device=dev)
     model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(fit_rows), generator=gen).to(dev)
-        for s in range(steps_per_epoch):
-            rows = order[s * batch : (s + 1) * batch]
-            logits = model(x_fit[rows])  # (H, B, C)
-            per_head = F.cross_entropy(logits.flatten(0, 1), y_fit[rows].repeat(len(lrs)), reduction="none").view(
-                len(lrs), -1
-            )  # (H, B)
-            loss_h = per_head.mean(dim=1)  # (H,)
-            # Heads are independent, so the gradient of the sum is each head's own gradient; a diverged head
-            # (non-finite loss) only poisons its own parameters and is excluded from the choice below.
-            optimizer.zero_grad(set_to_none=True)
-            loss_h.sum().backward()
-            optimizer.step()
-            schedule.step()
-            last_loss = loss_h.detach()
-            diverged |= ~torch.isfinite(last_loss)
+    progress = Progress(epochs, f"linear probe ({len(lrs)} lrs, {len(fit_rows)} rows)", unit="epoch")
+    with progress:
+        for _ in range(epochs):
+            order = torch.randperm(len(fit_rows), generator=gen).to(dev)
+            for s in range(steps_per_epoch):
+                rows = order[s * batch : (s + 1) * batch]
+                logits = model(x_fit[rows])  # (H, B, C)
+                per_head = F.cross_entropy(logits.flatten(0, 1), y_fit[rows].repeat(len(lrs)), reduction="none").view(
+                    len(lrs), -1
+                )  # (H, B)
+                loss_h = per_head.mean(dim=1)  # (H,)
+                # Heads are independent, so the gradient of the sum is each head's own gradient; a diverged head
+                # (non-finite loss) only poisons its own parameters and is excluded from the choice below.
+                optimizer.zero_grad(set_to_none=True)
+                loss_h.sum().backward()
+                optimizer.step()
+                schedule.step()
+                last_loss = loss_h.detach()
+                diverged |= ~torch.isfinite(last_loss)
+            # one device sync per epoch for the display, none when nothing is shown
+            progress.update(1, _loss_status(last_loss) if progress.enabled else None)
     diverged, last_loss = diverged.cpu(), last_loss.cpu()
     fit_s = time.perf_counter() - t0
 
@@ -370,13 +382,13 @@ def logistic_regression_probe(
         raise ValueError(f"Cs must be a non-empty list of positive values, got {list(Cs)}")
     fit_rows, hold_rows = stratified_holdout(y_all, holdout_fraction, seed)
     if len(hold_rows) == 0 and len(Cs) > 1:
-        raise ValueError(
+        raise ProbeError(
             f"holdout_fraction={holdout_fraction} holds out no training rows, so the best of {len(Cs)} values of C "
             "cannot be picked; raise holdout_fraction or pass a single C"
         )
     x_fit, y_fit = x_all[fit_rows], y_all[fit_rows]
     if len(np.unique(y_fit)) < 2:
-        raise ValueError("logistic regression needs at least 2 classes in the training part")
+        raise ProbeError("logistic regression needs at least 2 classes in the training part")
     scaler = StandardScaler().fit(x_fit) if standardize else None
 
     def prep(x: np.ndarray) -> np.ndarray:
@@ -389,18 +401,20 @@ def logistic_regression_probe(
         return out
 
     sweep, models = [], []
-    for c in Cs:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)
-            clf = LogisticRegression(C=float(c), max_iter=max_iter, random_state=seed).fit(prep(x_fit), y_fit)
-        converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-        hold = (
-            float((full_scores(clf, x_all[hold_rows]).argmax(1) == y_all[hold_rows]).mean() * 100)
-            if len(hold_rows)
-            else float("nan")
-        )
-        sweep.append({"value": float(c), "holdout_top1": hold, "converged": converged})
-        models.append(clf)
+    with Progress(len(Cs), f"logistic regression ({len(fit_rows)} rows)", unit="C") as progress:
+        for c in Cs:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ConvergenceWarning)
+                clf = LogisticRegression(C=float(c), max_iter=max_iter, random_state=seed).fit(prep(x_fit), y_fit)
+            converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+            hold = (
+                float((full_scores(clf, x_all[hold_rows]).argmax(1) == y_all[hold_rows]).mean() * 100)
+                if len(hold_rows)
+                else float("nan")
+            )
+            sweep.append({"value": float(c), "holdout_top1": hold, "converged": converged})
+            models.append(clf)
+            progress.update(1, f"C={float(c):g}: holdout top-1 {hold:.2f}")
     best = int(np.argmax([np.nan_to_num(s["holdout_top1"], nan=0.0) for s in sweep]))
     report = classification_report(full_scores(models[best], x_val), y_val, num_classes)
     return {

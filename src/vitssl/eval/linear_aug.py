@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from vitssl.engine import distributed as dist
-from vitssl.eval.linear import classification_report
+from vitssl import distributed as dist
+from vitssl.eval.features import Progress
+from vitssl.eval.linear import ProbeError, _loss_status, classification_report
 
 _logger = logging.getLogger(__name__)
 
@@ -134,14 +135,17 @@ def augmented_linear_probe(
         raise ValueError(f"lrs must be a non-empty list of positive learning rates, got {list(lrs)}")
     fit_rows, hold_rows = stratified_holdout(labels, holdout_fraction, seed)
     if len(hold_rows) == 0 and len(lrs) > 1:
-        raise ValueError(
+        raise ProbeError(
             f"holdout_fraction={holdout_fraction} holds out no training rows, so the best of {len(lrs)} lrs cannot "
             "be picked; raise holdout_fraction or pass a single lr"
         )
     rank, world = dist.get_rank(), dist.get_world_size()
     batch = min(batch_size, len(fit_rows))
     if epochs < 1 or batch < 2 * world:  # BatchNorm needs two rows per rank
-        raise ValueError(f"need epochs >= 1 and at least 2 rows per batch and process, got {epochs} and {batch}")
+        raise ProbeError(
+            f"need epochs >= 1 and at least 2 rows per batch and process, got {epochs} epochs and {batch} rows for "
+            f"{world} process(es); raise the probe batch size"
+        )
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     dim = int(train_eval_features.shape[1])
@@ -155,30 +159,34 @@ def augmented_linear_probe(
     data = TransformedDataset(_Rows(train_dataset, fit_rows, labels[fit_rows]), sample_fn, seed=seed)
     diverged = torch.zeros(len(lrs), dtype=torch.bool, device=dev)
     last_loss = torch.zeros(len(lrs), device=dev)
-    for epoch in range(epochs):
-        data.set_epoch(epoch)  # a fresh augmentation of every image each epoch
-        mine = [b[rank::world].tolist() for b in _global_batches(len(fit_rows), batch, epoch, seed)]
-        loader = DataLoader(data, batch_sampler=mine, num_workers=num_workers)
-        heads.train()
-        for images, targets in loader:
-            with torch.no_grad():
-                feats = feature_fn(images.to(dev)).float()  # (b, C) the frozen backbone
-            logits = heads(feats)  # (H, b, K)
-            per_head = F.cross_entropy(logits.flatten(0, 1), targets.to(dev).repeat(len(lrs)), reduction="none").view(
-                len(lrs), -1
-            )  # (H, b)
-            loss_h = per_head.mean(dim=1)  # (H,)
-            optimizer.zero_grad(set_to_none=True)
-            loss_h.sum().backward()  # heads are independent: each gets its own gradient
-            if world > 1:
-                for p in heads.parameters():
-                    if p.grad is not None:
-                        p.grad.copy_(dist.all_reduce_mean(p.grad))
-            optimizer.step()
-            schedule.step()
-            last_loss = dist.all_reduce_mean(loss_h.detach())
-            diverged |= ~torch.isfinite(last_loss)
-        _logger.info("augmented linear probe: epoch %d/%d, loss per lr %s", epoch + 1, epochs, last_loss.tolist())
+    desc = f"augmented linear probe ({len(lrs)} lrs, {len(fit_rows)} images)"
+    with Progress(total, desc, unit="step") as progress:  # on rank 0
+        for epoch in range(epochs):
+            data.set_epoch(epoch)  # a fresh augmentation of every image each epoch
+            mine = [b[rank::world].tolist() for b in _global_batches(len(fit_rows), batch, epoch, seed)]
+            loader = DataLoader(data, batch_sampler=mine, num_workers=num_workers)
+            heads.train()
+            for images, targets in loader:
+                with torch.no_grad():
+                    feats = feature_fn(images.to(dev)).float()  # (b, C) the frozen backbone
+                logits = heads(feats)  # (H, b, K)
+                per_head = F.cross_entropy(
+                    logits.flatten(0, 1), targets.to(dev).repeat(len(lrs)), reduction="none"
+                ).view(len(lrs), -1)  # (H, b)
+                loss_h = per_head.mean(dim=1)  # (H,)
+                optimizer.zero_grad(set_to_none=True)
+                loss_h.sum().backward()  # heads are independent: each gets its own gradient
+                if world > 1:
+                    for p in heads.parameters():
+                        if p.grad is not None:
+                            p.grad.copy_(dist.all_reduce_mean(p.grad))
+                optimizer.step()
+                schedule.step()
+                last_loss = dist.all_reduce_mean(loss_h.detach())
+                diverged |= ~torch.isfinite(last_loss)
+                progress.update(1)
+            progress.update(0, f"epoch {epoch + 1}/{epochs}: {_loss_status(last_loss)}" if progress.enabled else None)
+            _logger.debug("augmented linear probe: epoch %d/%d, loss per lr %s", epoch + 1, epochs, last_loss.tolist())
     heads.eval()
     with torch.no_grad():
         if len(hold_rows):

@@ -1,4 +1,4 @@
-"""Data specs: ``NAME[:key=value,key=value,...]`` names a dataset and its options on the command line.
+"""Data specs (``NAME[:key=value,key=value,...]``: a dataset and its options) and feature layers on the command line.
 
 ``NAME`` is a dataset registry key (``vitssl.data.list_datasets()``); ``root`` and ``split`` go to the dataset
 factory like its other options. Values are read as YAML scalars (``500`` is an int, ``true`` a bool, ``null``
@@ -10,6 +10,11 @@ None); a comma splits options only where a new ``key=`` follows, so paths may co
     image_text_csv:root=/data/coco/val.csv,caption_column=caption
 
 The evaluation commands (``vitssl eval ...``, ``vitssl index build``) and zero-shot evaluation share this syntax.
+Errors name the option the spec came from (``--train``, ``--val``, ``--data``).
+
+Feature layers (``--layer``, DINO's options): ``pooled``, ``cls``, ``mean`` and ``lastN``; see
+:mod:`vitssl.eval.features`. They are parsed here because the command line builds its parser from these
+names and must not import torch (this module does not).
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from torch.utils.data import Dataset
 
 from vitssl.config import ConfigError
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
 
 _logger = logging.getLogger(__name__)
 
@@ -31,6 +38,8 @@ DEFAULT_SPLIT = "val"
 SPEC_SYNTAX = "NAME[:key=value,key=value,...], e.g. shapes:split=val,num_samples=500"
 # A comma ends an option only where the next one starts ("key="), so "root=/a,b/c" keeps its comma.
 _SPEC_SPLIT = re.compile(r",(?=\s*[A-Za-z_][A-Za-z0-9_]*\s*=)")
+_LAYER_RE = re.compile(r"^(?:pooled|cls|mean|last([1-9][0-9]*))$")
+LAYER_HELP = "pooled | cls | mean | lastN (e.g. last4: class tokens of the last 4 blocks, concatenated)"
 
 
 def parse_data_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -90,8 +99,23 @@ def resolve_split(spec: str, options: dict[str, Any], split: str | None, default
     return str(split if split is not None else own if own is not None else default)
 
 
+def parse_layer(layer: str) -> str:
+    """Validate a ``--layer`` value (``pooled``, ``cls``, ``mean``, ``lastN``) and return it.
+
+    Raises:
+        ConfigError: not one of them.
+    """
+    if not isinstance(layer, str) or not _LAYER_RE.match(layer):
+        raise ConfigError(f"--layer {layer!r} is not a feature layer; choose {LAYER_HELP}")
+    return layer
+
+
 def build_eval_dataset(
-    spec: str, split: str | None = None, default_split: str = DEFAULT_SPLIT, absolute_root: bool = False
+    spec: str,
+    split: str | None = None,
+    default_split: str = DEFAULT_SPLIT,
+    absolute_root: bool = False,
+    option: str = "--data",
 ) -> tuple[Dataset, str, dict[str, Any]]:
     """Build the dataset a data spec names (split ``val`` unless the spec or ``split`` sets one).
 
@@ -101,6 +125,7 @@ def build_eval_dataset(
         default_split: the split when neither gives one.
         absolute_root: make a relative ``root`` absolute first, so the sample ids of file-backed datasets are
             absolute paths (retrieval indexes store them and are queried from anywhere).
+        option: the command-line option the spec was given with (``--train``, ``--val``), named in errors.
 
     Returns:
         ``(dataset, name, options)``; ``options`` holds the split used.
@@ -110,15 +135,18 @@ def build_eval_dataset(
     """
     from vitssl.data import build_dataset
 
-    name, options = parse_data_spec(spec)
-    options["split"] = resolve_split(spec, options, split, default_split)
+    try:
+        name, options = parse_data_spec(spec)
+        options["split"] = resolve_split(spec, options, split, default_split)
+    except ConfigError as err:
+        raise ConfigError(f"{option}: {err}") from None
     if absolute_root and isinstance(options.get("root"), str) and options["root"]:
         options["root"] = canonical_options({"root": options["root"]})["root"]
     try:
         dataset = build_dataset(name, **options)
     except (ValueError, KeyError, FileNotFoundError, NotADirectoryError) as err:
         # unknown name / option, bad split, missing root or file: all fixed by changing the spec
-        raise ConfigError(f"--data {spec!r}: {err}") from None
+        raise ConfigError(f"{option} {spec!r}: {err}") from None
     return dataset, name, options
 
 
@@ -137,9 +165,11 @@ def canonical_options(options: dict[str, Any]) -> dict[str, Any]:
 
 __all__ = [
     "DEFAULT_SPLIT",
+    "LAYER_HELP",
     "SPEC_SYNTAX",
     "build_eval_dataset",
     "canonical_options",
     "parse_data_spec",
+    "parse_layer",
     "resolve_split",
 ]

@@ -1,4 +1,5 @@
-"""Zero-shot classification and image↔text retrieval with a CLIP checkpoint (``vitssl eval zeroshot|retrieval``).
+"""Zero-shot classification and image↔text retrieval with a CLIP checkpoint (library of ``vitssl eval zeroshot``
+and ``vitssl eval retrieval``, whose command line lives in :mod:`vitssl.cli.eval`).
 
 Zero-shot classifier (CLIP / open_clip): for each class, every prompt template is filled with the class name,
 the prompts are embedded by the text tower and L2-normalised, their mean is taken and L2-normalised again; an
@@ -19,12 +20,11 @@ Data specs (``--data``) follow :mod:`vitssl.eval.spec`: ``NAME[:key=value,...]``
 
 Template files hold one prompt per line with ``{}`` where the class name goes; class-name files one name per
 line, in the order of the dataset's classes. Blank lines and lines starting with ``#`` are ignored. Files are
-looked up as given, then under the repository's ``configs/`` (``zeroshot/shapes_templates.txt``).
+looked up as given, then among the shipped ones (``zeroshot/shapes_templates.txt``).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import re
@@ -36,13 +36,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 import vitssl
 from vitssl.config import CONFIG_DIR, ConfigError
-from vitssl.eval._io import write_json
+from vitssl.distributed import resolve_device
+from vitssl.errors import MissingFileError
+from vitssl.eval.features import eval_checkpoint_error, extract_rows
 from vitssl.eval.metrics import accuracy_report, topk_hits
-from vitssl.eval.spec import DEFAULT_SPLIT, SPEC_SYNTAX, build_eval_dataset
+from vitssl.eval.spec import DEFAULT_SPLIT, build_eval_dataset
+from vitssl.io import write_json
 
 _logger = logging.getLogger(__name__)
 
@@ -56,12 +59,18 @@ RECALL_KS: tuple[int, ...] = (1, 5, 10)
 
 
 def resolve_list_file(path: str | os.PathLike) -> Path:
-    """A template or class-name file: the path as given, else relative to the repository's ``configs/``."""
-    candidates = [Path(path), CONFIG_DIR / path]
+    """A template or class-name file: the path as given, else a shipped one (``zeroshot/shapes_templates.txt``).
+
+    ``configs/zeroshot/...``, the repository path those files had before they moved into the package, still
+    finds the shipped file.
+    """
+    given = Path(path)
+    shipped = Path(*given.parts[1:]) if given.parts[:1] == ("configs",) and len(given.parts) > 1 else given
+    candidates = list(dict.fromkeys([given, CONFIG_DIR / given, CONFIG_DIR / shipped]))
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"file {str(path)!r} not found (tried {', '.join(map(str, candidates))})")
+    raise MissingFileError(f"file {str(path)!r} not found (tried {', '.join(map(str, candidates))})")
 
 
 def _read_lines(path: str | os.PathLike) -> tuple[Path, list[tuple[int, str]]]:
@@ -111,7 +120,7 @@ def load_clip_checkpoint(path: str | os.PathLike, device: torch.device | str = "
     try:
         model, cfg, state = load_objective(path, device, check=only_clip)
     except CheckpointError as err:
-        raise ConfigError(str(err)) from None
+        raise eval_checkpoint_error(err, path) from None
     return model, cfg, int(state["step"])
 
 
@@ -142,21 +151,6 @@ def encode_texts(model: Any, texts: Sequence[str], batch_size: int = 256) -> tor
     return torch.cat(out)  # (N, D)
 
 
-class _IndexTargets(Dataset):
-    """Items ``(image, index)``: the index lets a transformed, possibly corrupt-skipping loader say which rows came
-    back, so labels and captions are looked up afterwards in the base dataset."""
-
-    def __init__(self, base: Dataset) -> None:
-        self.base = base
-
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        return self.base[index][0], index
-
-
-@torch.no_grad()
 def encode_images(
     model: Any,
     dataset: Dataset,
@@ -165,7 +159,8 @@ def encode_images(
     num_workers: int = 0,
     skip_corrupt: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """L2-normalised image embeddings of a dataset, in dataset order.
+    """L2-normalised image embeddings of a dataset, in dataset order (the extraction loop of
+    :func:`vitssl.eval.features.extract_rows`, with CLIP's image tower).
 
     Args:
         model: a CLIP objective (``encode_image``).
@@ -177,28 +172,29 @@ def encode_images(
 
     Returns:
         ``(features (M, D) float32 CPU, indices (M,) of the rows embedded, number skipped)``; M = N - skipped.
-    """
-    from vitssl.data import CorruptImageError, TransformedDataset, collate_skip_none
 
-    wrapped = TransformedDataset(_IndexTargets(dataset), sample_fn, seed=0, skip_corrupt=skip_corrupt)
-    loader = DataLoader(wrapped, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skip_none)
-    device = _model_device(model)
-    feats, indices, skipped = [], [], 0
-    try:
-        for batch, n_skipped in loader:
-            skipped += n_skipped
-            if batch is None:
-                continue
-            images, rows = batch  # (b, 3, H, W), (b,)
-            feats.append(model.encode_image(images.to(device), normalize=True).float().cpu())  # (b, D)
-            indices.append(rows)
-    except CorruptImageError as err:
-        raise ConfigError(f"{err}; or pass --skip-corrupt to skip and count such samples") from None
-    if not feats:
-        raise ConfigError(f"no readable image in the dataset ({skipped} of {len(wrapped)} skipped as corrupt)")
+    Raises:
+        CorruptSampleError: an unreadable sample (without ``skip_corrupt``), or no readable one at all.
+    """
+
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        return model.encode_image(images, normalize=True)  # (b, D)
+
+    feats, rows = extract_rows(
+        embed,
+        dataset,
+        sample_fn,
+        None,
+        batch_size,
+        _model_device(model),
+        num_workers,
+        skip_corrupt,
+        desc=f"image embeddings of {type(dataset).__name__}",
+    )
+    skipped = len(dataset) - len(rows)  # type: ignore[arg-type]
     if skipped:
-        _logger.warning("skipped %d unreadable samples of %d", skipped, len(wrapped))
-    return torch.cat(feats), torch.cat(indices).long(), skipped
+        _logger.warning("skipped %d unreadable samples of %d", skipped, len(dataset))  # type: ignore[arg-type]
+    return torch.from_numpy(feats), torch.from_numpy(rows).long(), skipped
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -396,19 +392,13 @@ def retrieval_evaluate(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Commands
+# Whole evaluations: checkpoint + data spec -> JSON result (the `vitssl eval zeroshot|retrieval` commands)
 # --------------------------------------------------------------------------------------------------------------
 
 
 def _default_output(checkpoint: str | os.PathLike, task: str, name: str, options: dict[str, Any]) -> Path:
     split = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(options.get("split", DEFAULT_SPLIT)))
     return Path(checkpoint).resolve().parent / f"{task}-{name}-{split}.json"
-
-
-def _resolve_device(name: str) -> torch.device:
-    from vitssl.engine.trainer import resolve_device
-
-    return resolve_device(name)
 
 
 def _run_clip_eval(
@@ -431,7 +421,7 @@ def _run_clip_eval(
             evaluated and before the version, time and path.
     """
     start = time.perf_counter()
-    model, cfg, step = load_clip_checkpoint(checkpoint, _resolve_device(device))
+    model, cfg, step = load_clip_checkpoint(checkpoint, resolve_device(device))
     dataset, name, options = build_eval_dataset(data)
     metrics = evaluate(model, dataset, model.eval_sample_fn(cfg.data))
     path = Path(output) if output is not None else _default_output(checkpoint, task, name, options)
@@ -520,81 +510,6 @@ def run_retrieval(
     return _run_clip_eval("retrieval", checkpoint, data, output, device, evaluate)
 
 
-def _common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The keyword arguments of :func:`run_zeroshot` / :func:`run_retrieval` from the options of :func:`_add_common`."""
-    return {
-        "output": args.output,
-        "batch_size": args.batch_size,
-        "num_workers": args.num_workers,
-        "device": args.device,
-        "skip_corrupt": args.skip_corrupt,
-    }
-
-
-def _cmd_zeroshot(args: argparse.Namespace) -> int:
-    r = run_zeroshot(
-        args.checkpoint, args.data, classnames=args.classnames, templates=args.templates, **_common_kwargs(args)
-    )
-    print(
-        f"zero-shot {r['dataset']} ({r['num_samples']} images, {r['num_classes']} classes, {r['num_templates']} "
-        f"templates): top-1 {r['top1']:.2f}  top-5 {r['top5']:.2f}  mean/class {r['mean_per_class_top1']:.2f}"
-    )
-    print(f"written to {r['output']}")
-    return 0
-
-
-def _cmd_retrieval(args: argparse.Namespace) -> int:
-    r = run_retrieval(args.checkpoint, args.data, **_common_kwargs(args))
-    print(f"retrieval {r['dataset']} ({r['num_images']} images, {r['num_texts']} captions)")
-    for direction in ("image_to_text", "text_to_image"):
-        recalls = "  ".join(f"{k} {v:.2f}" for k, v in r[direction].items())
-        print(f"  {direction.replace('_', ' ')}: {recalls}")
-    print(f"written to {r['output']}")
-    return 0
-
-
-def _add_common(p: argparse.ArgumentParser, data_help: str) -> None:
-    p.add_argument("checkpoint", help="engine checkpoint of a clip run (e.g. runs/clip_demo/checkpoint_last.pth)")
-    p.add_argument("--data", required=True, metavar="SPEC", help=f"{data_help}; syntax {SPEC_SYNTAX}")
-    p.add_argument("--output", metavar="FILE", help="JSON result path (default: next to the checkpoint)")
-    p.add_argument("--batch-size", type=int, default=256, help="images / texts per forward pass (default 256)")
-    p.add_argument("--num-workers", type=int, default=0, help="data-loading processes (default 0)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: GPU if visible")
-    p.add_argument("--skip-corrupt", action="store_true", help="skip and count unreadable samples instead of failing")
-
-
-def register_eval_commands(eval_subparsers: argparse._SubParsersAction) -> None:
-    """Add ``zeroshot`` and ``retrieval`` to the sub-commands of ``vitssl eval``.
-
-    Args:
-        eval_subparsers: the ``add_subparsers()`` object of the ``eval`` command.
-    """
-    p = eval_subparsers.add_parser(
-        "zeroshot",
-        help="zero-shot classification with a CLIP checkpoint (top-1/top-5, JSON)",
-        description="Classify a labelled dataset with prompt-template class embeddings of a CLIP checkpoint.",
-    )
-    _add_common(p, "labelled dataset, split val by default")
-    p.add_argument(
-        "--classnames", metavar="FILE", help="one class name per line, in class order (default: the dataset's)"
-    )
-    p.add_argument(
-        "--templates",
-        metavar="FILE",
-        help="one prompt per line with {} for the class name (default: 'a photo of a {}.'); "
-        "shapes: zeroshot/shapes_templates.txt",
-    )
-    p.set_defaults(func=_cmd_zeroshot)
-
-    p = eval_subparsers.add_parser(
-        "retrieval",
-        help="image-text retrieval recall@1/5/10 with a CLIP checkpoint (JSON)",
-        description="Image→text and text→image recall@1/5/10 of a CLIP checkpoint on an image-caption dataset.",
-    )
-    _add_common(p, "image-caption dataset, split val by default")
-    p.set_defaults(func=_cmd_retrieval)
-
-
 __all__ = [
     "DEFAULT_TEMPLATES",
     "dataset_labels",
@@ -604,7 +519,6 @@ __all__ = [
     "load_classnames",
     "load_clip_checkpoint",
     "load_templates",
-    "register_eval_commands",
     "resolve_list_file",
     "retrieval_evaluate",
     "retrieval_recall",

@@ -11,13 +11,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from vitssl.config import ConfigError
+from vitssl.config import ConfigError, LaunchConfig
+from vitssl.errors import UserError
 
 _logger = logging.getLogger(__name__)
 
 Target = str | Callable[..., Any]
+"""What a launcher runs: ``target(payload)`` on every rank, ``target`` a ``"module:function"`` string or a
+module-level function, ``payload`` a picklable dataclass that says everything the job needs (a training run's
+config, an evaluation's arguments). A payload with a ``requeued()`` method returns from it the payload a
+requeued job runs with (a training job: the same config with ``resume=auto``)."""
 
 # Variables a launcher exports for torch.distributed; stale values from the submitting shell must not leak in.
 DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
@@ -26,7 +31,7 @@ DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "
 JOBS_FILE = "jobs.jsonl"
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError, RuntimeError):
     """A launch failed: a local rank died or raised, or a SLURM job could not be submitted."""
 
 
@@ -125,6 +130,20 @@ def read_job_records(run_dir: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             _logger.warning("skipping an unreadable line in %s: %r", path, line[:80])
     return records
+
+
+def requeued(payload: Any) -> Any:
+    """The payload a requeued or restarted job runs with: ``payload.requeued()`` where defined, else the same."""
+    return payload.requeued() if hasattr(payload, "requeued") else payload
+
+
+def as_launch_config(launch_cfg: Any) -> LaunchConfig:
+    """A plain, picklable :class:`LaunchConfig` from a config's ``launch`` block (DictConfig or dataclass)."""
+    if isinstance(launch_cfg, LaunchConfig):
+        return launch_cfg
+    if isinstance(launch_cfg, DictConfig):
+        return OmegaConf.to_object(launch_cfg)  # type: ignore[return-value]
+    return LaunchConfig(**dict(launch_cfg))
 
 
 def absolute_output_dir(cfg: DictConfig) -> Path:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vitssl.errors import MissingFileError
 from vitssl.launch.common import JobFailedError, read_job_records
 
 _logger = logging.getLogger(__name__)
@@ -237,7 +238,7 @@ def find_runs(path: str | Path) -> list[Path]:
     """``path`` itself if it is a run folder with jobs, else its sub-folders that are (a sweep folder)."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a folder; pass a run folder (its output_dir) or a sweep folder")
+        raise MissingFileError(f"{path} is not a folder; pass a run folder (its output_dir) or a sweep folder")
     if (path / "jobs.jsonl").is_file() or _submitit_folders(path):
         return [path]
     return sorted(p for p in path.iterdir() if p.is_dir() and ((p / "jobs.jsonl").is_file() or _submitit_folders(p)))

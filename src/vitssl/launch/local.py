@@ -1,8 +1,8 @@
-"""Run ``target(cfg)`` in N processes on this machine, torchrun-style.
+"""Run ``target(payload)`` in N processes on this machine, torchrun-style.
 
 One process runs in-process (no spawn). Several processes are started with the ``spawn`` method, each with
 ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and a free ``MASTER_PORT`` in
-its environment; ``vitssl.engine.distributed.init_distributed`` joins them (gloo on CPU, NCCL on GPU). Rank
+its environment; ``vitssl.distributed.init_distributed`` joins them (gloo on CPU, NCCL on GPU). Rank
 0's return value comes back to the caller. When a rank raises, the others get a short grace period (they
 are usually blocked in a collective that will never complete) and are then terminated; the caller gets
 the rank's exception re-raised, with the child's traceback attached as its cause.
@@ -23,9 +23,6 @@ from collections.abc import Iterator
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from omegaconf import DictConfig
-
-from vitssl.config import from_container, to_container
 from vitssl.launch.common import LaunchError, RemoteTraceback, Target, resolve_target
 
 _logger = logging.getLogger(__name__)
@@ -52,11 +49,10 @@ def _environ(updates: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _child(target: Target, cfg_dict: dict[str, Any], rank: int, conn: Connection) -> None:
+def _child(target: Target, payload: Any, rank: int, conn: Connection) -> None:
     """Entry point of one spawned rank: run the target, send ("ok", result) or ("error", exc, traceback)."""
     try:
-        fn = resolve_target(target)  # import first: the target's module may register config types
-        result = fn(from_container(cfg_dict))
+        result = resolve_target(target)(payload)
         conn.send(("ok", result if rank == 0 else None))
     except BaseException as err:  # the parent re-raises it; KeyboardInterrupt / SystemExit included
         tb = traceback.format_exc()
@@ -94,12 +90,12 @@ def _rank_error(rank: int, message: tuple | None, exitcode: int | None) -> BaseE
     return LaunchError(f"rank {rank} exited with code {exitcode} without a result; see its output above")
 
 
-def run_local(target: Target, cfg: DictConfig, nprocs: int = 1, grace_s: float = 10.0) -> Any:
-    """Run ``target(cfg)`` in ``nprocs`` processes on this machine and return rank 0's result.
+def run_local(target: Target, payload: Any, nprocs: int = 1, grace_s: float = 10.0) -> Any:
+    """Run ``target(payload)`` in ``nprocs`` processes on this machine and return rank 0's result.
 
     Args:
-        target: ``"module:function"`` or a module-level callable taking the config.
-        cfg: the resolved run config (sent to the children as a plain dict and rebuilt there).
+        target: ``"module:function"`` or a module-level callable taking the payload.
+        payload: the job's picklable payload (sent to each spawned process).
         nprocs: number of processes (ranks); 1 calls the target in this process.
         grace_s: seconds the other ranks get to exit after one failed, before they are terminated.
 
@@ -113,10 +109,9 @@ def run_local(target: Target, cfg: DictConfig, nprocs: int = 1, grace_s: float =
     if nprocs < 1:
         raise ValueError(f"nprocs={nprocs} must be at least 1")
     if nprocs == 1:
-        return resolve_target(target)(cfg)
+        return resolve_target(target)(payload)
 
     resolve_target(target)  # fail here, not in N children, on a bad target
-    cfg_dict = to_container(cfg)
     ctx = mp.get_context("spawn")  # fork would copy torch's threads and locks into the children
     base_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(nprocs)}
     base_env["LOCAL_WORLD_SIZE"] = str(nprocs)
@@ -126,7 +121,7 @@ def run_local(target: Target, cfg: DictConfig, nprocs: int = 1, grace_s: float =
     procs, conns = [], []
     for rank in range(nprocs):
         recv, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_child, args=(target, cfg_dict, rank, send), name=f"vitssl-rank{rank}")
+        proc = ctx.Process(target=_child, args=(target, payload, rank, send), name=f"vitssl-rank{rank}")
         try:
             with _environ({**base_env, "RANK": str(rank), "LOCAL_RANK": str(rank)}):
                 proc.start()

@@ -9,7 +9,7 @@ How a preempted or timed-out training job stops (all ranks at the same step boun
 2. The engine agrees on the stop through its per-step all-reduce, writes its atomic checkpoint at that step
    boundary on all ranks, and returns ``TrainResult(status="stopped")``.
 3. Rank 0 then calls submitit's original handler: it tells a time-out from a preemption (by the job's
-   walltime), calls :meth:`RunJob.checkpoint` (the same job with ``resume=auto``), requeues the job with
+   walltime), calls :meth:`RunJob.checkpoint` (the same job with ``payload.requeued()``), requeues the job with
    ``scontrol requeue`` and exits. Time-outs count down from ``launch.max_requeue`` (submitit's
    ``max_num_timeout``); preemptions do not count. Past the limit rank 0 raises :class:`RequeueLimitError`.
    Other ranks return; the requeue ends the job's processes anyway.
@@ -35,15 +35,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
-from vitssl.config import ConfigError, from_container, to_container
+from vitssl.config import ConfigError, LaunchConfig
 from vitssl.launch.common import (
     DIST_VARS,
     LaunchError,
     Target,
-    absolute_output_dir,
     append_job_record,
+    as_launch_config,
+    requeued,
     resolve_target,
     target_name,
     tasks_per_node,
@@ -212,7 +211,7 @@ def _process_group_teardown() -> Iterator[None]:
         yield
     finally:
         if "torch" in sys.modules:
-            from vitssl.engine.distributed import destroy_distributed
+            from vitssl.distributed import destroy_distributed
 
             destroy_distributed()
 
@@ -320,33 +319,32 @@ class _GracefulStop:
             ) from err
 
 
-def _stopped_on_request(result: Any, cfg: DictConfig, signalled: bool) -> bool:
+def _stopped_on_request(result: Any, signalled: bool) -> bool:
     """Whether the run stopped because some rank got the preemption signal (not at train.stop_after_steps).
 
     The engine agrees on a stop across ranks, so rank 0 may return "stopped" for a signal only another
-    rank received; a stop short of ``train.stop_after_steps`` can only come from such a request.
+    rank received: the result's ``stop_requested`` says so.
     """
     if getattr(result, "status", None) != "stopped":
         return False
-    if signalled:
-        return True
-    stop_after = cfg.train.stop_after_steps
-    return stop_after is None or getattr(result, "step", 0) < stop_after
+    return signalled or bool(getattr(result, "stop_requested", False))
 
 
 class RunJob:
-    """A submitit job running ``target(cfg)`` on every task of a SLURM job; requeues on preemption/time-out.
+    """A submitit job running ``target(payload)`` on every task of a SLURM job; requeues on preemption/time-out.
 
     Args:
-        target: ``"module:function"`` (safest to pickle) or a module-level callable taking the config.
-        cfg: the run config as a plain dict (``vitssl.config.to_container``).
+        target: ``"module:function"`` (safest to pickle) or a module-level callable taking the payload.
+        payload: the job's picklable payload.
+        launch_cfg: the job's resources and requeue policy (``signal_delay_s``, ``max_requeue``, ...).
         kind: ``"train"`` stops gracefully through the engine and resumes; other kinds rerun from the start
             after a requeue (their outputs are cached).
     """
 
-    def __init__(self, target: Target, cfg: dict[str, Any], kind: str = "train") -> None:
+    def __init__(self, target: Target, payload: Any, launch_cfg: LaunchConfig, kind: str = "train") -> None:
         self.target = target
-        self.cfg = cfg
+        self.payload = payload
+        self.launch_cfg = launch_cfg
         self.kind = kind
 
     def __call__(self) -> Any:
@@ -356,25 +354,25 @@ class RunJob:
         env = submitit.JobEnvironment()
         _export_distributed_env()
         _limit_threads()
-        fn = resolve_target(self.target)  # import first: the target's module may register config types
-        cfg = from_container(self.cfg)
+        fn = resolve_target(self.target)
+        payload = self.payload
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
         if self.kind in STOPPABLE_KINDS and restarts > 0:
-            cfg.resume = "auto"  # SLURM requeued the job by itself (node failure): continue, never restart
+            payload = requeued(payload)  # SLURM requeued the job by itself (node failure): continue, never restart
         _logger.info("%s: %s, %s, restart %d", self.kind, target_name(self.target), env, restarts)
         if self.kind not in STOPPABLE_KINDS:
             with _process_group_teardown():
-                return fn(cfg)
-        stopper = _GracefulStop(env.global_rank, grace_s=max(5.0, cfg.launch.signal_delay_s * 2 / 3))
+                return fn(payload)
+        stopper = _GracefulStop(env.global_rank, grace_s=max(5.0, self.launch_cfg.signal_delay_s * 2 / 3))
         stopper.install()
         try:
             with _process_group_teardown():
-                result = fn(cfg)
+                result = fn(payload)
         finally:
             stopper.disarm()
-        if _stopped_on_request(result, cfg, stopper.received):
+        if _stopped_on_request(result, stopper.received):
             if env.global_rank == 0:
-                stopper.hand_over(result, cfg.launch)
+                stopper.hand_over(result, self.launch_cfg)
             else:
                 _logger.info("stopped at step %s; rank 0 requeues the job", getattr(result, "step", "?"))
         return result
@@ -383,10 +381,8 @@ class RunJob:
         """What submitit resubmits after a preemption or time-out: the same job, resuming its run."""
         from submitit.helpers import DelayedSubmission
 
-        cfg = dict(self.cfg)
-        if self.kind in STOPPABLE_KINDS:
-            cfg["resume"] = "auto"
-        return DelayedSubmission(RunJob(self.target, cfg, self.kind))
+        payload = requeued(self.payload) if self.kind in STOPPABLE_KINDS else self.payload
+        return DelayedSubmission(RunJob(self.target, payload, self.launch_cfg, self.kind))
 
 
 class CallJob:
@@ -419,8 +415,8 @@ class CallJob:
 
 
 # --------------------------------------------------------------------------------------------- submitting
-def _submitit_folder(cfg: DictConfig, out: Path) -> Path:
-    return Path(os.path.expanduser(str(cfg.launch.folder))).absolute() if cfg.launch.folder else out / "submitit"
+def _submitit_folder(launch_cfg: LaunchConfig, out: Path) -> Path:
+    return Path(os.path.expanduser(str(launch_cfg.folder))).absolute() if launch_cfg.folder else out / "submitit"
 
 
 @contextlib.contextmanager
@@ -456,42 +452,46 @@ def _record(job: Any, run_dir: Path, kind: str, target: Target, ntasks: int) -> 
     )
 
 
-def submit(target: Target, cfg: DictConfig, kind: str = "train") -> Any:
-    """Submit ``target(cfg)`` as one SLURM job (all nodes × tasks per node) and return the submitit Job.
+def submit(target: Target, payload: Any, launch_cfg: Any, output_dir: str | Path, kind: str = "train") -> Any:
+    """Submit ``target(payload)`` as one SLURM job (all nodes × tasks per node) and return the submitit Job.
 
     The submitit folder is ``launch.folder`` or ``<output_dir>/submitit``; the job is also recorded in
     ``<output_dir>/jobs.jsonl`` for ``vitssl jobs`` / ``vitssl logs``.
 
     Args:
-        target: ``"module:function"`` or a module-level callable taking the config.
-        cfg: the resolved run config.
+        target: ``"module:function"`` or a module-level callable taking the payload.
+        payload: the job's picklable payload.
+        launch_cfg: resources and requeue policy (a ``launch`` block).
+        output_dir: the job's folder.
         kind: ``"train"`` (graceful stop + exact resume) or another label (rerun after a requeue).
     """
-    out = absolute_output_dir(cfg)
-    folder = _submitit_folder(cfg, out)
+    lcfg = as_launch_config(launch_cfg)
+    out = Path(os.path.expanduser(str(output_dir))).absolute()
+    folder = _submitit_folder(lcfg, out)
     job_name = f"vitssl-{kind}-{out.name}"
-    executor = make_executor(cfg.launch, folder, job_name)
+    executor = make_executor(lcfg, folder, job_name)
     with _submission_env():
-        job = executor.submit(RunJob(target, to_container(cfg), kind))
-    ntasks = cfg.launch.nodes * tasks_per_node(cfg.launch)
+        job = executor.submit(RunJob(target, payload, lcfg, kind))
+    ntasks = lcfg.nodes * tasks_per_node(lcfg)
     _record(job, out, kind, target, ntasks)
     _logger.info("submitted %s job %s (%d task(s)) from %s", kind, job.job_id, ntasks, folder)
     return job
 
 
-def dry_run_script(cfg: DictConfig, kind: str = "train", array_size: int | None = None) -> str:
-    """The sbatch script :func:`submit` would submit for ``cfg`` (nothing is written or submitted)."""
-    out = absolute_output_dir(cfg)
-    return sbatch_script(cfg.launch, _submitit_folder(cfg, out), f"vitssl-{kind}-{out.name}", array_size)
+def dry_run_script(launch_cfg: Any, output_dir: str | Path, kind: str = "train", array_size: int | None = None) -> str:
+    """The sbatch script :func:`submit` would submit (nothing is written or submitted)."""
+    lcfg = as_launch_config(launch_cfg)
+    out = Path(os.path.expanduser(str(output_dir))).absolute()
+    return sbatch_script(lcfg, _submitit_folder(lcfg, out), f"vitssl-{kind}-{out.name}", array_size)
 
 
 def submit_array(
-    runs: list[tuple[Target, DictConfig]], launch_cfg: Any, folder: str | Path, name: str, kind: str = "train"
+    runs: list[tuple[Target, Any, str | Path]], launch_cfg: Any, folder: str | Path, name: str, kind: str = "train"
 ) -> list[Any]:
     """Submit several runs as ONE SLURM job array (same resources), each writing to its own output_dir.
 
     Args:
-        runs: ``(target, cfg)`` pairs; each cfg has its own ``output_dir`` (made absolute here).
+        runs: ``(target, payload, output_dir)`` per run.
         launch_cfg: the resources every array task gets.
         folder: submitit folder shared by the array.
         name: job name.
@@ -500,17 +500,14 @@ def submit_array(
     Returns:
         One submitit Job per run, in order.
     """
+    lcfg = as_launch_config(launch_cfg)
     folder = Path(folder).absolute()
-    executor = make_executor(launch_cfg, folder, name)
-    tasks = []
-    for target, cfg in runs:
-        absolute_output_dir(cfg)
-        tasks.append(RunJob(target, to_container(cfg), kind))
+    executor = make_executor(lcfg, folder, name)
     with _submission_env():
-        jobs = executor.submit_array(tasks)
-    ntasks = launch_cfg.nodes * tasks_per_node(launch_cfg)
-    for job, (target, cfg) in zip(jobs, runs):
-        _record(job, Path(cfg.output_dir), kind, target, ntasks)
+        jobs = executor.submit_array([RunJob(target, payload, lcfg, kind) for target, payload, _ in runs])
+    ntasks = lcfg.nodes * tasks_per_node(lcfg)
+    for job, (target, _, out) in zip(jobs, runs):
+        _record(job, Path(out).absolute(), kind, target, ntasks)
     return jobs
 
 

@@ -12,12 +12,14 @@ import itertools
 import json
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
 from vitssl.config import ConfigError, load_config
+from vitssl.errors import MissingFileError
 from vitssl.launch.common import Target, absolute_output_dir, read_job_records
 
 _logger = logging.getLogger(__name__)
@@ -123,7 +125,11 @@ def build_sweep(config: str | Path, overrides: list[str]) -> tuple[Path, list[tu
 
 
 def launch_sweep(
-    config: str | Path, overrides: list[str], target: Target = "vitssl.engine:train", kind: str = "train"
+    config: str | Path,
+    overrides: list[str],
+    target: Target,
+    make_payload: Callable[[DictConfig], Any],
+    kind: str = "train",
 ) -> Any:
     """Run a sweep: one SLURM job array (``launch=slurm``) or the members one after the other (local).
 
@@ -132,7 +138,8 @@ def launch_sweep(
     Args:
         config: the recipe.
         overrides: fixed and swept ``key=value`` overrides.
-        target: what each member runs.
+        target: what each member runs: ``target(make_payload(member_config))``.
+        make_payload: the job payload of one member's resolved config.
         kind: as in :func:`vitssl.launch.launch`.
 
     Returns:
@@ -153,12 +160,13 @@ def launch_sweep(
         print(script)
         return script
     if launch_cfg.backend == "slurm":
-        jobs = submit_array([(target, cfg) for _, cfg in members], launch_cfg, folder, name, kind)
+        runs = [(target, make_payload(cfg), cfg.output_dir) for _, cfg in members]
+        jobs = submit_array(runs, launch_cfg, folder, name, kind)
         array_id = str(jobs[0].job_id).split("_")[0]
         print(f"Submitted job array {array_id} ({len(jobs)} tasks); logs in {folder}")
         print(f"  follow: vitssl jobs {sweep_dir}   |   vitssl sweep-summary {sweep_dir}")
         return jobs
-    return [launch(target, cfg, kind=kind) for _, cfg in members]
+    return [launch(target, make_payload(cfg), cfg.launch, cfg.output_dir, kind=kind) for _, cfg in members]
 
 
 def _final_metrics(path: Path) -> dict[str, Any]:
@@ -202,7 +210,7 @@ def sweep_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
-        raise FileNotFoundError(f"sweep folder {sweep_dir} does not exist")
+        raise MissingFileError(f"sweep folder {sweep_dir} does not exist")
     rows = []
     for run_dir in sorted(p for p in sweep_dir.iterdir() if p.is_dir()):
         metrics_path = run_dir / "metrics.jsonl"
@@ -215,7 +223,7 @@ def sweep_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
             row.update(metrics)
         rows.append(row)
     if not rows:
-        raise FileNotFoundError(f"{sweep_dir} holds no run folders (sub-folders with metrics.jsonl or jobs.jsonl)")
+        raise MissingFileError(f"{sweep_dir} holds no run folders (sub-folders with metrics.jsonl or jobs.jsonl)")
     return rows
 
 

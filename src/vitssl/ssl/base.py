@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
 from vitssl.config import DataConfig, ObjectiveConfig
-from vitssl.registry import Registry
+from vitssl.registry import OBJECTIVES
 
-OBJECTIVES: Registry[type[Objective]] = Registry("objective")
-
-# Parameter names that never get weight decay, besides every 0-/1-D tensor (norm weights, biases).
-NO_DECAY_NAMES = ("cls_token", "pos_embed", "mask_token", "sos_token", "dist_token", "reg_token", "logit_scale")
+# Weight decay follows timm's rule (``param_groups_weight_decay``): no decay for 0-/1-D tensors (norm weights,
+# biases, scales) and for the names a backbone lists in its ``no_weight_decay()`` (tokens, position embeddings,
+# relative position-bias tables), the one source of truth for backbone parameters. Objectives add the >= 2-D
+# tokens and tables of their own modules by full name in their ``param_groups``; nothing is matched by substring.
 
 
 def register_objective(name: str) -> Callable[[type[Objective]], type[Objective]]:
@@ -28,24 +28,47 @@ def register_objective(name: str) -> Callable[[type[Objective]], type[Objective]
     return _add
 
 
-def split_decay(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
-    """Two param groups: decayed weights, and norms / biases / tokens / position embeddings without decay.
+def split_decay(
+    named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float, no_decay: Collection[str] = ()
+) -> list[dict[str, Any]]:
+    """Two param groups: decayed weights, and 0-/1-D parameters plus the ``no_decay`` names without decay.
 
     Args:
-        named_params: ``module.named_parameters()``; frozen parameters are left out.
+        named_params: ``module.named_parameters()`` (or a selection); frozen parameters are left out.
         weight_decay: decay of the first group (the engine's schedule rescales it each step).
+        no_decay: full parameter names that get no decay whatever their shape, e.g. ``backbone_no_decay(module)``.
     """
-    decay, no_decay = [], []
+    decay, no_decay_params = [], []
     for name, param in named_params:
         if not param.requires_grad:
             continue
-        leaf = name.rsplit(".", 1)[-1]
-        if param.ndim <= 1 or leaf in NO_DECAY_NAMES or any(n in name for n in NO_DECAY_NAMES):
-            no_decay.append(param)
+        if param.ndim <= 1 or name in no_decay:
+            no_decay_params.append(param)
         else:
             decay.append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay_params, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+def backbone_no_decay(module: nn.Module) -> set[str]:
+    """Full names (in ``module.named_parameters()``) of what every submodule's ``no_weight_decay()`` lists.
+
+    Backbones (and timm models) name their tokens, position embeddings and position-bias tables there; the
+    outermost module that has the method answers for everything below it.
+
+    Args:
+        module: an objective, or any module holding backbones.
+    """
+    names: set[str] = set()
+    owners: list[str] = []
+    for prefix, sub in module.named_modules():
+        if sub is module or any(prefix.startswith(f"{owner}.") for owner in owners):
+            continue
+        listed = getattr(sub, "no_weight_decay", None)
+        if callable(listed):
+            owners.append(prefix)
+            names |= {f"{prefix}.{n}" for n in listed()}
+    return names
 
 
 class ImageTransform:
@@ -72,6 +95,9 @@ class Objective(nn.Module):
     Config: type[ObjectiveConfig] = ObjectiveConfig
     name: str = ""
     backbone: nn.Module
+    # False for losses that contrast each sample with the rest of its batch (MoCo v3, CLIP): gradient
+    # accumulation would compute them over batch / accum_steps samples, so the engine refuses accum_steps > 1.
+    supports_accumulation: bool = True
 
     def __init__(self, cfg: Any, backbone_factory: Callable[[], nn.Module]) -> None:
         super().__init__()
@@ -92,8 +118,9 @@ class Objective(nn.Module):
         """Called by the engine after every optimizer step (momentum / EMA updates, clamps)."""
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """Optimizer param groups; no decay on norms, biases, tokens and position embeddings."""
-        return split_decay(self.named_parameters(), weight_decay)
+        """Optimizer param groups by timm's rule: no decay on 0-/1-D parameters (norms, biases) and on what the
+        backbone's ``no_weight_decay()`` names; objectives with tokens of their own add them by name."""
+        return split_decay(self.named_parameters(), weight_decay, backbone_no_decay(self))
 
     def train_sample_fn(self, data_cfg: DataConfig) -> Callable[[Any, Any], Any]:  # pragma: no cover
         """Per-sample transform ``(image, target) -> sample`` for training (augmented views, tokens...)."""

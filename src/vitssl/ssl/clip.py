@@ -174,7 +174,7 @@ class TextTransformer(nn.Module):
         self.context_length = context_length
         self.trim_padding = trim_padding
         self.token_embedding = nn.Embedding(vocab_size, width)
-        # Named pos_embed so split_decay exempts it from weight decay like every position embedding here.
+        # no weight decay, like every position embedding: Clip.param_groups names it
         self.pos_embed = nn.Parameter(torch.empty(context_length, width))
         self.blocks = nn.ModuleList([_TextBlock(width, heads, mlp_ratio) for _ in range(depth)])
         self.ln_final = nn.LayerNorm(width)
@@ -274,6 +274,7 @@ class Clip(Objective):
     """
 
     Config = ClipConfig
+    supports_accumulation = False  # negatives are the rest of the batch: see Objective.supports_accumulation
 
     def __init__(self, cfg: ClipConfig, backbone_factory: Callable[..., nn.Module]) -> None:
         super().__init__(cfg, backbone_factory)
@@ -333,6 +334,14 @@ class Clip(Objective):
     def on_step_end(self, step: int, total_steps: int) -> None:
         """Clamp ``logit_scale`` to [0, ln max_logit_scale] (open_clip clamps after every optimizer step)."""
         self.logit_scale.clamp_(0.0, self.max_log_scale)
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """timm's rule for the image backbone, plus no decay on the temperature (open_clip exempts it) and on the
+        text tower's position table (a position embedding, as the backbones' are)."""
+        from vitssl.ssl.base import backbone_no_decay, split_decay
+
+        own = {"logit_scale", "text.pos_embed"}
+        return split_decay(self.named_parameters(), weight_decay, backbone_no_decay(self) | own)
 
     def train_sample_fn(self, data_cfg: DataConfig) -> Callable[[Any, Any], Any]:
         transform = clip_train_transform(data_cfg.img_size, self.cfg.crop_scale, data_cfg.mean, data_cfg.std)

@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitssl import distributed as dist
 from vitssl.config import ConfigError, DataConfig, ObjectiveConfig
-from vitssl.engine import distributed as dist
 from vitssl.ssl import palette as pal
 from vitssl.ssl.base import ImageTransform, Objective, register_objective
 
@@ -408,6 +408,14 @@ class IGPT(Objective):
         return out
 
     # ------------------------------------------------------------------------------------ engine contract
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """timm's rule for the backbone, plus no decay on the learned input tokens (start-of-image, mask) and the
+        pyramid head's in-cell position table; the token embedding and the heads' weights decay."""
+        from vitssl.ssl.base import backbone_no_decay, split_decay
+
+        own = {"sos_token", "mask_token", "decoder.cell_pos_embed"}
+        return split_decay(self.named_parameters(), weight_decay, backbone_no_decay(self) | own)
+
     def train_sample_fn(self, data_cfg: DataConfig) -> Callable[[Any, Any], Any]:
         """Random-resized crop to the token grid + flip, as RGB in [0, 1]; tokens are made in ``forward``."""
         from torchvision.transforms import v2 as T

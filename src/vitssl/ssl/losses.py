@@ -1,7 +1,7 @@
 """The two contrastive losses: MoCo v3's InfoNCE and CLIP's symmetric image–text loss.
 
 Both run in one CPU process without any process group; their multi-process behaviour is chosen by
-arguments, and ranks come from :mod:`vitssl.engine.distributed` (rank 0 of 1 without a group).
+arguments, and ranks come from :mod:`vitssl.distributed` (rank 0 of 1 without a group).
 
 What the multi-process versions compute, with W ranks of N samples each and DDP averaging parameter
 gradients over ranks (so the effective gradient of a sample's features is its rank's gradient / W):
@@ -22,7 +22,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from vitssl.engine.distributed import all_gather_no_grad, all_gather_with_grad, get_rank, get_world_size
+from vitssl.distributed import all_gather_no_grad, all_gather_with_grad, get_rank, get_world_size
 
 _logger = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitssl import distributed as dist
 from vitssl.config import DataConfig, ObjectiveConfig
 from vitssl.data import MultiView
 from vitssl.data.transforms import moco_v3_views
-from vitssl.engine import distributed as dist
 from vitssl.ssl.base import Objective, register_objective
 from vitssl.ssl.losses import contrastive_loss
 
@@ -81,6 +81,7 @@ class MocoV3(Objective):
     """Query encoder (backbone → projector → predictor) against a momentum encoder (backbone → projector)."""
 
     Config = MocoV3Config
+    supports_accumulation = False  # negatives are the rest of the batch: see Objective.supports_accumulation
 
     def __init__(self, cfg: MocoV3Config, backbone_factory: Callable[..., nn.Module]) -> None:
         super().__init__(cfg, backbone_factory)
@@ -126,10 +127,11 @@ class MocoV3(Objective):
         torch._foreach_lerp_(self._momentum_params(), self._query_params(), 1.0 - m)
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        from vitssl.ssl.base import split_decay
+        """The query branch only (the momentum encoder follows by EMA); no decay by timm's rule."""
+        from vitssl.ssl.base import backbone_no_decay, split_decay
 
         named = [(n, p) for n, p in self.named_parameters() if not n.startswith("momentum_")]
-        return split_decay(named, weight_decay)
+        return split_decay(named, weight_decay, backbone_no_decay(self))
 
     def train_sample_fn(self, data_cfg: DataConfig) -> Callable[[Any, Any], Any]:
         c = self.cfg

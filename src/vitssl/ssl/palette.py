@@ -18,6 +18,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from vitssl.errors import MissingFileError
+from vitssl.io import atomic_open
+
 _logger = logging.getLogger(__name__)
 
 # Pixels per chunk when assigning colours: bounds the (chunk, K) distance matrix to 32 MiB at K = 512.
@@ -95,9 +98,7 @@ def fit_palette(pixels: np.ndarray, num_colours: int, seed: int = 0, iters: int 
     Returns:
         ``(palette (K, 3) float32 in [0, 1], mean squared RGB distance of a pixel to its colour)``.
     """
-    # faiss comes through eval/knn.py, which owns its import (it tunes faiss's OpenBLAS while it loads);
-    # k-means for the palette is the one faiss use outside eval/, which is about search.
-    from vitssl.eval.knn import faiss
+    from vitssl._faiss import faiss  # the one module that imports (and tunes) faiss
 
     x = np.ascontiguousarray(pixels, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] != 3:
@@ -109,8 +110,14 @@ def fit_palette(pixels: np.ndarray, num_colours: int, seed: int = 0, iters: int 
             f"{len(x)} pixels cannot fit {num_colours} colours: sample more images (objective.palette_images) "
             "or choose fewer colours (objective.palette_size)"
         )
+    # min_points_per_centroid=1: small fits (tests, tiny data sets) are fine; faiss would warn on stderr
     kmeans = faiss.Kmeans(
-        3, num_colours, niter=iters, seed=seed, max_points_per_centroid=math.ceil(len(x) / num_colours) + 1
+        3,
+        num_colours,
+        niter=iters,
+        seed=seed,
+        max_points_per_centroid=math.ceil(len(x) / num_colours) + 1,
+        min_points_per_centroid=1,
     )
     kmeans.train(x)
     palette = np.clip(kmeans.centroids.reshape(num_colours, 3), 0.0, 1.0).astype(np.float32)
@@ -185,11 +192,8 @@ def save_palette(palette: np.ndarray | torch.Tensor, path: str | os.PathLike[str
     """
     path = Path(path)
     array = palette.detach().cpu().numpy() if isinstance(palette, torch.Tensor) else np.asarray(palette)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         np.save(f, array.astype(np.float32))
-    tmp.replace(path)
     return path
 
 
@@ -202,7 +206,7 @@ def load_palette(path: str | os.PathLike[str], num_colours: int | None = None) -
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"palette file {path} does not exist")
+        raise MissingFileError(f"palette file {path} does not exist")
     try:
         array = np.load(path, allow_pickle=False)
     except ValueError as err:

@@ -1,0 +1,68 @@
+"""Argument parsing shared by the commands: ``key=value`` overrides anywhere on the command line.
+
+A command takes options and ``key=value`` overrides (``launch=slurm``, ``optim.lr=3e-4``, ``~model.backbone_kwargs``
+to delete a key) in any order: ``vitssl pretrain RECIPE --dry-run launch=slurm`` and
+``vitssl pretrain RECIPE launch=slurm --dry-run`` mean the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import Any
+
+# key=value, or ~key (delete a key of the recipe, as Hydra spells it)
+OVERRIDE_RE = re.compile(r"^(~[A-Za-z_][A-Za-z0-9_.]*$|[A-Za-z_][A-Za-z0-9_.]*=)")
+
+
+class OverridesParser(argparse.ArgumentParser):
+    """Collects ``key=value`` tokens that follow options into ``overrides``.
+
+    argparse fills positionals from the first run of positional tokens only, so ``CKPT --train X launch=slurm``
+    would leave ``launch=slurm`` unrecognised; overrides are always ``key=value`` and never a value of an option
+    here, so they can be picked out of the leftovers.
+    """
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        namespace, extras = super().parse_known_args(args, namespace)
+        moved = [a for a in extras if OVERRIDE_RE.match(a)]
+        if moved:
+            namespace.overrides = [*(getattr(namespace, "overrides", None) or []), *moved]
+        return namespace, [a for a in extras if not OVERRIDE_RE.match(a)]
+
+
+class _Override(str):
+    """A ``key=value`` token met inside a list option (``--k 10 20 launch=slurm``)."""
+
+
+def number_or_override(convert: type) -> Any:
+    def parse(text: str) -> Any:
+        if OVERRIDE_RE.match(text):
+            return _Override(text)
+        try:
+            return convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {convert.__name__}") from None
+
+    parse.__name__ = convert.__name__
+    return parse
+
+
+class ListWithOverrides(argparse.Action):
+    """``nargs='+'`` list option whose trailing ``key=value`` tokens go to ``overrides``."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: Any = None) -> None:
+        overrides = [v for v in values if isinstance(v, _Override)]
+        items = [v for v in values if not isinstance(v, _Override)]
+        if not items:
+            parser.error(f"{option_string} needs at least one value")
+        setattr(namespace, self.dest, items)
+        if overrides:
+            namespace.overrides = [*(getattr(namespace, "overrides", None) or []), *map(str, overrides)]
+
+
+def add_parser(group: argparse._SubParsersAction, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    parser = group.add_parser(name, **kwargs)
+    # The group creates plain ArgumentParsers; this one only adds the override collection above.
+    parser.__class__ = OverridesParser
+    return parser

@@ -1,0 +1,72 @@
+"""``vitssl pretrain RECIPE [key=value ...]``: train a backbone, here or on SLURM, and the job that does it.
+
+:func:`pretrain_job` is the launch target of every training run (``vitssl pretrain``, ``vitssl sweep``, the
+demo): it imports the objective packages (their import registers them), rebuilds the config from its
+:class:`PretrainJob` payload and runs the engine with the callbacks the config asks for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+# The launch target, by name: spawned processes and SLURM jobs import it from there.
+PRETRAIN_TARGET = "vitssl.cli.pretrain:pretrain_job"
+
+
+@dataclass(frozen=True)
+class PretrainJob:
+    """The payload of a training job: the resolved run config as plain data (picklable, YAML-able)."""
+
+    config: dict[str, Any]  # vitssl.config.to_container(cfg); output_dir absolute
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> PretrainJob:
+        """The payload of a resolved config (its ``output_dir`` made absolute: jobs start in other folders)."""
+        from vitssl.config import to_container
+        from vitssl.launch.common import absolute_output_dir
+
+        absolute_output_dir(cfg)
+        return cls(to_container(cfg))
+
+    def requeued(self) -> PretrainJob:
+        """The payload of the same run after a preemption or time-out: continue from its last checkpoint."""
+        return dataclasses.replace(self, config={**self.config, "resume": "auto"})
+
+
+def pretrain_job(job: PretrainJob) -> Any:
+    """Run (or resume) one training run on this rank; returns the engine's ``TrainResult``."""
+    from vitssl.cli._common import register_objectives
+    from vitssl.config import from_container
+    from vitssl.engine import train
+    from vitssl.eval.monitor import KnnMonitor
+
+    register_objectives()
+    cfg = from_container(job.config)
+    callbacks = [KnnMonitor(cfg)] if KnnMonitor.wanted(cfg) else []
+    return train(cfg, callbacks=callbacks)
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from vitssl.cli._common import load_run_config
+    from vitssl.launch import launch
+
+    cfg = load_run_config(args.config, [*args.overrides, *(["launch.dry_run=true"] if args.dry_run else [])])
+    job = PretrainJob.from_config(cfg)
+    result = launch(PRETRAIN_TARGET, job, cfg.launch, cfg.output_dir, kind="train")
+    if cfg.launch.backend == "local" and not cfg.launch.dry_run:
+        print(f"{result.status} at step {result.step}; run folder {result.output_dir}")
+    return 0
+
+
+def register_commands(subparsers: argparse._SubParsersAction, groups: dict[str, Any]) -> None:
+    """Add ``vitssl pretrain``."""
+    from vitssl.cli._args import add_parser
+
+    p = add_parser(subparsers, "pretrain", help="pretrain a backbone from a YAML recipe (+ key=value overrides)")
+    p.add_argument("config", help="recipe path or shipped recipe name, e.g. pretrain/mocov3_demo (`vitssl recipes`)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-4 launch=slurm; ~key deletes")
+    p.add_argument("--dry-run", action="store_true", help="with launch=slurm: print the sbatch script, submit nothing")
+    p.set_defaults(func=_cmd_pretrain)
