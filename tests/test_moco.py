@@ -113,16 +113,16 @@ def test_recipes_resolve():
 
 
 def test_demo_runs_end_to_end_shortened(tmp_path):
+    """The demo's first 105 of 630 steps (its own schedule, stopped early): MoCo v3 already beats random init."""
     from vitssl.demo import main
 
     out = tmp_path / "demo"
-    args = [f"output_dir={out}", "train.epochs=2", "eval.knn_every_epochs=1", "objective.mlp_dim=64"]
-    assert main(args) == 0
+    assert main([f"output_dir={out}", "train.stop_after_steps=105"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"raw_pixels", "random_init", "pretrained"}
-    for row in results.values():
-        assert 0 <= row["knn_top1"] <= 100 and 0 <= row["linear_top1"] <= 100
     assert results["raw_pixels"]["knn_top1"] > 80  # digits are easy in pixel space
+    # the objective learns: +16 k-NN points at this step on the development machine; 5 leaves room for BLAS noise
+    assert results["pretrained"]["knn_top1"] > results["random_init"]["knn_top1"] + 5
     assert (out / "curves.png").stat().st_size > 0
     knn = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "knn_top1" in x]
-    assert len(knn) == 2
+    assert [r["step"] for r in knn] == [105]  # the online monitor ran at the end of epoch 5 (knn_every_epochs)
