@@ -22,11 +22,13 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "vitssl.cli.igpt",
     "vitssl.cli.eval",
     "vitssl.cli.index",
+    "vitssl.cli.video",
 )
 _GROUPS = {
     "eval": "evaluate frozen features of a checkpoint (features, knn, linear, zeroshot, retrieval)",
     "index": "build, merge, query and evaluate faiss retrieval indexes",
     "igpt": "iGPT utilities (sample completions from a checkpoint)",
+    "video": "read and evaluate videos (probe, eval)",
 }
 
 

@@ -7,12 +7,13 @@ from typing import Any
 
 
 def register_objectives() -> None:
-    """Import the packages whose import registers objectives (image ones in ``vitssl.ssl``).
+    """Import the packages whose import registers objectives and datasets (``vitssl.ssl``, ``vitssl.video``).
 
     Objectives register by name in :data:`vitssl.registry.OBJECTIVES`; the config and the engine look them up
     there without importing them, so every entry point calls this before it reads a config or a checkpoint.
     """
-    import vitssl.ssl  # noqa: F401
+    import vitssl.ssl
+    import vitssl.video  # noqa: F401
 
 
 def load_run_config(recipe: str | Path | None, overrides: list[str]) -> Any:

@@ -1,4 +1,4 @@
-"""``vitssl pretrain RECIPE [key=value ...]``: train a backbone, here or on SLURM, and the job that does it.
+"""``vitssl train|pretrain RECIPE [key=value ...]``: train any objective, here or on SLURM, and the job that does it.
 
 :func:`pretrain_job` is the launch target of every training run (``vitssl pretrain``, ``vitssl sweep``, the
 demo): it imports the objective packages (their import registers them), rebuilds the config from its
@@ -62,11 +62,21 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def register_commands(subparsers: argparse._SubParsersAction, groups: dict[str, Any]) -> None:
-    """Add ``vitssl pretrain``."""
+    """Add ``vitssl train`` (any objective: pretraining, video heads) and ``vitssl pretrain`` (the same command)."""
     from vitssl.cli._args import add_parser
 
-    p = add_parser(subparsers, "pretrain", help="pretrain a backbone from a YAML recipe (+ key=value overrides)")
-    p.add_argument("config", help="recipe path or shipped recipe name, e.g. pretrain/mocov3_demo (`vitssl recipes`)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-4 launch=slurm; ~key deletes")
-    p.add_argument("--dry-run", action="store_true", help="with launch=slurm: print the sbatch script, submit nothing")
-    p.set_defaults(func=_cmd_pretrain)
+    for name, text in (
+        ("train", "train any objective from a YAML recipe (+ key=value overrides): pretraining or a video head"),
+        ("pretrain", "pretrain a backbone from a YAML recipe (+ key=value overrides); the same as `vitssl train`"),
+    ):
+        p = add_parser(subparsers, name, help=text)
+        p.add_argument(
+            "config", help="recipe path or shipped recipe name, e.g. pretrain/mocov3_demo (`vitssl recipes`)"
+        )
+        p.add_argument(
+            "overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-4 launch=slurm; ~key deletes"
+        )
+        p.add_argument(
+            "--dry-run", action="store_true", help="with launch=slurm: print the sbatch script, submit nothing"
+        )
+        p.set_defaults(func=_cmd_pretrain)

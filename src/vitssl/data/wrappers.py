@@ -67,14 +67,6 @@ class TransformedDataset(Dataset):
         return getattr(self.base, name)
 
     def __getitem__(self, index: int) -> Any:
-        try:
-            img, target = self.base[index]
-        except CorruptImageError as exc:
-            if not self.skip_corrupt:
-                raise
-            # skipping is on: the hint that says how to turn it on would only be noise here
-            _logger.warning("skipping corrupt sample %d: %s", index, str(exc).replace(f" ({SKIP_HINT})", ""))
-            return None
         value = sample_seed(self.seed, self.epoch, index)
         py_state = random.getstate()
         np_state = np.random.get_state()
@@ -83,6 +75,15 @@ class TransformedDataset(Dataset):
             random.seed(value)
             np.random.seed(value & 0xFFFF_FFFF)  # numpy's legacy global seed is 32-bit
             try:
+                # Reading is seeded too: a video dataset draws its clip's frame indices while it reads.
+                try:
+                    img, target = self.base[index]
+                except CorruptImageError as exc:
+                    if not self.skip_corrupt:
+                        raise
+                    # skipping is on: the hint that says how to turn it on would only be noise here
+                    _logger.warning("skipping corrupt sample %d: %s", index, str(exc).replace(f" ({SKIP_HINT})", ""))
+                    return None
                 return self.sample_fn(img, target)
             finally:
                 random.setstate(py_state)

@@ -1,0 +1,13 @@
+"""Video: reading clips, frame samplers, video datasets and clip transforms, and heads on image backbones.
+
+- ``io``: ``probe`` (verified frame count, fps, size, codec) and ``read_frames`` (exact frames as uint8
+  ``(T, H, W, 3)``; PyAV by default, decord on request: the one module that imports decord).
+- ``samplers``: TSN segments, dense clips and multi-view test indices, as pure index arithmetic.
+- ``datasets``: ``videofolder``, ``video_csv`` and the procedural ``motion`` set (label = direction of motion).
+- ``transforms``: clip transforms with one spatial augmentation for every frame; batches are ``(B, T, C, H, W)``.
+
+Importing the package registers its datasets (and its objectives); ``vitssl.cli`` imports it before reading a
+config.
+"""
+
+from vitssl.video import datasets  # noqa: F401  (registers videofolder, video_csv, motion)

@@ -1,0 +1,108 @@
+"""Tiny synthetic videos whose pixels spell their frame index, for exact frame-reading tests.
+
+Each frame is a grid of ``_COLS x _ROWS`` big black/white blocks, one bit of the frame index per block (bit 0 top
+left, row-major), so lossy codecs and 4:2:0 chroma cannot flip a bit: ``decode_index`` averages each block's
+interior and thresholds at mid-grey. 12 bits cover 4096 frames. Written with PyAV (yuv420p, a keyframe every
+``gop`` frames) so that random access has to seek and decode forward.
+"""
+
+from __future__ import annotations
+
+import shutil
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+_COLS, _ROWS = 4, 3  # 12 bits
+_CONTAINERS = {".mp4": "mp4", ".mkv": "matroska", ".avi": "avi"}
+_CODECS = {"h264": "libx264", "mpeg4": "mpeg4"}
+
+
+def index_frame(index: int, width: int, height: int) -> np.ndarray:
+    """The uint8 ``(height, width, 3)`` frame that spells ``index`` in black/white blocks."""
+    bits = [(index >> b) & 1 for b in range(_COLS * _ROWS)]
+    grid = np.array(bits, dtype=np.uint8).reshape(_ROWS, _COLS) * 255  # (rows, cols)
+    ys = np.arange(height) * _ROWS // height  # block row of each pixel row
+    xs = np.arange(width) * _COLS // width
+    frame = grid[ys[:, None], xs[None, :]]  # (H, W)
+    return np.repeat(frame[:, :, None], 3, axis=2)  # (H, W, 3)
+
+
+def decode_index(frame: np.ndarray) -> int:
+    """Read back the index a frame of :func:`index_frame` spells (``frame``: uint8 ``(H, W, 3)`` or a tensor)."""
+    frame = np.asarray(frame)
+    height, width = frame.shape[:2]
+    grey = frame.astype(np.float32).mean(axis=2)  # (H, W)
+    index = 0
+    for b in range(_COLS * _ROWS):
+        row, col = divmod(b, _COLS)
+        y0, y1 = row * height // _ROWS, (row + 1) * height // _ROWS
+        x0, x1 = col * width // _COLS, (col + 1) * width // _COLS
+        # the interior only: codecs smear block edges
+        my, mx = max((y1 - y0) // 4, 0), max((x1 - x0) // 4, 0)
+        if grey[y0 + my : y1 - my, x0 + mx : x1 - mx].mean() > 127.5:
+            index |= 1 << b
+    return index
+
+
+def write_video(
+    path: str | Path,
+    num_frames: int = 40,
+    width: int = 64,
+    height: int = 48,
+    fps: int = 25,
+    codec: str = "h264",
+    gop: int = 12,
+    texture: bool = False,
+) -> Path:
+    """Write a video whose frame ``i`` spells ``i``; the container follows the suffix (.mp4, .mkv, .avi).
+
+    Args:
+        path: output file.
+        num_frames: frames to write.
+        width, height: frame size (even: yuv420p).
+        fps: frame rate.
+        codec: "h264" (libx264) or "mpeg4".
+        gop: keyframe interval; small, so that random access seeks to a keyframe and decodes forward.
+        texture: add a grainy texture that pans 2 pixels a frame (+-40 grey levels, the bits still read): a
+            bitrate closer to camera footage, for benchmarks.
+    """
+    import av
+
+    path = Path(path)
+    container = av.open(str(path), mode="w", format=_CONTAINERS[path.suffix.lower()])
+    options = {"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0", "bf": "0"}
+    if codec == "h264":
+        options.update(preset="ultrafast", crf="18")
+    stream = container.add_stream(_CODECS[codec], rate=Fraction(fps), options=options)
+    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+    if codec == "mpeg4":
+        stream.bit_rate = 2_000_000  # high: keeps the blocks clean at tiny sizes
+    # 2x2-pixel grains: camera-like detail that inter prediction can follow, not incompressible pixel noise
+    grains = np.random.default_rng(0).integers(-40, 41, size=(height // 2 + 1, width // 2 + num_frames + 1, 1))
+    noise = grains.repeat(2, axis=0).repeat(2, axis=1)[:height].astype(np.int16)  # (H, W + 2 * frames + 2, 1)
+    for i in range(num_frames):
+        pixels = index_frame(i, width, height)
+        if texture:
+            pixels = np.clip(pixels + noise[:, 2 * i : 2 * i + width], 0, 255).astype(np.uint8)  # (H, W, 3)
+        frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    return path
+
+
+def truncated_copy(src: str | Path, dst: str | Path, fraction: float = 0.5) -> Path:
+    """Copy the first ``fraction`` of ``src``'s bytes to ``dst``: a download cut in the middle."""
+    data = Path(src).read_bytes()
+    Path(dst).write_bytes(data[: int(len(data) * fraction)])
+    return Path(dst)
+
+
+def copy_video(src: str | Path, dst: str | Path) -> Path:
+    """A plain copy (for tests that need a second file with the same frames)."""
+    shutil.copyfile(src, dst)
+    return Path(dst)
