@@ -5,9 +5,10 @@
 - ``samplers``: TSN segments, dense clips and multi-view test indices, as pure index arithmetic.
 - ``datasets``: ``videofolder``, ``video_csv`` and the procedural ``motion`` set (label = direction of motion).
 - ``transforms``: clip transforms with one spatial augmentation for every frame; batches are ``(B, T, C, H, W)``.
+- ``heads`` (mean, ViViT temporal), ``action`` (the ``video_action`` objective), ``evaluate`` (multi-view tests).
 
-Importing the package registers its datasets (and its objectives); ``vitssl.cli`` imports it before reading a
+Importing the package registers its datasets and objectives; ``vitssl.cli`` imports it before reading a
 config.
 """
 
-from vitssl.video import datasets  # noqa: F401  (registers videofolder, video_csv, motion)
+from vitssl.video import action, datasets  # noqa: F401  (register video_action; videofolder, video_csv, motion)

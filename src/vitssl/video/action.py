@@ -1,0 +1,183 @@
+"""Action recognition on an image backbone: the ``video_action`` objective.
+
+Each frame goes through the image backbone on its own (T folded into the batch), giving frame embeddings
+``(B, T, D)``; a head (:mod:`vitssl.video.heads`) turns them into class logits: ``temporal``, the temporal
+transformer of ViViT's factorised encoder, or ``mean``, TSN's average. Trained with label-smoothed cross-entropy,
+from scratch or from an image objective's backbone (``init_from``); ``freeze_backbone`` trains the head alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitssl.config import ConfigError, DataConfig, ObjectiveConfig
+from vitssl.ssl.base import ImageTransform, Objective, register_objective
+from vitssl.video.heads import MeanHead, TemporalHead
+
+HEADS = ("temporal", "mean")
+
+
+@dataclass
+class VideoActionConfig(ObjectiveConfig):
+    name: str = "video_action"
+    num_classes: int = 400  # classes of data.train (Kinetics-400: 400, Something-Something v2: 174)
+    head: str = "temporal"  # temporal: ViViT factorised encoder's temporal transformer | mean: TSN average
+    depth: int = 2  # temporal transformer layers (head=temporal)
+    num_heads: int | None = None  # its attention heads; null = backbone width // 64 (at least 1)
+    mlp_ratio: float = 4.0  # its MLP width as a multiple of the backbone width
+    dropout: float = 0.0  # dropout in the temporal layers and before the classifier
+    label_smoothing: float = 0.1  # cross-entropy label smoothing
+    freeze_backbone: bool = False  # train the head only (backbone in eval mode, no gradients)
+    num_frames: int = 8  # frames per clip T (the datasets' num_frames must match)
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # clip RandomResizedCrop scale range
+    flip: bool = True  # random horizontal flip of whole clips; false where labels name directions (SSv2)
+    # a vitssl checkpoint of an image objective (its backbone.* weights) or an exported backbone.safetensors;
+    # loaded once when a run starts (before resuming), with the backbone built from model.* as configured
+    init_from: str | None = None
+
+
+def _check_config(cfg: Any) -> None:
+    if cfg.head not in HEADS:
+        raise ConfigError(f"objective.head={cfg.head!r}; choose one of {', '.join(HEADS)}")
+    if cfg.num_classes < 2:
+        raise ConfigError(f"objective.num_classes={cfg.num_classes}: a classifier needs at least 2 classes")
+    if cfg.num_frames < 1:
+        raise ConfigError(f"objective.num_frames={cfg.num_frames} must be positive")
+    if cfg.depth < 1 and cfg.head == "temporal":
+        raise ConfigError(f"objective.depth={cfg.depth}: the temporal head needs at least one layer")
+    if not 0.0 <= cfg.label_smoothing < 1.0:
+        raise ConfigError(f"objective.label_smoothing={cfg.label_smoothing} must lie in [0, 1)")
+    scale = list(cfg.crop_scale)
+    if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
+        raise ConfigError(f"objective.crop_scale must be [min, max] with 0 < min <= max <= 1, got {scale}")
+
+
+@register_objective("video_action")
+class VideoAction(Objective):
+    """Per-frame image backbone + temporal head, trained with label-smoothed cross-entropy on clips.
+
+    Batches are ``(clips (B, T, C, H, W), labels (B,))``; ``forward`` returns ``loss`` and ``top1`` (batch
+    accuracy in percent).
+
+    With ``freeze_backbone`` the backbone's parameters have ``requires_grad=False`` (so ``param_groups``, the
+    optimizer and DDP see only the head) and it runs in eval mode under ``torch.no_grad()`` whatever mode the
+    objective is put in. Frozen training still runs the backbone on every frame of every step: caching the
+    per-frame features across epochs is not done yet (it would only hold without clip augmentation).
+    """
+
+    Config = VideoActionConfig
+
+    def __init__(self, cfg: VideoActionConfig, backbone_factory: Callable[[], nn.Module]) -> None:
+        super().__init__(cfg, backbone_factory)
+        _check_config(cfg)
+        self.backbone = backbone_factory()
+        dim = int(self.backbone.num_features)
+        if cfg.head == "mean":
+            self.head: nn.Module = MeanHead(dim, cfg.num_classes, dropout=cfg.dropout)
+        else:
+            if cfg.num_heads is not None and (cfg.num_heads < 1 or dim % cfg.num_heads):
+                raise ConfigError(f"objective.num_heads={cfg.num_heads} must divide the backbone width {dim}")
+            self.head = TemporalHead(
+                dim,
+                cfg.num_classes,
+                depth=cfg.depth,
+                heads=cfg.num_heads,
+                mlp_ratio=cfg.mlp_ratio,
+                num_frames_max=cfg.num_frames,
+                dropout=cfg.dropout,
+            )
+        self.freeze_backbone = bool(cfg.freeze_backbone)
+        if self.freeze_backbone:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+
+    # ------------------------------------------------------------------------------------------- modes
+    def train(self, mode: bool = True) -> VideoAction:
+        """Set the mode; a frozen backbone stays in eval mode (no dropout, fixed norms) while the head trains."""
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()
+        return self
+
+    def setup(self, cfg: Any) -> None:
+        """Load ``objective.init_from`` into the backbone (a resumed run then overwrites it with its own weights)."""
+        if self.cfg.init_from:
+            load_backbone_weights(self.backbone, self.cfg.init_from)
+
+    # ----------------------------------------------------------------------------------------- compute
+    def frame_features(self, clips: torch.Tensor) -> torch.Tensor:
+        """Per-frame embeddings (B, T, D) of clips (B, T, C, H, W): the backbone on every frame."""
+        b, t = clips.shape[:2]
+        frames = clips.flatten(0, 1)  # (B·T, C, H, W): frames are independent images to the backbone
+        if self.freeze_backbone:
+            with torch.no_grad():
+                feats = self.backbone(frames)  # (B·T, D)
+        else:
+            feats = self.backbone(frames)  # (B·T, D)
+        return feats.view(b, t, -1)  # (B, T, D)
+
+    def logits(self, clips: torch.Tensor) -> torch.Tensor:
+        """Class logits (B, num_classes) of clips (B, T, C, H, W)."""
+        return self.head(self.frame_features(clips))  # (B, K)
+
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        clips, labels = batch  # (B, T, C, H, W), (B,)
+        logits = self.logits(clips)  # (B, K)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
+        top1 = (logits.argmax(-1) == labels).float().mean() * 100
+        return {"loss": loss, "top1": top1.detach()}
+
+    def eval_features(self, clips: torch.Tensor) -> torch.Tensor:
+        """The head's pre-logit embedding (B, D) of clips (B, T, C, H, W)."""
+        return self.head.forward_features(self.frame_features(clips))  # (B, D)
+
+    # -------------------------------------------------------------------------------------------- data
+    def train_sample_fn(self, data_cfg: DataConfig) -> Callable[[Any, Any], Any]:
+        from vitssl.video.transforms import clip_train_transform
+
+        transform = clip_train_transform(
+            data_cfg.img_size, data_cfg.mean, data_cfg.std, crop_scale=tuple(self.cfg.crop_scale), flip=self.cfg.flip
+        )
+        return ImageTransform(transform)
+
+    def eval_sample_fn(self, data_cfg: DataConfig) -> Callable[[Any, Any], Any]:
+        from vitssl.video.transforms import clip_eval_transform
+
+        ratio = 1.0 if data_cfg.img_size < 96 else 256 / 224  # as for images: no resize margin on tiny clips
+        return ImageTransform(clip_eval_transform(data_cfg.img_size, data_cfg.mean, data_cfg.std, resize_ratio=ratio))
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
+    """Load an image backbone's weights from a vitssl checkpoint or an exported ``backbone.safetensors``.
+
+    Args:
+        backbone: the (freshly built) backbone to fill.
+        path: a training checkpoint of any image objective (its ``backbone.*`` weights are taken) or a file
+            written by ``vitssl.backbones.save_backbone``.
+
+    Raises:
+        ConfigError: the file is missing or its weights do not fit the configured backbone.
+        CheckpointError: the checkpoint is truncated or not a vitssl checkpoint.
+    """
+    from vitssl.backbones import load_backbone_state
+    from vitssl.engine import load_checkpoint
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"objective.init_from={str(path)!r}: no such file (a vitssl checkpoint or .safetensors)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            load_backbone_state(backbone, load_file(str(path)))
+        else:
+            load_backbone_state(backbone, load_checkpoint(path)["model"], prefix="backbone.")
+    except KeyError as err:
+        raise ConfigError(f"objective.init_from={str(path)!r}: {err.args[0] if err.args else err}") from None

@@ -1,0 +1,218 @@
+"""Multi-view action-recognition testing (TimeSformer / ViViT protocol) and a confusion-matrix figure.
+
+Each video is scored on ``clips`` temporal clips × ``crops`` spatial crops; the softmax scores of the views are
+averaged per video before the arg-max (TimeSformer: 1 × 3 views on Kinetics; ViViT: 4 × 3).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from vitssl.data import TransformedDataset, collate_skip_none
+from vitssl.io import atomic_path
+
+_logger = logging.getLogger(__name__)
+
+
+class SpatialCropClip:
+    """Picklable sample function: one of ``num_crops`` evenly spaced square crops of a clip (ViViT's 3-crop test).
+
+    The clip is resized so its shorter side is ``size``; crop ``index`` is taken at the ``index / (num_crops - 1)``
+    point along the longer side (left, centre, right for 3 crops), then normalised.
+
+    Args:
+        size: crop side S.
+        mean: per-channel mean.
+        std: per-channel std.
+        index: which crop, ``0 <= index < num_crops``.
+        num_crops: crops per clip.
+    """
+
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], index: int, num_crops: int) -> None:
+        self.size, self.index, self.num_crops = size, index, num_crops
+        self.mean, self.std = list(mean), list(std)
+
+    def __call__(self, clip: Any, label: Any) -> tuple[torch.Tensor, Any]:
+        x = torch.as_tensor(clip).permute(0, 3, 1, 2).float() / 255  # (T, 3, H, W)
+        h, w = x.shape[-2:]
+        scale = self.size / min(h, w)
+        nh, nw = max(self.size, round(h * scale)), max(self.size, round(w * scale))
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)  # (T, 3, h', w')
+        frac = self.index / (self.num_crops - 1) if self.num_crops > 1 else 0.5
+        top, left = round((nh - self.size) * frac), round((nw - self.size) * frac)
+        x = x[..., top : top + self.size, left : left + self.size]  # (T, 3, S, S)
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return (x - mean) / std, label
+
+    def __repr__(self) -> str:
+        return f"SpatialCropClip(size={self.size}, index={self.index}, num_crops={self.num_crops})"
+
+
+def clip_views(name: str, root: str | None, split: str, num_clips: int, **kwargs: Any) -> Callable[[int], Dataset]:
+    """A ``clip_index -> dataset`` factory for file datasets (``videofolder``, ``video_csv``): view ``c`` is the
+    ``c``-th of ``num_clips`` evenly spaced clips of each video (``train=False``), for ``evaluate_action``.
+
+    Args:
+        name: dataset registry key.
+        root: its root.
+        split: its split.
+        num_clips: temporal views per video (pass the same number as ``views[0]``).
+        **kwargs: further dataset options (``num_frames``, ``sampler``, ``stride``...).
+    """
+    return functools.partial(_build_view, name, root, split, num_clips, kwargs)
+
+
+def _build_view(name: str, root: str | None, split: str, num_clips: int, kwargs: dict[str, Any], c: int) -> Dataset:
+    from vitssl.data import build_dataset
+
+    return build_dataset(name, root=root, split=split, clip_index=c, num_clips=num_clips, train=False, **kwargs)
+
+
+@torch.no_grad()
+def evaluate_action(
+    objective: Any,
+    dataset_or_factory: Dataset | Callable[[int], Dataset],
+    *,
+    views: tuple[int, int] = (1, 1),
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+    data_cfg: Any = None,
+    seed: int = 0,
+    num_workers: int = 0,
+) -> dict[str, Any]:
+    """Top-1 / top-5, per-class accuracy and confusion matrix of a ``video_action`` objective, multi-view.
+
+    Temporal views: clip ``c`` reads the videos through ``factory(c)`` when a factory is given (a dataset built
+    with that ``clip_index``), else through the one dataset under the data seed ``seed + c``: datasets that draw
+    their frame indices at random while reading (seeded per item by ``TransformedDataset``) give a different,
+    reproducible clip per view; deterministic datasets give the same clip each time. Spatial views: with one
+    crop, the objective's ``eval_sample_fn`` (centre crop); with several, :class:`SpatialCropClip` crops evenly
+    along the longer side after resizing the shorter one to ``data_cfg.img_size``.
+
+    Args:
+        objective: a ``VideoAction`` objective (``logits(clips)``, ``eval_sample_fn``, ``cfg.num_classes``).
+        dataset_or_factory: a video dataset with ``(uint8 (T, H, W, 3), label)`` items, or ``clip_index -> dataset``.
+        views: ``(clips, crops)`` per video.
+        batch_size: clips per forward pass.
+        device: where the objective runs.
+        data_cfg: the run's ``data`` config (``img_size``, ``mean``, ``std``); required.
+        seed: base data seed of the views.
+        num_workers: DataLoader workers.
+
+    Returns:
+        ``top1`` (and ``top5`` with at least 5 classes) in percent, ``mean_class_accuracy``, ``per_class``
+        (percent per class, None for a class without videos), ``confusion`` (``[true][predicted]`` counts),
+        ``num_videos`` and ``views``.
+    """
+    if data_cfg is None:
+        raise ValueError("evaluate_action needs data_cfg (img_size, mean, std) for the clip transforms")
+    num_clips, num_crops = (int(v) for v in views)
+    if num_clips < 1 or num_crops < 1:
+        raise ValueError(f"views must be (clips >= 1, crops >= 1), got {views}")
+    num_classes = int(objective.cfg.num_classes)
+    was_training = objective.training
+    objective.eval().to(device)
+    scores: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    try:
+        for c in range(num_clips):
+            base = dataset_or_factory(c) if callable(dataset_or_factory) else dataset_or_factory
+            for k in range(num_crops):
+                if num_crops == 1:
+                    sample_fn = objective.eval_sample_fn(data_cfg)
+                else:
+                    sample_fn = SpatialCropClip(data_cfg.img_size, data_cfg.mean, data_cfg.std, k, num_crops)
+                data = TransformedDataset(base, sample_fn, seed=seed + c)
+                view_scores, view_labels = _score(objective, data, batch_size, device, num_workers)
+                scores = view_scores if scores is None else scores + view_scores
+                labels = view_labels
+    finally:
+        objective.train(was_training)
+    assert scores is not None and labels is not None
+    scores = scores / (num_clips * num_crops)  # (N, K) mean softmax over views
+    return _metrics(scores, labels, num_classes) | {"views": [num_clips, num_crops]}
+
+
+def _score(
+    objective: Any, data: Dataset, batch_size: int, device: torch.device | str, num_workers: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_skip_none)  # fmt: skip
+    probs, labels = [], []
+    for batch, skipped in loader:
+        if skipped:
+            raise RuntimeError("evaluate_action: a video could not be read; every view must score every video")
+        clips, target = batch  # (B, T, C, H, W), (B,)
+        logits = objective.logits(clips.to(device))  # (B, K)
+        probs.append(logits.float().softmax(-1).cpu())  # (B, K)
+        labels.append(torch.as_tensor(target))
+    return torch.cat(probs), torch.cat(labels)  # (N, K), (N,)
+
+
+def _metrics(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, Any]:
+    pred = scores.argmax(-1)  # (N,)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)  # [true, predicted]
+    totals = confusion.sum(1)
+    per_class = [
+        round(float(confusion[i, i]) / float(n) * 100, 2) if n else None for i, n in enumerate(totals.tolist())
+    ]
+    present = [a for a in per_class if a is not None]
+    out: dict[str, Any] = {
+        "top1": round(float((pred == labels).float().mean()) * 100, 2),
+        "mean_class_accuracy": round(sum(present) / len(present), 2) if present else math.nan,
+        "per_class": per_class,
+        "confusion": confusion.tolist(),
+        "num_videos": int(labels.numel()),
+    }
+    if num_classes >= 5:
+        top5 = scores.topk(5, dim=-1).indices  # (N, 5)
+        out["top5"] = round(float((top5 == labels[:, None]).any(-1).float().mean()) * 100, 2)
+    return out
+
+
+def save_confusion_png(
+    matrix: Sequence[Sequence[int]] | torch.Tensor, classes: Sequence[str], path: str | Path
+) -> Path:
+    """Write a row-normalised confusion matrix (true rows, predicted columns) as a PNG, atomically.
+
+    Args:
+        matrix: ``[true][predicted]`` counts, as ``evaluate_action`` returns under ``confusion``.
+        classes: class names, one per row.
+        path: destination ``.png``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = torch.as_tensor(matrix, dtype=torch.float64)  # (K, K)
+    rows = counts / counts.sum(1, keepdim=True).clamp_min(1)  # each true class sums to 1
+    k = len(classes)
+    side = min(12.0, 2.0 + 0.35 * k)
+    fig, ax = plt.subplots(figsize=(side, side))
+    ax.imshow(rows.numpy(), cmap="Blues", vmin=0, vmax=1)
+    if k <= 40:  # beyond that the labels are unreadable anyway
+        ax.set_xticks(range(k), list(classes), rotation=90)
+        ax.set_yticks(range(k), list(classes))
+    if k <= 12:
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, int(counts[i, j]), ha="center", va="center", color="w" if rows[i, j] > 0.5 else "k")
+    ax.set(xlabel="predicted", ylabel="true", title="confusion (row-normalised)")
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return path
