@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -52,7 +51,7 @@ from vitssl.config import ConfigError
 from vitssl.distributed import resolve_device
 from vitssl.errors import UserError
 from vitssl.eval.spec import LAYER_HELP, parse_layer
-from vitssl.io import make_tmp_dir, replace_dir
+from vitssl.io import atomic_dir, atomic_write
 
 _logger = logging.getLogger(__name__)
 
@@ -382,9 +381,7 @@ def checkpoint_sha256(path: str | os.PathLike) -> str:
     value = digest.hexdigest()
     _HASHES[ident] = value
     try:
-        tmp = sidecar.with_name(f"{sidecar.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps({**stamp, "sha256": value}) + "\n")
-        os.replace(tmp, sidecar)
+        atomic_write(sidecar, json.dumps({**stamp, "sha256": value}) + "\n")
     except OSError:
         _logger.debug("cannot write %s; the digest is kept in this process only", sidecar)
     return value
@@ -638,17 +635,12 @@ class FeatureSet:
         feature sets this way for the probes and the retrieval index builder.
         """
         directory = Path(directory)
-        tmp = make_tmp_dir(directory)
-        try:
+        with atomic_dir(directory) as tmp:
             np.save(tmp / FEATURES_FILE, np.ascontiguousarray(self.features, dtype=np.float32))
             np.save(tmp / LABELS_FILE, np.asarray(self.labels, dtype=np.int64))
             (tmp / IDS_FILE).write_text(json.dumps(list(self.sample_ids)) + "\n", encoding="utf-8")
             meta = {k: v for k, v in self.meta.items() if k != "cache_hit"}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            replace_dir(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         self.path = directory
         return directory
 
