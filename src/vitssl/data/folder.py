@@ -31,38 +31,9 @@ class ImageFolder(ImageDataset):
     def __init__(
         self, root: str | os.PathLike | None, split: str = "train", extensions: tuple[str, ...] = IMG_EXTENSIONS
     ) -> None:
-        base = require_root("imagefolder", root, _LAYOUT)
-        if not base.is_dir():
-            raise DataError(f"imagefolder root {str(base)!r} is a file; expected a folder with {_LAYOUT}")
-        folder = base / split
-        if not folder.is_dir():
-            present = [s for s in _SPLIT_NAMES if (base / s).is_dir()]
-            if present:
-                # Falling back to root would silently treat the split folders as classes.
-                raise MissingFileError(
-                    f"imagefolder root {str(base)!r} has split folders {', '.join(present)} but no {split!r}; "
-                    f"choose one of them as split"
-                )
-            folder = base
-        self.root = folder
-        exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
-        self.classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
-        if not self.classes:
-            raise MissingFileError(f"imagefolder {str(folder)!r} has no class sub-folders; expected {_LAYOUT}")
-        self.samples: list[str] = []
-        self.targets: list[int] = []
-        empty = []
-        for label, cls_name in enumerate(self.classes):
-            files = sorted(_walk_images(folder / cls_name, exts))
-            if not files:
-                empty.append(cls_name)
-            self.samples += files
-            self.targets += [label] * len(files)
-        if empty:
-            raise MissingFileError(
-                f"imagefolder {str(folder)!r}: class folder(s) {', '.join(empty)} hold no images with extensions "
-                f"{', '.join(exts)}; remove them or add images"
-            )
+        self.root, self.classes, self.samples, self.targets = scan_class_tree(
+            "imagefolder", root, split, _LAYOUT, extensions, "images"
+        )
 
     def load_image(self, index: int) -> Image.Image:
         return open_rgb(self.samples[index])
@@ -71,7 +42,60 @@ class ImageFolder(ImageDataset):
         return self.samples[index]
 
 
-def _walk_images(folder: Path, exts: tuple[str, ...]) -> list[str]:
+def scan_class_tree(
+    name: str, root: str | os.PathLike | None, split: str, layout: str, extensions: tuple[str, ...], what: str
+) -> tuple[Path, list[str], list[str], list[int]]:
+    """Find ``root/[<split>/]<class>/**/<file>`` files: the folder used, sorted classes, files and their labels.
+
+    ``root/<split>`` is used when it exists, else ``root`` itself (unless ``root`` holds other split folders:
+    falling back would silently treat them as classes). Files are found recursively and sorted, so indices are
+    stable across machines. Shared by ``imagefolder`` and ``videofolder``.
+
+    Args:
+        name: the dataset's registry name, for messages.
+        root: the tree's root folder.
+        split: sub-folder to use when present.
+        layout: a description of the expected tree, for messages.
+        extensions: accepted file extensions (case-insensitive).
+        what: what the files are ("images", "videos"), for messages.
+
+    Raises:
+        DataError: ``root`` is a file. MissingFileError: no root, no classes, or an empty class folder.
+    """
+    base = require_root(name, root, layout)
+    if not base.is_dir():
+        raise DataError(f"{name} root {str(base)!r} is a file; expected a folder with {layout}")
+    folder = base / split
+    if not folder.is_dir():
+        present = [s for s in _SPLIT_NAMES if (base / s).is_dir()]
+        if present:
+            raise MissingFileError(
+                f"{name} root {str(base)!r} has split folders {', '.join(present)} but no {split!r}; "
+                f"choose one of them as split"
+            )
+        folder = base
+    exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise MissingFileError(f"{name} {str(folder)!r} has no class sub-folders; expected {layout}")
+    samples: list[str] = []
+    targets: list[int] = []
+    empty = []
+    for label, cls_name in enumerate(classes):
+        files = sorted(_walk_files(folder / cls_name, exts))
+        if not files:
+            empty.append(cls_name)
+        samples += files
+        targets += [label] * len(files)
+    if empty:
+        raise MissingFileError(
+            f"{name} {str(folder)!r}: class folder(s) {', '.join(empty)} hold no {what} with extensions "
+            f"{', '.join(exts)}; remove them or add {what}"
+        )
+    return folder, classes, samples, targets
+
+
+def _walk_files(folder: Path, exts: tuple[str, ...]) -> list[str]:
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vitssl.data.common import DATASETS, SKIP_HINT, check_split, require_root
+from vitssl.data.folder import scan_class_tree
 from vitssl.errors import DataError, MissingFileError
 from vitssl.video.io import CorruptVideoError, probe, read_frames
 from vitssl.video.samplers import dense_indices, segment_indices
@@ -42,7 +43,6 @@ _LIST_LAYOUT = (
     "(or a folder holding <split>.csv, <split>.txt or <split>.tsv)"
 )
 # Folder names that mark a root as holding splits; if one of them exists, the requested split must exist too.
-_SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
 _INT = re.compile(r"[+-]?\d+")
 
 
@@ -198,38 +198,9 @@ class VideoFolder(FileVideoDataset):
         extensions: tuple[str, ...] = VIDEO_EXTENSIONS,
     ) -> None:
         self._init_sampling(split, num_frames, sampler, stride, train, clip_index, num_clips)
-        base = require_root("videofolder", root, _FOLDER_LAYOUT)
-        if not base.is_dir():
-            raise DataError(f"videofolder root {str(base)!r} is a file; expected a folder with {_FOLDER_LAYOUT}")
-        folder = base / split
-        if not folder.is_dir():
-            present = [s for s in _SPLIT_NAMES if (base / s).is_dir()]
-            if present:
-                # Falling back to root would silently treat the split folders as classes.
-                raise MissingFileError(
-                    f"videofolder root {str(base)!r} has split folders {', '.join(present)} but no {split!r}; "
-                    f"choose one of them as split"
-                )
-            folder = base
-        self.root = folder
-        exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
-        self.classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
-        if not self.classes:
-            raise MissingFileError(f"videofolder {str(folder)!r} has no class sub-folders; expected {_FOLDER_LAYOUT}")
-        self.samples = []
-        self.targets = []
-        empty = []
-        for label, cls_name in enumerate(self.classes):
-            files = sorted(_walk_files(folder / cls_name, exts))
-            if not files:
-                empty.append(cls_name)
-            self.samples += files
-            self.targets += [label] * len(files)
-        if empty:
-            raise MissingFileError(
-                f"videofolder {str(folder)!r}: class folder(s) {', '.join(empty)} hold no videos with extensions "
-                f"{', '.join(exts)}; remove them or add videos"
-            )
+        self.root, self.classes, self.samples, self.targets = scan_class_tree(
+            "videofolder", root, split, _FOLDER_LAYOUT, extensions, "videos"
+        )
 
 
 @DATASETS.register("video_csv")
@@ -464,11 +435,3 @@ def _motion_background(rng: np.random.Generator, size: int, level: float) -> np.
     fine = rng.normal(0.0, 1.0, (size, size, 3))
     tint = rng.uniform(-0.04, 0.04, 3)
     return level + tint + rng.uniform(0.03, 0.07) * smooth + rng.uniform(0.01, 0.04) * fine
-
-
-def _walk_files(folder: Path, exts: tuple[str, ...]) -> list[str]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found += [os.path.join(dirpath, f) for f in filenames if f.lower().endswith(exts) and not f.startswith(".")]
-    return found
