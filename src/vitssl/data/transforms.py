@@ -19,6 +19,13 @@ _INTERPOLATIONS = {
 }
 
 
+def interpolation_mode(name: str) -> InterpolationMode:
+    """torchvision's mode for ``"nearest"``, ``"bilinear"`` or ``"bicubic"``; another name is a DataError."""
+    if name not in _INTERPOLATIONS:
+        raise DataError(f"interpolation must be one of {', '.join(_INTERPOLATIONS)}, got {name!r}")
+    return _INTERPOLATIONS[name]
+
+
 def blur_kernel_size(img_size: int) -> int:
     """Odd Gaussian-blur kernel of about 10% of the image side, at least 3 (23 at 224 px, as in BYOL).
 
@@ -128,12 +135,11 @@ def eval_transform(
     """
     if resize_ratio < 1.0:
         raise DataError(f"resize_ratio must be >= 1 (resize then crop), got {resize_ratio}")
-    if interpolation not in _INTERPOLATIONS:
-        raise DataError(f"interpolation must be one of {', '.join(_INTERPOLATIONS)}, got {interpolation!r}")
+    mode = interpolation_mode(interpolation)
     resize = round(img_size * resize_ratio)
     return T.Compose(
         [
-            T.Resize(resize, interpolation=_INTERPOLATIONS[interpolation]),
+            T.Resize(resize, interpolation=mode),
             T.CenterCrop(img_size),
             T.ToTensor(),
             T.Normalize(mean, std),

@@ -12,16 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms import v2
 
-from vitssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from vitssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, interpolation_mode
 from vitssl.errors import DataError
-
-_INTERPOLATIONS = {
-    "nearest": InterpolationMode.NEAREST,
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
-}
 
 
 def _check_common(img_size: int, mean: Sequence[float], std: Sequence[float], interpolation: str) -> None:
@@ -31,8 +25,7 @@ def _check_common(img_size: int, mean: Sequence[float], std: Sequence[float], in
         raise DataError(f"mean and std need 3 values (R, G, B), got mean={list(mean)} std={list(std)}")
     if any(s <= 0 for s in std):
         raise DataError(f"std must be positive, got {list(std)}")
-    if interpolation not in _INTERPOLATIONS:
-        raise DataError(f"interpolation must be one of {', '.join(_INTERPOLATIONS)}, got {interpolation!r}")
+    interpolation_mode(interpolation)  # fails early, naming the valid modes
 
 
 def _to_tchw(clip: torch.Tensor) -> torch.Tensor:
@@ -75,7 +68,7 @@ class ClipTrainTransform:
         self.interpolation = interpolation
         ops: list = [
             v2.RandomResizedCrop(
-                self.img_size, scale=self.crop_scale, interpolation=_INTERPOLATIONS[interpolation], antialias=True
+                self.img_size, scale=self.crop_scale, interpolation=interpolation_mode(interpolation), antialias=True
             )
         ]
         if self.flip:
@@ -123,7 +116,9 @@ class ClipEvalTransform:
         self.interpolation = interpolation
         self.pipeline = v2.Compose(
             [
-                v2.Resize(round(img_size * resize_ratio), interpolation=_INTERPOLATIONS[interpolation], antialias=True),
+                v2.Resize(
+                    round(img_size * resize_ratio), interpolation=interpolation_mode(interpolation), antialias=True
+                ),
                 v2.CenterCrop(self.img_size),
                 v2.ToDtype(torch.float32, scale=True),
                 v2.Normalize(self.mean, self.std),
