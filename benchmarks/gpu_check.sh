@@ -52,7 +52,7 @@ print(json.dumps({k: v for k, v in record.items() if k != "faiss"}, default=str)
 PYEOF
 
 echo "== 3/3 training smoke run on one GPU"
-RUN="$OUT/gpu_smoke_run"
+RUN=${SMOKE_RUN_DIR:-$OUT/gpu_smoke_run}  # the run folder itself (checkpoints) need not stay beside the figures
 rm -rf "$RUN"
 start=$(date +%s)
 if timeout 150 "$PY" -m vitssl pretrain pretrain/test_tiny device=cuda launch.gpus_per_node=1 \
