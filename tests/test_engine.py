@@ -247,3 +247,15 @@ def test_weight_decay_filter_switch(tmp_path):
     assert group["weight_decay"] == 0.05 and len(group["params"]) == len(
         [p for p in every.objective.parameters() if p.requires_grad]
     )
+
+
+def test_list_backbone_options_reach_the_backbone_as_plain_lists() -> None:
+    """``model.backbone_kwargs`` lists (PVT v2 embed_dims) are OmegaConf lists in the config; timm needs lists."""
+    from vitssl.engine.trainer import build_objective
+
+    cfg = load_config(
+        "pretrain/test_tiny",
+        ["model.backbone=test_pvt_v2", "model.backbone_kwargs={embed_dims: [8, 16, 24, 40]}"],
+    )
+    objective = build_objective(cfg)
+    assert objective.backbone.num_features == 40

@@ -5,7 +5,7 @@
 sample function under per-(seed, epoch, index) random seeds; ``MultiView`` makes the views objectives train on.
 """
 
-from vitssl.data import cifar, digits, folder, image_text, shapes  # noqa: F401  (register the datasets)
+from vitssl.data import cifar, digits, folder, image_text, shapes, shards  # noqa: F401  (register the datasets)
 from vitssl.data.cifar import CIFAR10, CIFAR100
 from vitssl.data.common import (
     DATASETS,
@@ -20,6 +20,7 @@ from vitssl.data.digits import Digits
 from vitssl.data.folder import ImageFolder
 from vitssl.data.image_text import ImageTextCSV, WebDataset, expand_braces
 from vitssl.data.shapes import PALETTE, SHAPE_CLASSES, Shapes, ShapesCaptions
+from vitssl.data.shards import ShardStream, is_stream
 from vitssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, blur_kernel_size, eval_transform, moco_v3_views
 from vitssl.data.wrappers import MultiView, SingleView, TransformedDataset, collate_skip_none, sample_seed
 
@@ -40,6 +41,7 @@ __all__ = [
     "MultiView",
     "Shapes",
     "ShapesCaptions",
+    "ShardStream",
     "SingleView",
     "TransformedDataset",
     "WebDataset",
@@ -48,6 +50,7 @@ __all__ = [
     "collate_skip_none",
     "eval_transform",
     "expand_braces",
+    "is_stream",
     "list_datasets",
     "moco_v3_views",
     "open_rgb",

@@ -1,5 +1,9 @@
 """Image–text pairs: a CSV/TSV of (image path, caption), and WebDataset tar shards read with the stdlib.
 
+The map-style ``webdataset`` here indexes every shard when it is built (evaluation picks rows from it); training
+on web-scale corpora streams them instead with ``webdataset_stream`` (:mod:`vitssl.data.shards`), which opens
+nothing at start-up and resumes exactly.
+
 Targets are the captions (str); ``classes`` is empty. Samples that cannot be used (empty caption, missing image)
 are found while indexing and reported once as a warning; reading one raises ``CorruptImageError`` naming it,
 which ``TransformedDataset(skip_corrupt=True)`` turns into a skipped sample, like an undecodable image.

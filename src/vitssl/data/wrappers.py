@@ -71,7 +71,10 @@ class TransformedDataset(Dataset):
         py_state = random.getstate()
         np_state = np.random.get_state()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(value)
+            # The CPU generator only (the one fork_rng restores): torch.manual_seed also queues a seed for every
+            # lazily initialised device (CUDA, MTIA, ...) with a captured stack trace, ~17 ms an item, a growing
+            # queue, and reseeds an initialised GPU's generator without restoring it.
+            torch.default_generator.manual_seed(value)
             random.seed(value)
             np.random.seed(value & 0xFFFF_FFFF)  # numpy's legacy global seed is 32-bit
             try:

@@ -128,6 +128,27 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def _worker_error(err: UserError) -> UserError:
+    """A user error a DataLoader worker raised, as the one line of its own message (the loader re-raises it with
+    the worker's traceback as its message)."""
+    text = str(err).strip()
+    if "Original Traceback" not in text:
+        return err
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    message = last.split(": ", 1)[1].strip() if ": " in last else last.strip()
+    try:
+        return type(err)(message)
+    except TypeError:  # an error class with another constructor: keep it as it came
+        return err
+
+
+def _worker_context(num_workers: int) -> str | None:
+    """``fork`` for DataLoader workers where the platform has it (what torchrun and SLURM ranks get by default)."""
+    import multiprocessing
+
+    return "fork" if num_workers > 0 and "fork" in multiprocessing.get_all_start_methods() else None
+
+
 def _git_sha() -> str:
     try:
         out = subprocess.run(
@@ -240,7 +261,8 @@ def build_objective(cfg: DictConfig) -> torch.nn.Module:
     from vitssl.registry import OBJECTIVES
 
     def backbone_factory(**overrides: Any) -> torch.nn.Module:
-        kwargs = {"img_size": cfg.data.img_size, **dict(cfg.model.backbone_kwargs), **overrides}
+        # plain containers: list options (PVT v2 embed_dims, Swin depths) must not reach timm as ListConfig
+        kwargs = {"img_size": cfg.data.img_size, **to_container(cfg.model.backbone_kwargs), **overrides}
         return create_backbone(cfg.model.backbone, **kwargs)
 
     return OBJECTIVES.get(cfg.objective.name)(cfg.objective, backbone_factory)
@@ -276,7 +298,7 @@ def load_objective(
 
 class _Trainer:
     def __init__(self, cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> None:
-        from vitssl.data import TransformedDataset, build_dataset, collate_skip_none
+        from vitssl.data import TransformedDataset, build_dataset, collate_skip_none, is_stream
 
         self.cfg = cfg
         dist.init_distributed()
@@ -308,11 +330,20 @@ class _Trainer:
 
         base = build_dataset(cfg.data.train.name, root=cfg.data.train.root, split=cfg.data.train.split,
                              **dict(cfg.data.train.kwargs))  # fmt: skip
-        self.dataset = TransformedDataset(
-            base, self.objective.train_sample_fn(cfg.data), seed=cfg.seed, skip_corrupt=cfg.data.skip_corrupt
-        )
-        self.sampler = ResumableSampler(len(self.dataset), self.world, self.rank, cfg.seed)
-        self.steps_per_epoch = self.sampler.per_rank // (micro * tcfg.accum_steps)
+        sample_fn = self.objective.train_sample_fn(cfg.data)
+        # Streamed shards (an IterableDataset) order and split the data themselves: the engine tells them the
+        # epoch, the batches it takes and where it resumes; map-style sets go through ResumableSampler.
+        self.stream = base if is_stream(base) else None
+        self.sampler: ResumableSampler | None = None
+        if self.stream is not None:
+            self.stream.bind(sample_fn, cfg.seed, self.rank, self.world, cfg.data.skip_corrupt)
+            self.stream.check_slots(cfg.data.num_workers)
+            self.dataset = self.stream
+            self.steps_per_epoch = len(self.stream) // tcfg.batch_size
+        else:
+            self.dataset = TransformedDataset(base, sample_fn, seed=cfg.seed, skip_corrupt=cfg.data.skip_corrupt)
+            self.sampler = ResumableSampler(len(self.dataset), self.world, self.rank, cfg.seed)
+            self.steps_per_epoch = self.sampler.per_rank // (micro * tcfg.accum_steps)
         if self.steps_per_epoch == 0:
             raise ConfigError(
                 f"data.train ({cfg.data.train.name}) has {len(self.dataset)} samples, fewer than one global "
@@ -325,10 +356,13 @@ class _Trainer:
             num_workers=cfg.data.num_workers,
             collate_fn=collate_skip_none,
             pin_memory=self.device.type == "cuda",
-            drop_last=True,
+            drop_last=self.stream is None,  # a stream gives whole batches of items (None for skipped ones)
             # A private generator: building an iterator must not consume the global RNG (exact resume).
             generator=torch.Generator().manual_seed(cfg.seed),
             persistent_workers=False,
+            # Loader workers start again each epoch: forked, they start at once; spawned (the default inside ranks
+            # that `vitssl` itself spawned) each one imports torch first.
+            multiprocessing_context=_worker_context(cfg.data.num_workers),
         )
         self.total_steps = tcfg.epochs * self.steps_per_epoch
         if self.rank == 0:
@@ -364,7 +398,8 @@ class _Trainer:
         self.forward = torch.compile(self.model) if tcfg.compile else self.model
 
         self.step, self.epoch, self.step_in_epoch = 0, 0, 0
-        self.skipped = 0
+        self.skipped = 0  # corrupt samples this rank skipped
+        self.skipped_by_rank = [0] * self.world  # every rank's count, as of the last step
         self.last_checkpoint: str | None = None
 
     # ----------------------------------------------------------------------------------------- state
@@ -379,7 +414,9 @@ class _Trainer:
             "step_in_epoch": self.step_in_epoch,
             "sampler": {"seed": self.cfg.seed, "world_size": self.world, "micro_batch": self.micro_batch},
             "rng": rng,
-            "skipped_corrupt": self.skipped,
+            **({"data_stream": self._stream_position()} if self.stream is not None else {}),
+            "skipped_corrupt": sum(self.skipped_by_rank),
+            "skipped_corrupt_by_rank": list(self.skipped_by_rank),
             "config": to_container(self.cfg),
             "vitssl_version": vitssl.__version__,
         }
@@ -436,7 +473,13 @@ class _Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.step_in_epoch = int(state.get("step_in_epoch", 0))
-        self.skipped = int(state.get("skipped_corrupt", 0))
+        by_rank = state.get("skipped_corrupt_by_rank")
+        if by_rank and len(by_rank) == self.world:
+            self.skipped_by_rank = [int(x) for x in by_rank]
+            self.skipped = self.skipped_by_rank[self.rank]
+        else:  # another world size, or an older checkpoint: the total carries on in rank 0's count
+            self.skipped = int(state.get("skipped_corrupt", 0)) if self.rank == 0 else 0
+            self.skipped_by_rank = [self.skipped if r == 0 else 0 for r in range(self.world)]
         sampler = state.get("sampler", {})
         rngs = state.get("rng")
         same_layout = sampler.get("world_size") == self.world and sampler.get("micro_batch") == self.micro_batch
@@ -444,10 +487,44 @@ class _Trainer:
             _set_rng_state(rngs[self.rank])
         elif self.step_in_epoch:
             _logger.warning("resuming with another world size or batch layout: the data order changes mid-epoch")
+        saved_stream = state.get("data_stream")
+        moved = saved_stream is not None and saved_stream.get("num_workers") != max(1, self.cfg.data.num_workers)
+        if self.stream is not None and self.step_in_epoch and moved:
+            _logger.warning(
+                "resuming a streamed epoch with data.num_workers=%d instead of %s: the loader workers read "
+                "other shards, so the rest of this epoch differs from the interrupted run",
+                self.cfg.data.num_workers, saved_stream.get("num_workers"),
+            )  # fmt: skip
         if self.step_in_epoch >= self.steps_per_epoch:  # saved exactly at an epoch end
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
         _logger.info("resumed from %s at step %d (epoch %d, step %d in epoch)", path, self.step, self.epoch,
                      self.step_in_epoch)  # fmt: skip
+
+    def _stream_position(self) -> dict[str, Any]:
+        """How far each loader worker of a streamed epoch got, on every rank (it follows from the batches taken:
+        the DataLoader takes them round-robin from the workers)."""
+        batches = self.step_in_epoch * self.cfg.train.accum_steps
+        workers = max(1, self.cfg.data.num_workers)
+        per_worker = [b * self.micro_batch for b in self.stream.worker_batches(batches, workers)]  # type: ignore[union-attr]
+        return {
+            "epoch": self.epoch,
+            "num_workers": workers,
+            "batches": batches,
+            "samples_by_rank_and_worker": [per_worker] * self.world,
+        }
+
+    def _start_epoch(self) -> None:
+        """Point the data at the current epoch, after the batches of it that were consumed already."""
+        accum = self.cfg.train.accum_steps
+        if self.stream is not None:
+            self.stream.set_epoch(
+                self.epoch, self.micro_batch, self.steps_per_epoch * accum, start_batch=self.step_in_epoch * accum
+            )
+            return
+        assert self.sampler is not None  # map-style data
+        self.sampler.set_epoch(self.epoch)
+        self.dataset.set_epoch(self.epoch)
+        self.sampler.set_start(self.step_in_epoch * self.micro_batch * accum)
 
     # ------------------------------------------------------------------------------------------ loop
     def _write_run_files(self) -> None:
@@ -478,7 +555,10 @@ class _Trainer:
         sums: dict[str, float] = {}
         nonfinite = 0.0
         for micro_step in range(accum):
-            batch, skipped = next(batches)
+            try:
+                batch, skipped = next(batches)
+            except UserError as err:  # raised in a loader worker: keep the one line that names the sample
+                raise _worker_error(err) from None
             self.skipped += skipped
             if batch is None:
                 continue  # the whole micro-batch was corrupt and skipped
@@ -499,9 +579,13 @@ class _Trainer:
                 sums[key] = sums.get(key, 0.0) + float(value.detach()) / accum
         # One collective per step: global mean of logged scalars, non-finite and stop flags.
         keys = sorted(sums)
-        packed = torch.tensor([sums[k] for k in keys] + [nonfinite, float(_STOP.is_set())], dtype=torch.float64)
+        skipped_slot = [float(self.skipped) if r == self.rank else 0.0 for r in range(self.world)]
+        packed = torch.tensor(
+            [sums[k] for k in keys] + skipped_slot + [nonfinite, float(_STOP.is_set())], dtype=torch.float64
+        )
         packed = dist.all_reduce_sum(packed)
         metrics = {k: float(packed[i]) / self.world for i, k in enumerate(keys)}
+        self.skipped_by_rank = [int(packed[len(keys) + r]) for r in range(self.world)]
         if packed[-2] > 0:
             raise NonFiniteLossError(
                 f"loss is {sums.get('loss', math.nan)} (non-finite) at step {self.step + 1} "
@@ -532,9 +616,7 @@ class _Trainer:
             callback.on_train_start(self.objective, self.device)
         try:
             while self.epoch < tcfg.epochs and status == "finished":
-                self.sampler.set_epoch(self.epoch)
-                self.dataset.set_epoch(self.epoch)
-                self.sampler.set_start(self.step_in_epoch * self.micro_batch * tcfg.accum_steps)
+                self._start_epoch()
                 self.objective.train()
                 batches = iter(self.loader)
                 while self.step_in_epoch < self.steps_per_epoch:
@@ -548,8 +630,11 @@ class _Trainer:
                     epoch_end = self.step_in_epoch == self.steps_per_epoch
                     if self.step % tcfg.log_every_steps == 0 or epoch_end or stop:
                         last_metrics = {"epoch": self.epoch, "lr": lr, **metrics}
-                        if self.skipped:
-                            last_metrics["skipped_corrupt"] = self.skipped
+                        if any(self.skipped_by_rank):  # data.skip_corrupt: counted on every rank
+                            last_metrics["skipped_corrupt"] = sum(self.skipped_by_rank)
+                            if self.world > 1:
+                                for r, n in enumerate(self.skipped_by_rank):
+                                    last_metrics[f"skipped_corrupt_rank{r}"] = n
                         logger.log(self.step, last_metrics)
                     if epoch_end:
                         extra: dict[str, float] = {}

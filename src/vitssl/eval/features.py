@@ -67,6 +67,8 @@ _HASHES: dict[tuple[str, int, int, int, int], str] = {}
 # What evaluation commands tell a user whose data holds an unreadable sample (the training fix, a config key,
 # does not apply to them).
 SKIP_CORRUPT_HINT = "pass --skip-corrupt to leave such samples out (they are counted and logged)"
+# Streamed shard corpora (webdataset_stream) are embedded whole, in one job per command.
+_STREAM_HINT = "embed it whole (no --shard/--shards/--train-only), or read it with the map-style 'webdataset'"
 
 
 class FeatureCacheError(UserError, ValueError):
@@ -233,8 +235,10 @@ def _embed(
         ``(features (M, C) float32, rows (M,) int64, targets or None)`` in ascending row order; M < len(rows) only
         when corrupt items were skipped.
     """
-    from vitssl.data import CorruptImageError, TransformedDataset, collate_skip_none
+    from vitssl.data import CorruptImageError, TransformedDataset, collate_skip_none, is_stream
 
+    if is_stream(dataset):
+        raise ConfigError(f"{dataset!r} streams its shards: rows cannot be picked from it; {_STREAM_HINT}")
     n = len(dataset)  # type: ignore[arg-type]
     all_rows = np.arange(n, dtype=np.int64) if rows is None else np.asarray(list(rows), dtype=np.int64)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -772,13 +776,17 @@ def extract_cached(
         CorruptSampleError: an unreadable image (without ``skip_corrupt``).
     """
     from vitssl import __version__
+    from vitssl.data import is_stream
     from vitssl.eval.spec import build_eval_dataset, canonical_options
 
     t0 = time.perf_counter()
     layer = parse_layer(layer)
     model = checkpoint if isinstance(checkpoint, EvalModel) else EvalModel(checkpoint, device)
     dataset, name, options = build_eval_dataset(data_spec, split, absolute_root=True, option=option)
+    streamed = is_stream(dataset)  # shards read whole, in order (vitssl.eval.shard_features); no row ranges
     n_items = len(dataset)  # type: ignore[arg-type]
+    if streamed and rows is not None:
+        raise ConfigError(f"{data_spec!r} streams its shards and has no rows to split; {_STREAM_HINT}")
     if rows is not None and not 0 <= rows[0] <= rows[1] <= n_items:
         raise ConfigError(f"rows {rows} lie outside the {n_items} items of {data_spec!r}")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(model.path)
@@ -813,12 +821,22 @@ def extract_cached(
     fn = model.feature_fn(layer)
     wanted = range(n_items) if rows is None else range(rows[0], rows[1])
     desc = f"features of {data_spec} ({key['split']}, {layer})"
-    features, got = extract_rows(
-        fn, dataset, model.sample_fn, wanted, batch_size, model.device, num_workers, skip_corrupt, desc
-    )
-    labels = _dataset_labels(dataset)[got]
-    ids = [str(dataset.sample_id(int(r))) for r in got]  # type: ignore[attr-defined]
-    skipped_rows = sorted(set(wanted) - set(got.tolist())) if len(got) < len(wanted) else []
+    if streamed:
+        from vitssl.eval.shard_features import extract_stream
+
+        features, ids, n_skipped = extract_stream(
+            fn, dataset, model.sample_fn, batch_size, model.device, num_workers, skip_corrupt, desc
+        )
+        n_items, wanted, got, skipped_rows = len(ids) + n_skipped, range(len(ids)), np.arange(len(ids)), []
+        labels = np.full(len(ids), -1, dtype=np.int64)  # rows: positions in (shard, position) order
+    else:
+        features, got = extract_rows(
+            fn, dataset, model.sample_fn, wanted, batch_size, model.device, num_workers, skip_corrupt, desc
+        )
+        labels = _dataset_labels(dataset)[got]
+        ids = [str(dataset.sample_id(int(r))) for r in got]  # type: ignore[attr-defined]
+        skipped_rows = sorted(set(wanted) - set(got.tolist())) if len(got) < len(wanted) else []
+        n_skipped = len(skipped_rows)
     meta = {
         "key": key,
         "checkpoint": str(model.path),
@@ -828,7 +846,7 @@ def extract_cached(
         "num_items": n_items,
         "count": len(got),
         "dim": int(features.shape[1]),
-        "skipped": len(skipped_rows),
+        "skipped": n_skipped,
         "skipped_rows": skipped_rows,
         "row_range": [wanted.start, wanted.stop],
         "world_size": dist.get_world_size(),
