@@ -18,7 +18,15 @@ from vitssl.data import PALETTE, SHAPE_CLASSES, ShapesCaptions, build_dataset
 from vitssl.engine import build_objective, train
 from vitssl.eval import zeroshot as zs
 from vitssl.eval.features import CorruptSampleError
-from vitssl.ssl.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, CaptionSample, Clip, ClipTokenizer
+from vitssl.ssl.clip import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    CaptionSample,
+    Clip,
+    ClipTokenizer,
+    LegacyCheckpointError,
+    OpenClipViT,
+)
 
 TINY_TEXT = {"embed_dim": 32, "text_width": 32, "text_depth": 1, "text_heads": 2}
 
@@ -102,7 +110,7 @@ def test_logit_scale_init_and_clamp() -> None:
     # the scale is learned, and without weight decay
     no_decay = next(g for g in model.param_groups(0.2) if g["weight_decay"] == 0.0)
     assert any(p is model.logit_scale for p in no_decay["params"])
-    assert any(p is model.text.pos_embed for p in no_decay["params"])
+    assert any(p is model.text.positional_embedding for p in no_decay["params"])
 
 
 @pytest.mark.parametrize("backbone", list_backbones("test_*"))
@@ -119,6 +127,99 @@ def test_every_backbone_family_trains(backbone: str) -> None:
             assert torch.isfinite(p.grad).all(), f"{backbone}: {name} has a non-finite gradient"
     assert model.encode_image(images).shape == (4, TINY_TEXT["embed_dim"])
     assert model.encode_text(tokens).shape == (4, TINY_TEXT["embed_dim"])
+
+
+def test_vision_tower_choice_and_its_errors() -> None:
+    vit = build_objective(_cfg())
+    assert vit.vision_tower == "open_clip" and isinstance(vit.backbone, OpenClipViT)
+    # open_clip's ViT-B-16 layout: no patch bias, ln_pre, the projection inside the tower
+    keys = set(vit.state_dict())
+    assert {"backbone.model.conv1.weight", "backbone.model.ln_pre.weight", "backbone.model.proj"} <= keys
+    assert "backbone.model.conv1.bias" not in keys and "image_proj.weight" not in keys
+    assert vit.backbone.forward_tokens(torch.zeros(2, 3, 32, 32)).shape == (2, 1 + 64, 32)
+    assert [t.shape for t in vit.backbone.forward_intermediate(torch.zeros(1, 3, 32, 32), 2)] == [(1, 65, 32)] * 2
+    assert build_objective(_cfg("test_pvt")).vision_tower == "timm"
+    assert build_objective(_cfg(vision_tower="timm")).backbone.name == "test_vit"
+    with pytest.raises(ConfigError, match=r"needs a vit_\* backbone .*objective\.vision_tower=timm"):
+        build_objective(_cfg("test_pvt", vision_tower="open_clip"))
+    with pytest.raises(ConfigError, match="choose one of auto, open_clip, timm"):
+        build_objective(_cfg(vision_tower="openclip"))
+    cfg = _cfg()
+    cfg.model.backbone_kwargs = {"class_token": False, "drop_path_rate": 0.1}
+    with pytest.raises(ConfigError, match=r"class_token, drop_path_rate=0\.1: .*set objective\.vision_tower=timm"):
+        build_objective(cfg)
+
+
+_LEGACY_BLOCK_NAMES = {
+    "attn.in_proj_weight": "qkv.weight",
+    "attn.in_proj_bias": "qkv.bias",
+    "attn.out_proj.weight": "proj.weight",
+    "attn.out_proj.bias": "proj.bias",
+    "mlp.c_fc.weight": "fc.weight",
+    "mlp.c_fc.bias": "fc.bias",
+    "mlp.c_proj.weight": "fc_out.weight",
+    "mlp.c_proj.bias": "fc_out.bias",
+}
+
+
+def _legacy_state(model: Clip) -> dict[str, torch.Tensor]:
+    """The state dict vitssl wrote before its text tower was open_clip's (own block names, a Linear projection)."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if key == "text.positional_embedding":
+            out["text.pos_embed"] = value
+        elif key == "text.text_projection":
+            out["text.proj.weight"] = value.t()
+        elif key.startswith("text.transformer.resblocks."):
+            index, rest = key[len("text.transformer.resblocks.") :].split(".", 1)
+            out[f"text.blocks.{index}.{_LEGACY_BLOCK_NAMES.get(rest, rest)}"] = value
+        else:
+            out[key] = value
+    return out
+
+
+def _legacy_text_forward(sd: dict[str, torch.Tensor], tokens: torch.Tensor, heads: int) -> torch.Tensor:
+    """The old text tower's computation on its own weights: qkv, causal attention, GELU MLP, end-of-text token."""
+    x = sd["text.token_embedding.weight"][tokens] + sd["text.pos_embed"][: tokens.shape[1]]  # (B, L, C)
+    b, n, c = x.shape
+    i = 0
+    while f"text.blocks.{i}.qkv.weight" in sd:
+        w = {k.rsplit(f"text.blocks.{i}.", 1)[1]: v for k, v in sd.items() if k.startswith(f"text.blocks.{i}.")}
+        h = F.layer_norm(x, (c,), w["ln_1.weight"], w["ln_1.bias"])
+        q, k, v = F.linear(h, w["qkv.weight"], w["qkv.bias"]).view(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, n, c)
+        x = x + F.linear(attn, w["proj.weight"], w["proj.bias"])
+        h = F.layer_norm(x, (c,), w["ln_2.weight"], w["ln_2.bias"])
+        x = x + F.linear(F.gelu(F.linear(h, w["fc.weight"], w["fc.bias"])), w["fc_out.weight"], w["fc_out.bias"])
+        i += 1
+    x = F.layer_norm(x, (c,), sd["text.ln_final.weight"], sd["text.ln_final.bias"])
+    return F.linear(x[torch.arange(b), tokens.argmax(dim=-1)], sd["text.proj.weight"])  # (B, D)
+
+
+def test_old_checkpoints_load_or_fail_in_one_line(tmp_path, capsys) -> None:
+    torch.manual_seed(0)
+    legacy = _legacy_state(build_objective(_cfg(vision_tower="timm")))  # the old image tower was timm's ViT
+    tokens = ClipTokenizer()(["a small red star in the top left", "a ring"])
+    converted = build_objective(_cfg(vision_tower="timm")).eval()
+    converted.load_state_dict(legacy)
+    with torch.no_grad():
+        torch.testing.assert_close(converted.encode_text(tokens), _legacy_text_forward(legacy, tokens, 2))
+    # open_clip's ViT cannot hold the old timm ViT: resuming such a run fails with the conversion to run
+    with pytest.raises(LegacyCheckpointError, match=r"convert it with `vitssl export open_clip CHECKPOINT") as caught:
+        build_objective(_cfg()).load_state_dict(legacy)
+    assert "\n" not in str(caught.value)
+    # an old checkpoint file (its config predates vision_tower): evaluation and export rebuild its timm tower
+    old_cfg = to_container(_cfg())
+    del old_cfg["objective"]["vision_tower"], old_cfg["objective"]["init_from"]
+    torch.save({"model": legacy, "optimizer": {}, "step": 5, "epoch": 0, "config": old_cfg}, tmp_path / "old.pth")
+    model, _, step = zs.load_clip_checkpoint(tmp_path / "old.pth")
+    assert model.vision_tower == "timm" and step == 5
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(tokens), converted.encode_text(tokens))
+    assert main(["export", "open_clip", str(tmp_path / "old.pth"), "--out", str(tmp_path / "oc")]) == 0
+    assert "open_clip timm tower" in capsys.readouterr().out
+    config = json.loads((tmp_path / "oc" / "open_clip_config.json").read_text())
+    assert config["model_cfg"]["vision_cfg"]["timm_model_name"] == "vitssl_test_vit"
 
 
 def test_text_tower_pools_end_of_text_and_trims_exactly(tiny: Clip) -> None:
@@ -304,6 +405,43 @@ def test_engine_checkpoint_through_eval_commands(tmp_path, capsys) -> None:
     torch.save({"model": {}, "optimizer": {}, "step": 0, "epoch": 0, "config": to_container(other)}, tmp_path / "s.pth")
     with pytest.raises(ConfigError, match=r"objective 'supervised'.*need a 'clip' checkpoint"):
         zs.run_zeroshot(tmp_path / "s.pth", "shapes_captions:num_samples=4", device="cpu")
+
+
+def test_engine_starts_from_an_open_clip_folder_and_resumes_exactly(tmp_path) -> None:
+    from vitssl.ssl.open_clip_io import export_open_clip
+
+    torch.manual_seed(3)
+    source = build_objective(_cfg())
+    with torch.no_grad():
+        source.logit_scale.fill_(math.log(20.0))  # the default init is ln(1/0.07): 14.3
+    export_open_clip(source, tmp_path / "oc", _cfg().data)
+
+    def run(out: str, **train_options: object) -> object:
+        cfg = build_config(
+            {
+                "output_dir": str(tmp_path / out),
+                "device": "cpu",
+                "model": {"backbone": "test_vit"},
+                "objective": {"name": "clip", **TINY_TEXT, "init_from": str(tmp_path / "oc")},
+                "data": {"train": {"name": "shapes_captions", "kwargs": {"num_samples": 32}}, "img_size": 32},
+                "train": {"epochs": 1, "batch_size": 8, "log_every_steps": 1, **train_options},
+                "optim": {"lr": 1e-3, "lr_scaling": "none"},
+            }
+        )
+        cfg.data.num_workers = 0
+        return train(cfg)
+
+    def records(out: str) -> list[dict]:
+        return [json.loads(x) for x in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+
+    assert run("full").status == "finished"
+    assert records("full")[0]["logit_scale"] == pytest.approx(20.0)  # the first step ran the open_clip weights
+    assert run("part", stop_after_steps=2).status == "stopped"
+    assert run("part").status == "finished"  # resumed: its own weights replace init_from's
+    assert [r["loss"] for r in records("part")] == [r["loss"] for r in records("full")]
+    full = torch.load(tmp_path / "full" / "checkpoint_last.pth", weights_only=True)["model"]
+    part = torch.load(tmp_path / "part" / "checkpoint_last.pth", weights_only=True)["model"]
+    assert full.keys() == part.keys() and all(torch.equal(full[k], part[k]) for k in full)
 
 
 @pytest.mark.parametrize("recipe", ["clip_vit_base", "clip_swin_tiny", "clip_pvt_small", "clip_demo"])

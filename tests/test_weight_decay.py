@@ -58,7 +58,7 @@ OBJECTIVES = {
 }
 CASES = [(f, o) for f in FAMILIES for o in OBJECTIVES if o != "igpt_ar" or f == "test_vit"]
 # the objectives' own >= 2-D tensors that never decay (tokens, position tables, the CLIP temperature)
-OWN_NO_DECAY = {"logit_scale", "text.pos_embed", "sos_token", "mask_token", "decoder.cell_pos_embed"}
+OWN_NO_DECAY = {"logit_scale", "text.positional_embedding", "sos_token", "mask_token", "decoder.cell_pos_embed"}
 
 
 def _groups(objective: Objective) -> tuple[set[str], set[str]]:

@@ -597,7 +597,13 @@ def _clip_options(args: argparse.Namespace) -> dict[str, Any]:
         "num_workers": args.num_workers,
         "device": args.device,
         "skip_corrupt": args.skip_corrupt,
+        "model_name": args.model,
     }
+
+
+def _clip_checkpoint_arg(path: str) -> str:
+    """The absolute path of a CLIP checkpoint argument: a file, or an open_clip export folder."""
+    return str(Path(path).absolute()) if Path(path).is_dir() else checkpoint_arg(path)
 
 
 def _cmd_zeroshot(args: argparse.Namespace) -> int:
@@ -607,7 +613,7 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
     register_objectives()
     check_spec(args.data, "--data")
     r = run_zeroshot(
-        checkpoint_arg(args.checkpoint),
+        _clip_checkpoint_arg(args.checkpoint),
         args.data,
         classnames=args.classnames,
         templates=args.templates,
@@ -627,7 +633,7 @@ def _cmd_retrieval(args: argparse.Namespace) -> int:
 
     register_objectives()
     check_spec(args.data, "--data")
-    r = run_retrieval(checkpoint_arg(args.checkpoint), args.data, **_clip_options(args))
+    r = run_retrieval(_clip_checkpoint_arg(args.checkpoint), args.data, **_clip_options(args))
     print(f"retrieval {r['dataset']} ({r['num_images']} images, {r['num_texts']} captions)")
     for direction in ("image_to_text", "text_to_image"):
         recalls = "  ".join(f"{k} {v:.2f}" for k, v in r[direction].items())
@@ -673,8 +679,13 @@ def _add_probe_data(p: argparse.ArgumentParser) -> None:
 
 
 def _add_clip_options(p: argparse.ArgumentParser, data_help: str) -> None:
-    p.add_argument("checkpoint", help="engine checkpoint of a clip run (e.g. runs/clip_demo/checkpoint_last.pth)")
+    p.add_argument(
+        "checkpoint",
+        help="engine checkpoint of a clip run (e.g. runs/clip_demo/checkpoint_last.pth), an open_clip folder "
+        "(vitssl export open_clip), or an open_clip .pt/.safetensors state dict with --model",
+    )
     p.add_argument("--data", required=True, metavar="SPEC", help=f"{data_help}; syntax {SPEC_SYNTAX}")
+    p.add_argument("--model", metavar="NAME", help="open_clip model name of a state-dict checkpoint, e.g. ViT-B-16")
     p.add_argument("--output", metavar="FILE", help="JSON result path (default: next to the checkpoint)")
     p.add_argument("--batch-size", type=int, default=256, help="images / texts per forward pass (default 256)")
     p.add_argument("--num-workers", type=int, default=0, help="data-loading processes (default 0)")

@@ -1,6 +1,10 @@
 """Zero-shot classification and image↔text retrieval with a CLIP checkpoint (library of ``vitssl eval zeroshot``
 and ``vitssl eval retrieval``, whose command line lives in :mod:`vitssl.cli.eval`).
 
+Checkpoints: a vitssl engine checkpoint of the ``clip`` objective, or an open_clip one, so a run compares with
+public models by the same command: a ``vitssl export open_clip`` folder (``open_clip_config.json`` + weights), or
+an open_clip ``.pt`` / ``.safetensors`` state dict with its open_clip model name (``--model ViT-B-16``).
+
 Zero-shot classifier (CLIP / open_clip): for each class, every prompt template is filled with the class name,
 the prompts are embedded by the text tower and L2-normalised, their mean is taken and L2-normalised again; an
 image is assigned the class whose weight has the largest cosine similarity with its normalised embedding.
@@ -104,24 +108,58 @@ def load_classnames(path: str | os.PathLike) -> list[str]:
 def load_clip_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[Any, Any, int]:
     """Rebuild a CLIP objective from an engine checkpoint, in eval mode on ``device``.
 
+    A checkpoint of the vitssl releases before the towers were open_clip's loads too: its ViT image tower was
+    timm's, so it is rebuilt with ``objective.vision_tower=timm`` and its text weights renamed.
+
     Returns:
         ``(model, cfg, step)``: the :class:`vitssl.ssl.clip.Clip` module, the run's validated config and the
         optimizer step the checkpoint was written at.
     """
     from vitssl.engine import CheckpointError, load_objective
+    from vitssl.ssl.clip import LegacyCheckpointError
 
-    def only_clip(cfg: Any) -> None:
+    def only_clip(cfg: Any, vision_tower: str | None = None) -> None:
         if cfg.objective.name != "clip":
             raise ConfigError(
                 f"checkpoint {path} was trained with objective '{cfg.objective.name}'; zero-shot and image-text "
                 "retrieval need a 'clip' checkpoint (for other objectives use `vitssl eval knn` or `linear`)"
             )
+        if vision_tower is not None:
+            cfg.objective.vision_tower = vision_tower
 
     try:
-        model, cfg, state = load_objective(path, device, check=only_clip)
+        try:
+            model, cfg, state = load_objective(path, device, check=only_clip)
+        except LegacyCheckpointError:
+            model, cfg, state = load_objective(path, device, check=lambda c: only_clip(c, "timm"))
     except CheckpointError as err:
         raise eval_checkpoint_error(err, path) from None
     return model, cfg, int(state["step"])
+
+
+def is_open_clip_checkpoint(path: str | os.PathLike, model_name: str | None = None) -> bool:
+    """Whether ``path`` is open_clip's rather than a vitssl engine checkpoint: a folder (``vitssl export
+    open_clip``), a ``.safetensors`` file, or any file given with an open_clip model name."""
+    p = Path(path)
+    return bool(model_name) or p.is_dir() or p.suffix == ".safetensors"
+
+
+def load_clip_model(
+    path: str | os.PathLike, device: torch.device | str = "cpu", model_name: str | None = None
+) -> tuple[Any, Callable[[Any, Any], Any], int | None]:
+    """A CLIP model for zero-shot / retrieval evaluation: a vitssl checkpoint, or an open_clip one (an export folder,
+    or a state dict with its open_clip ``model_name``).
+
+    Returns:
+        ``(model, evaluation sample function, step)``; step is None for open_clip checkpoints.
+    """
+    if is_open_clip_checkpoint(path, model_name):
+        from vitssl.ssl.open_clip_io import load_open_clip_model
+
+        model = load_open_clip_model(path, model_name, device)
+        return model, model.eval_sample_fn(), None
+    model, cfg, step = load_clip_checkpoint(path, device)
+    return model, model.eval_sample_fn(cfg.data), step
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -398,7 +436,8 @@ def retrieval_evaluate(
 
 def _default_output(checkpoint: str | os.PathLike, task: str, name: str, options: dict[str, Any]) -> Path:
     split = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(options.get("split", DEFAULT_SPLIT)))
-    return Path(checkpoint).resolve().parent / f"{task}-{name}-{split}.json"
+    path = Path(checkpoint).resolve()
+    return (path if path.is_dir() else path.parent) / f"{task}-{name}-{split}.json"
 
 
 def _run_clip_eval(
@@ -408,26 +447,31 @@ def _run_clip_eval(
     output: str | os.PathLike | None,
     device: str,
     evaluate: Callable[[Any, Dataset, Callable[[Any, Any], Any]], dict[str, Any]],
+    model_name: str | None = None,
 ) -> dict[str, Any]:
     """Load a CLIP checkpoint and a dataset, run ``evaluate`` on them and write the result as JSON.
 
     Args:
         task: ``zeroshot`` or ``retrieval``: the result's ``task`` and the default file name's prefix.
-        checkpoint: an engine checkpoint of the ``clip`` objective.
+        checkpoint: an engine checkpoint of the ``clip`` objective, or an open_clip one (see
+            :func:`load_clip_model`).
         data: data spec.
         output: JSON path; default ``<task>-<dataset>-<split>.json`` next to the checkpoint.
         device: auto | cpu | cuda.
         evaluate: ``(model, dataset, eval sample function) -> metrics``, placed in the result after what was
             evaluated and before the version, time and path.
+        model_name: open_clip model name of a state-dict checkpoint.
     """
     start = time.perf_counter()
-    model, cfg, step = load_clip_checkpoint(checkpoint, resolve_device(device))
+    model, sample_fn, step = load_clip_model(checkpoint, resolve_device(device), model_name)
     dataset, name, options = build_eval_dataset(data)
-    metrics = evaluate(model, dataset, model.eval_sample_fn(cfg.data))
+    metrics = evaluate(model, dataset, sample_fn)
     path = Path(output) if output is not None else _default_output(checkpoint, task, name, options)
     result = {
         "task": task,
         "checkpoint": str(checkpoint),
+        "format": "open_clip" if step is None else "vitssl",
+        "open_clip_model": model_name,
         "step": step,
         "data": data,
         "dataset": name,
@@ -451,11 +495,12 @@ def run_zeroshot(
     num_workers: int = 0,
     device: str = "auto",
     skip_corrupt: bool = False,
+    model_name: str | None = None,
 ) -> dict[str, Any]:
     """``vitssl eval zeroshot``: evaluate a CLIP checkpoint zero-shot and write the result as JSON.
 
     Args:
-        checkpoint: an engine checkpoint of the ``clip`` objective.
+        checkpoint: an engine checkpoint of the ``clip`` objective, or an open_clip export folder or state dict.
         data: data spec of a labelled dataset (split ``val`` by default).
         classnames: class-name file; default: the dataset's ``classes``.
         templates: template file; default: :data:`DEFAULT_TEMPLATES`.
@@ -464,6 +509,7 @@ def run_zeroshot(
         num_workers: data-loading processes.
         device: auto | cpu | cuda.
         skip_corrupt: skip and count unreadable images instead of failing.
+        model_name: open_clip model name of a state-dict checkpoint (e.g. ``ViT-B-16``).
 
     Returns:
         The result written to ``output`` (its path under ``output``).
@@ -480,7 +526,7 @@ def run_zeroshot(
         metrics = zeroshot_evaluate(model, dataset, names, prompts, sample_fn, batch_size, num_workers, skip_corrupt)
         return {**metrics, "classnames": names, "templates": prompts}
 
-    return _run_clip_eval("zeroshot", checkpoint, data, output, device, evaluate)
+    return _run_clip_eval("zeroshot", checkpoint, data, output, device, evaluate, model_name)
 
 
 def run_retrieval(
@@ -491,23 +537,25 @@ def run_retrieval(
     num_workers: int = 0,
     device: str = "auto",
     skip_corrupt: bool = False,
+    model_name: str | None = None,
 ) -> dict[str, Any]:
     """``vitssl eval retrieval``: image↔text recall@1/5/10 of a CLIP checkpoint, written as JSON.
 
     Args:
-        checkpoint: an engine checkpoint of the ``clip`` objective.
+        checkpoint: an engine checkpoint of the ``clip`` objective, or an open_clip export folder or state dict.
         data: data spec of an image-caption dataset (split ``val`` by default).
         output: JSON path; default ``retrieval-<dataset>-<split>.json`` next to the checkpoint.
         batch_size: images / captions per forward pass.
         num_workers: data-loading processes.
         device: auto | cpu | cuda.
         skip_corrupt: skip and count unreadable samples instead of failing.
+        model_name: open_clip model name of a state-dict checkpoint (e.g. ``ViT-B-16``).
     """
 
     def evaluate(model: Any, dataset: Dataset, sample_fn: Callable[[Any, Any], Any]) -> dict[str, Any]:
         return retrieval_evaluate(model, dataset, sample_fn, batch_size, num_workers, skip_corrupt)
 
-    return _run_clip_eval("retrieval", checkpoint, data, output, device, evaluate)
+    return _run_clip_eval("retrieval", checkpoint, data, output, device, evaluate, model_name)
 
 
 __all__ = [
@@ -516,8 +564,10 @@ __all__ = [
     "encode_images",
     "encode_texts",
     "fill_templates",
+    "is_open_clip_checkpoint",
     "load_classnames",
     "load_clip_checkpoint",
+    "load_clip_model",
     "load_templates",
     "resolve_list_file",
     "retrieval_evaluate",

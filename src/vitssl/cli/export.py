@@ -1,0 +1,81 @@
+"""``vitssl export open_clip RUN_OR_CHECKPOINT --out DIR``: a CLIP run as an open_clip model folder.
+
+The folder holds ``open_clip_config.json`` (model and preprocessing config) and ``open_clip_model.safetensors``;
+open_clip loads it by itself::
+
+    import vitssl.ssl.open_clip_io  # only for timm image towers open_clip's timm lacks (PVT v1, the test_* ones)
+    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:DIR")
+
+and gives the image and text embeddings vitssl gives. The folder is also what ``vitssl eval zeroshot|retrieval``
+and a CLIP run's ``objective.init_from`` accept. A checkpoint of an older vitssl CLIP (own text tower) is
+converted on the way (its ViT image tower becomes open_clip's timm tower over the same timm ViT).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from vitssl.config import ConfigError
+from vitssl.errors import MissingFileError
+
+
+def resolve_checkpoint(path: str) -> Path:
+    """A checkpoint file as given, or a run folder's ``checkpoint_last.pth`` (else its newest step checkpoint)."""
+    from vitssl.engine.checkpoint import list_step_checkpoints
+
+    p = Path(path)
+    if p.is_file():
+        return p
+    if p.is_dir():
+        if (p / "checkpoint_last.pth").is_file():
+            return p / "checkpoint_last.pth"
+        steps = sorted(list_step_checkpoints(p))
+        if steps:
+            return steps[-1][1]
+        raise MissingFileError(f"run folder {p} holds no checkpoint (checkpoint_last.pth or checkpoint_<step>.pth)")
+    raise MissingFileError(f"{p} does not exist: give a run folder or a checkpoint file")
+
+
+def _cmd_open_clip(args: argparse.Namespace) -> int:
+    from vitssl.cli._common import register_objectives
+    from vitssl.eval.zeroshot import load_clip_checkpoint
+    from vitssl.ssl.open_clip_io import CONFIG_FILE, export_open_clip
+
+    register_objectives()
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise ConfigError(f"--out {out} already exists and is not empty; pass --force to replace it")
+    model, cfg, step = load_clip_checkpoint(checkpoint, "cpu")
+    export_open_clip(model, out, cfg.data, source=str(checkpoint.absolute()), step=step)
+    tower = "open_clip VisionTransformer" if model.vision_tower == "open_clip" else "open_clip timm tower"
+    print(f"exported {checkpoint} (step {step}, {tower} image tower) to {out}/ ({CONFIG_FILE}, weights)")
+    print(f"  open_clip.create_model_and_transforms('local-dir:{out}')")
+    return 0
+
+
+def register_commands(
+    subparsers: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction] | None = None
+) -> None:
+    """Add ``export open_clip``.
+
+    Args:
+        subparsers: the top-level commands (nothing is added there).
+        groups: the sub-command groups; ``groups["export"]`` gets the commands.
+    """
+    if not groups or "export" not in groups:
+        raise ValueError("vitssl.cli.export.register_commands needs the 'export' command group")
+    p = groups["export"].add_parser(
+        "open_clip",
+        help="a CLIP run as an open_clip model folder (local-dir:DIR)",
+        description="Write open_clip_config.json and open_clip_model.safetensors, which "
+        "open_clip.create_model_and_transforms('local-dir:DIR') loads with the same embeddings.",
+    )
+    p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="a clip run folder or one of its checkpoints")
+    p.add_argument("--out", required=True, metavar="DIR", help="the folder to write (replaced as a whole)")
+    p.add_argument("--force", action="store_true", help="replace --out when it already holds files")
+    p.set_defaults(func=_cmd_open_clip)
+
+
+__all__ = ["register_commands", "resolve_checkpoint"]
