@@ -55,6 +55,7 @@ def write_video(
     codec: str = "h264",
     gop: int = 12,
     texture: bool = False,
+    faststart: bool = False,
 ) -> Path:
     """Write a video whose frame ``i`` spells ``i``; the container follows the suffix (.mp4, .mkv, .avi).
 
@@ -67,11 +68,14 @@ def write_video(
         gop: keyframe interval; small, so that random access seeks to a keyframe and decodes forward.
         texture: add a grainy texture that pans 2 pixels a frame (+-40 grey levels, the bits still read): a
             bitrate closer to camera footage, for benchmarks.
+        faststart: mp4 with its index (moov, the frame table) before the frames, as web videos are: a file cut
+            short still opens, and its index lists frames that are gone.
     """
     import av
 
     path = Path(path)
-    container = av.open(str(path), mode="w", format=_CONTAINERS[path.suffix.lower()])
+    muxer = {"movflags": "faststart"} if faststart else {}
+    container = av.open(str(path), mode="w", format=_CONTAINERS[path.suffix.lower()], options=muxer)
     options = {"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0", "bf": "0"}
     if codec == "h264":
         options.update(preset="ultrafast", crf="18")

@@ -170,3 +170,42 @@ def test_cli_probe_of_a_corrupt_file_is_a_one_line_error(videos, capsys):
     assert captured.out == ""
     (line,) = captured.err.strip().splitlines()[-1:]
     assert line.startswith("vitssl video: error: cannot read video") and str(videos["cut.mp4"]) in line
+
+
+def _decodable_indices(path: Path) -> list[int]:
+    """The frame indices PyAV decodes from the start, in order, up to the first undecodable packet."""
+    import av
+
+    spelled: list[int] = []
+    with av.open(str(path)) as container:
+        try:
+            for frame in container.decode(container.streams.video[0]):
+                spelled.append(decode_index(frame.to_ndarray(format="rgb24")))
+        except av.FFmpegError:
+            pass  # the cut: nothing past it decodes
+    return spelled
+
+
+def test_frame_count_is_verified_where_the_header_claims_more(tmp_path):
+    # An mp4 with its frame table first (faststart, as served on the web), cut short: it still opens, and its
+    # header (the table decord's len() also reads) still lists all 40 frames, but only the frames before the cut
+    # decode. probe must count those, and reads past them must clamp instead of hanging or failing.
+    import av
+
+    whole = write_video(tmp_path / "fast.mp4", FRAMES, 64, 48, faststart=True, texture=True)
+    cut = truncated_copy(whole, tmp_path / "fast_cut.mp4", fraction=0.5)
+    with av.open(str(cut)) as container:
+        claimed = container.streams.video[0].frames
+    real = _decodable_indices(cut)
+    assert claimed == FRAMES and 0 < len(real) < FRAMES
+    assert real == list(range(len(real)))  # frame-exact up to the cut
+
+    info = probe(cut)
+    assert info.num_frames == len(real)
+    assert info.duration == pytest.approx(len(real) / info.fps)
+    last = len(real) - 1
+    for decoder in ("auto", "pyav"):
+        frames = read_frames(cut, [claimed - 1, 0, last, claimed // 2], decoder=decoder)
+        assert indices_of(frames) == [last, 0, last, min(claimed // 2, last)]
+    with pytest.raises(CorruptVideoError, match=r"fast_cut\.mp4"):  # decord 0.6 cannot open it: said so, by name
+        read_frames(cut, [0], decoder="decord")

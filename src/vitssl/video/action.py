@@ -3,11 +3,13 @@
 Each frame goes through the image backbone on its own (T folded into the batch), giving frame embeddings
 ``(B, T, D)``; a head (:mod:`vitssl.video.heads`) turns them into class logits: ``temporal``, the temporal
 transformer of ViViT's factorised encoder, or ``mean``, TSN's average. Trained with label-smoothed cross-entropy,
-from scratch or from an image objective's backbone (``init_from``); ``freeze_backbone`` trains the head alone.
+from scratch or from an image objective's backbone (``init_from``); ``freeze_backbone`` trains the head alone, on
+per-frame features computed once (:mod:`vitssl.video.frame_cache`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,8 @@ from torch import nn
 from vitssl.config import ConfigError, DataConfig, ObjectiveConfig
 from vitssl.ssl.base import ImageTransform, Objective, register_objective
 from vitssl.video.heads import MeanHead, TemporalHead
+
+_logger = logging.getLogger(__name__)
 
 HEADS = ("temporal", "mean")
 
@@ -35,6 +39,11 @@ class VideoActionConfig(ObjectiveConfig):
     dropout: float = 0.0  # dropout in the temporal layers and before the classifier
     label_smoothing: float = 0.1  # cross-entropy label smoothing
     freeze_backbone: bool = False  # train the head only (backbone in eval mode, no gradients)
+    # with freeze_backbone: compute data.train's per-frame features once (evaluation transform, no clip
+    # augmentation) and train the head on them, no backbone forward per step; false: run the frozen backbone live
+    cache_features: bool = True
+    feature_cache_dir: str | None = None  # where the cache lives; null = <init_from folder>/features, else
+    # <output_dir>/features
     num_frames: int = 8  # frames per clip T (the datasets' num_frames must match)
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # clip RandomResizedCrop scale range
     flip: bool = True  # random horizontal flip of whole clips; false where labels name directions (SSv2)
@@ -68,8 +77,9 @@ class VideoAction(Objective):
 
     With ``freeze_backbone`` the backbone's parameters have ``requires_grad=False`` (so ``param_groups``, the
     optimizer and DDP see only the head) and it runs in eval mode under ``torch.no_grad()`` whatever mode the
-    objective is put in. Frozen training still runs the backbone on every frame of every step: caching the
-    per-frame features across epochs is not done yet (it would only hold without clip augmentation).
+    objective is put in. With ``cache_features`` too, ``setup`` computes ``data.train``'s per-frame features
+    once (or finds them in the cache) and points ``data.train`` at them (the ``frame_features`` dataset, recorded
+    so in the run's config), so training batches are features ``(B, T, D)`` and no step runs the backbone.
     """
 
     Config = VideoActionConfig
@@ -107,9 +117,34 @@ class VideoAction(Objective):
         return self
 
     def setup(self, cfg: Any) -> None:
-        """Load ``objective.init_from`` into the backbone (a resumed run then overwrites it with its own weights)."""
+        """Load ``objective.init_from`` into the backbone (a resumed run then overwrites it with its own weights);
+        with a frozen backbone and ``cache_features``, fill the per-frame feature cache of ``data.train`` and
+        point ``data.train`` at it (a frozen backbone's weights are the same in a resumed run)."""
         if self.cfg.init_from:
             load_backbone_weights(self.backbone, self.cfg.init_from)
+        if self.freeze_backbone and self.cfg.cache_features and cfg.data.train.name != "frame_features":
+            from vitssl.video.frame_cache import cache_frame_features
+
+            source = cfg.data.train
+            if self.cfg.feature_cache_dir:
+                cache_dir = Path(self.cfg.feature_cache_dir)
+            elif self.cfg.init_from:
+                cache_dir = Path(self.cfg.init_from).absolute().parent / "features"
+            else:
+                cache_dir = Path(cfg.output_dir) / "features"
+            folder = cache_frame_features(
+                self.backbone,
+                source,
+                self.eval_sample_fn(cfg.data),
+                cache_dir,
+                batch_size=cfg.train.batch_size,
+                num_workers=cfg.data.num_workers,
+                skip_corrupt=cfg.data.skip_corrupt,
+            )
+            _logger.info(
+                "training the head on the cached per-frame features of %s: data.train -> %s", source.name, folder
+            )
+            source.name, source.root, source.kwargs = "frame_features", str(folder), {}
 
     # ----------------------------------------------------------------------------------------- compute
     def frame_features(self, clips: torch.Tensor) -> torch.Tensor:
@@ -128,8 +163,13 @@ class VideoAction(Objective):
         return self.head(self.frame_features(clips))  # (B, K)
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
-        clips, labels = batch  # (B, T, C, H, W), (B,)
-        logits = self.logits(clips)  # (B, K)
+        clips, labels = batch  # clips (B, T, C, H, W) or cached frame features (B, T, D); labels (B,)
+        if clips.ndim == 3:
+            if not self.freeze_backbone:
+                raise ConfigError("cached frame features (data.train=frame_features) need objective.freeze_backbone")
+            logits = self.head(clips)  # (B, K)
+        else:
+            logits = self.logits(clips)  # (B, K)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
         top1 = (logits.argmax(-1) == labels).float().mean() * 100
         return {"loss": loss, "top1": top1.detach()}
@@ -141,6 +181,11 @@ class VideoAction(Objective):
     # -------------------------------------------------------------------------------------------- data
     def train_sample_fn(self, data_cfg: DataConfig) -> Callable[[Any, Any], Any]:
         from vitssl.video.transforms import clip_train_transform
+
+        if data_cfg.train.name == "frame_features":
+            from vitssl.video.frame_cache import features_as_is
+
+            return features_as_is
 
         transform = clip_train_transform(
             data_cfg.img_size, data_cfg.mean, data_cfg.std, crop_scale=tuple(self.cfg.crop_scale), flip=self.cfg.flip

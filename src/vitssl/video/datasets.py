@@ -5,6 +5,8 @@
   header naming a path and a label column; labels are class ids or class names.
 - ``motion``: a procedural, file-free set whose class is the direction a textured blob moves, so no single frame
   tells the class: a test bed for heads that must use time.
+- ``motion_frames``: single frames drawn the same way, each with the blob's centre as its target (image data for
+  a backbone that must learn where things are).
 
 File-backed sets list their files at construction but probe a video (its frame count) only when it is first read,
 and remember the count: a Kinetics folder holds 240k files. A clip's frame indices are drawn with numpy's global
@@ -340,6 +342,7 @@ _RADIUS = (0.12, 0.22)  # blob radius as a fraction of the side
 _SPEED = (0.04, 0.08)  # pixels per frame as a fraction of the side
 _LEVEL = (0.3, 0.7)  # background grey level
 _CONTRAST = (0.2, 0.35)  # blob brightness minus background level, either sign
+_FRAMES_STREAM = 1  # the extra seed word of motion_frames, so its frames are not the first frames of motion clips
 
 
 @DATASETS.register("motion")
@@ -394,8 +397,69 @@ class Motion(VideoDataset):
         return f"motion/{self.split}/{index}"
 
 
-def render_motion(rng: np.random.Generator, label: int, size: int, num_frames: int) -> np.ndarray:
-    """One ``motion`` clip, uint8 ``(T, S, S, 3)``; every draw but the direction ignores ``label``."""
+@DATASETS.register("motion_frames")
+class MotionFrames(Dataset):
+    """Single frames drawn like ``motion`` clips, each with its blob's centre: image data with a position target.
+
+    The image pretraining stage of the action demo learns from it where the blob is (objective
+    ``blob_position``); it holds no motion and no direction label. Items are ``(uint8 frame (S, S, 3),
+    float32 centre (2,))`` with the centre ``(x, y)`` as a fraction of the side, in ``[0, 1)`` (the canvas is a
+    torus). Frames are deterministic in ``(seed, split, index)`` and drawn apart from the clips of ``motion``.
+
+    Args:
+        root: unused (nothing is read from disk).
+        split: "train", "val" or "test".
+        img_size: frame side in pixels.
+        num_samples: frames in the split (default 5000 for train, 1000 otherwise).
+        seed: base seed of the generator.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike | None = None,
+        split: str = "train",
+        img_size: int = 32,
+        num_samples: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.split = check_split("motion_frames", split, tuple(_SPLIT_IDS))
+        if img_size < 8:
+            raise DataError(f"motion_frames: img_size must be at least 8 pixels, got {img_size}")
+        num_samples = _DEFAULT_MOTION_SAMPLES[self.split] if num_samples is None else num_samples
+        if num_samples < 1:
+            raise DataError(f"motion_frames: num_samples must be positive, got {num_samples}")
+        if seed < 0:
+            raise DataError(f"motion_frames: seed must be non-negative, got {seed}")
+        self.img_size, self.num_samples, self.seed = img_size, num_samples, seed
+        self.classes: list[str] = []  # no class labels: the targets are positions
+        self._rendered: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # epochs after the first: no redraw
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for MotionFrames of length {len(self)}")
+        index = index % len(self)
+        item = self._rendered.get(index)
+        if item is None:  # a few hundred bytes a frame: keeping them is cheaper than drawing them again
+            rng = np.random.default_rng([self.seed, _SPLIT_IDS[self.split], index, _FRAMES_STREAM])
+            clip, centres = render_motion(rng, index % len(MOTION_CLASSES), self.img_size, 1, return_centres=True)
+            item = torch.from_numpy(clip[0]), torch.from_numpy(centres[0] / self.img_size).float()  # (S, S, 3), (2,)
+            self._rendered[index] = item
+        return item
+
+    def sample_id(self, index: int) -> str:
+        return f"motion_frames/{self.split}/{index}"
+
+
+def render_motion(
+    rng: np.random.Generator, label: int, size: int, num_frames: int, return_centres: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """One ``motion`` clip, uint8 ``(T, S, S, 3)``; every draw but the direction ignores ``label``.
+
+    With ``return_centres`` also the blob centre of every frame, ``(T, 2)`` (x, y) in pixels within ``[0, S)``.
+    """
     # Appearance and start, all independent of the label.
     level = rng.uniform(*_LEVEL)
     brightness = level + rng.choice([-1.0, 1.0]) * rng.uniform(*_CONTRAST)
@@ -419,7 +483,8 @@ def render_motion(rng: np.random.Generator, label: int, size: int, num_frames: i
     stripes = np.sin(2.0 * math.pi * (dx * math.cos(angle) + dy * math.sin(angle)) / period + phase)  # (T, S, S)
     fill = colour * (1.0 + 0.25 * stripes[..., None])  # (T, S, S, 3)
     frames = background * (1.0 - alpha) + fill * alpha + noise
-    return np.round(np.clip(frames, 0.0, 1.0) * 255.0).astype(np.uint8)
+    clip = np.round(np.clip(frames, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return (clip, centres % size) if return_centres else clip
 
 
 def _motion_background(rng: np.random.Generator, size: int, level: float) -> np.ndarray:

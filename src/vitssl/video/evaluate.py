@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from vitssl.config import ConfigError
 from vitssl.data import TransformedDataset, collate_skip_none
 from vitssl.io import atomic_path
 
@@ -216,3 +218,87 @@ def save_confusion_png(
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     return path
+
+
+def parse_views(text: str) -> tuple[int, int]:
+    """``"CLIPSxCROPS"`` (``"1x3"``, ``"4x3"``) → ``(clips, crops)``.
+
+    Raises:
+        ConfigError: not two positive integers joined by ``x``.
+    """
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m or int(m[1]) < 1 or int(m[2]) < 1:
+        raise ConfigError(
+            f"--views {text!r}: expected CLIPSxCROPS with two positive integers, e.g. 1x3 (TimeSformer) or 4x3 (ViViT)"
+        )
+    return int(m[1]), int(m[2])
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data_spec: str,
+    *,
+    split: str | None = None,
+    views: tuple[int, int] = (1, 1),
+    batch_size: int = 16,
+    device: torch.device | str = "auto",
+    num_workers: int = 0,
+) -> dict[str, Any]:
+    """:func:`evaluate_action` of a ``video_action`` checkpoint on the videos a data spec names.
+
+    File datasets (``videofolder``, ``video_csv``) are read in test mode (evenly spaced clips, one per temporal
+    view); ``num_frames`` defaults to the checkpoint's clip length.
+
+    Args:
+        checkpoint: an engine checkpoint of the ``video_action`` objective.
+        data_spec: ``NAME[:key=value,...]``, e.g. ``videofolder:root=/data/k400``.
+        split: the split (default the spec's own, else ``val``).
+        views: ``(clips, crops)`` per video.
+        batch_size: clips per forward pass.
+        device: where the model runs (``auto``: a GPU if there is one).
+        num_workers: data-loading processes.
+
+    Returns:
+        :func:`evaluate_action`'s scores plus ``checkpoint``, ``data``, ``split`` and ``classes``.
+
+    Raises:
+        CheckpointError: the checkpoint is missing, truncated or not a vitssl checkpoint.
+        ConfigError: it is not a ``video_action`` checkpoint, the spec is bad, or the data has more classes than
+            the checkpoint's classifier.
+    """
+    from vitssl.distributed import resolve_device
+    from vitssl.eval.features import load_for_eval
+    from vitssl.eval.spec import build_eval_dataset, parse_data_spec
+    from vitssl.video.datasets import FileVideoDataset
+
+    dev = resolve_device(device)
+    objective, cfg, _ = load_for_eval(checkpoint, dev)
+    kind = cfg.objective.name
+    if kind != "video_action":
+        raise ConfigError(
+            f"checkpoint {checkpoint} was trained by the {kind!r} objective; vitssl video eval takes a video_action "
+            "checkpoint (train one with vitssl train video/<recipe>)"
+        )
+    name, options = parse_data_spec(data_spec)
+    if "num_frames" not in options:  # the clip length the head was trained on
+        data_spec = f"{data_spec}{',' if ':' in data_spec else ':'}num_frames={int(cfg.objective.num_frames)}"
+    dataset, name, options = build_eval_dataset(data_spec, split)
+    if isinstance(dataset, FileVideoDataset):  # test-mode clips: evenly spaced, the same on every run
+        opts = {k: v for k, v in options.items() if k not in ("root", "split", "train")}
+        source: Dataset | Callable[[int], Dataset] = clip_views(
+            name, options.get("root"), options["split"], views[0], **opts
+        )
+        classes = list(dataset.classes)
+    else:
+        source, classes = dataset, list(getattr(dataset, "classes", []))
+    num_classes = int(cfg.objective.num_classes)
+    if len(classes) > num_classes:
+        raise ConfigError(
+            f"{data_spec}: {len(classes)} classes, but the checkpoint's classifier has {num_classes}; evaluate it on "
+            "data with its own classes"
+        )
+    scores = evaluate_action(
+        objective, source, views=views, batch_size=batch_size, device=dev, data_cfg=cfg.data, seed=int(cfg.seed),
+        num_workers=num_workers,
+    )  # fmt: skip
+    return {"checkpoint": str(checkpoint), "data": data_spec, "split": options["split"], "classes": classes, **scores}
