@@ -10,6 +10,9 @@ Sharded builds (``index build --shards n``) write into ``<out>.build/``: ``train
 training: one job embeds the training sample and trains the quantizer), ``shards/shard_<i>_of_<n>`` (an array of
 n jobs, one shard each) and the merge (a job that starts when every shard succeeded). Locally the same steps
 run one after the other.
+
+Video corpora (``--data videos:...``, ``videofolder:...``, ``video_csv:...``) run through the same jobs, which hand
+them to :mod:`vitssl.cli.video_index`; ``query --video`` and ``eval`` of a video index run there too.
 """
 
 from __future__ import annotations
@@ -168,7 +171,11 @@ def _write_index(build: Callable[..., Any], model: Any, fs: Any, job: IndexJob, 
 
 @eval_job(IndexBuildJob)
 def _job_index_build(job: IndexBuildJob) -> dict[str, Any]:
+    from vitssl.cli import video_index
     from vitssl.index import core as retrieval
+
+    if video_index.is_video_data(job.data):
+        return video_index.run_build(job)
 
     model = eval_model(job)
     fs = job_features(model, job, job.data, job.split, "--data")
@@ -182,10 +189,13 @@ def _job_index_build(job: IndexBuildJob) -> dict[str, Any]:
 
 @eval_job(IndexTrainJob)
 def _job_index_train(job: IndexTrainJob) -> dict[str, Any]:
+    from vitssl.cli import video_index
     from vitssl.eval.features import extract_rows
     from vitssl.eval.spec import build_eval_dataset
     from vitssl.index import core as retrieval
 
+    if video_index.is_video_data(job.data):
+        return video_index.run_train(job)
     model = eval_model(job)
     dataset, _, _ = build_eval_dataset(job.data, job.split, absolute_root=True)
     sample = retrieval.training_sample_indices(len(dataset), job.train_size, job.seed)
@@ -213,9 +223,12 @@ def _job_index_train(job: IndexTrainJob) -> dict[str, Any]:
 
 @eval_job(IndexShardJob)
 def _job_index_shard(job: IndexShardJob) -> dict[str, Any]:
+    from vitssl.cli import video_index
     from vitssl.eval.spec import build_eval_dataset
     from vitssl.index import core as retrieval
 
+    if video_index.is_video_data(job.data):
+        return video_index.run_shard(job)
     i, n = job.shard
     model = eval_model(job)
     dataset, _, _ = build_eval_dataset(job.data, job.split, absolute_root=True)
@@ -279,10 +292,13 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
     modes = [option for option, value in chosen if value]
     if len(modes) > 1:
         raise ConfigError(f"{' and '.join(modes)} exclude each other; pick one")
+    from vitssl.cli import video_index
+
     split = split_of(args.data, "val", args.split)
     launch_cfg, device = launch_settings(args)
+    video = video_index.is_video_data(args.data)
     fields = {
-        **extraction_fields(args, device),
+        **(video_index.video_fields(args, device) if video else extraction_fields(args, device)),
         "data": args.data,
         "split": split,
         "out": str(out),
@@ -394,10 +410,12 @@ def _sharded_build(
 
 def _merge_shards(shard_dirs: tuple[str, ...] | list[str], out: Path, overwrite: bool) -> int:
     """Merge shard index folders into ``out``; return the merged vector count."""
+    from vitssl.cli.video_index import merge_frames_if_video
     from vitssl.index import core as retrieval
 
     with _index_errors():
         retrieval.merge_shards([Path(d) for d in shard_dirs], out, overwrite=overwrite)
+        merge_frames_if_video([Path(d) for d in shard_dirs], out)
     return int(json.loads((out / retrieval.MANIFEST_FILE).read_text())["count"])
 
 
@@ -436,9 +454,15 @@ def _query_model(directory: Path, checkpoint: str | None, device: str) -> tuple[
 
 
 def _cmd_index_query(args: argparse.Namespace) -> int:
+    from vitssl.cli import video_index
     from vitssl.index import core as retrieval
     from vitssl.index.grid import Neighbour, save_query_grid
 
+    if args.video:
+        return video_index.cmd_query(args)
+    if not args.image:
+        raise ConfigError("name the query: --image FILE (an image index) or --video FILE (a video index)")
+    video_index.refuse_image_query(Path(args.dir))
     model, loaded, layer = _query_model(Path(args.dir), args.checkpoint, args.device)
     queries = model.embed_images(args.image, layer)
     with _index_errors():
@@ -466,8 +490,12 @@ def _cmd_index_query(args: argparse.Namespace) -> int:
 
 
 def _cmd_index_eval(args: argparse.Namespace) -> int:
+    from vitssl.cli import video_index
     from vitssl.index import core as retrieval
+    from vitssl.index.video import is_video_index
 
+    if args.ground_truth and is_video_index(args.dir):
+        return video_index.cmd_eval(args)
     queries = truth = None
     if args.ground_truth:
         model, loaded, layer = _query_model(Path(args.dir), args.checkpoint, args.device)
@@ -521,6 +549,7 @@ def register_commands(
     if not groups or "index" not in groups:
         raise ValueError("vitssl.cli.index.register_commands needs the 'index' command group")
     ix = groups["index"]
+    from vitssl.cli import video_index  # the video options of query and eval
 
     p = add_parser(
         ix,
@@ -560,10 +589,11 @@ def register_commands(
         "grid draws each neighbour from the corpus dataset itself (digits, CIFAR, ... as well as image files).",
     )
     p.add_argument("dir", help="index folder")
-    p.add_argument("--image", action="append", required=True, help="query image file (repeat for several)")
+    p.add_argument("--image", action="append", help="query image file (repeat for several)")
     p.add_argument("-k", type=int, default=10, help="neighbours per query (default 10)")
     p.add_argument("--grid", metavar="PNG", help="draw each query with its neighbours (id, label, score) into a PNG")
     _add_search_options(p)
+    video_index.add_query_options(p)
     p.set_defaults(func=_cmd_index_query)
 
     p = add_parser(
@@ -580,6 +610,7 @@ def register_commands(
     p.add_argument("--num-queries", type=int, default=1000, help="stored vectors used as queries without ground truth")
     p.add_argument("--seed", type=int, default=0, help="query sample seed")
     _add_search_options(p)
+    video_index.add_eval_options(p)
     p.set_defaults(func=_cmd_index_eval)
 
 

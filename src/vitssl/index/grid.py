@@ -214,10 +214,25 @@ def save_query_grid(
     Returns:
         The PNG path.
     """
+    return save_tiles(query_grid_tiles(queries, neighbours, source, tile_size), path, tile_size)
+
+
+def save_tiles(tiles: Sequence[Sequence[Tile]], path: str | Path, tile_size: int = 128) -> Path:
+    """Draw rows of tiles (first tile of each row captioned in blue) into a PNG, written atomically.
+
+    Args:
+        tiles: the rows, e.g. from :func:`query_grid_tiles`; rows may differ in length.
+        path: output PNG.
+        tile_size: tile side in pixels.
+
+    Returns:
+        The PNG path.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    tiles = query_grid_tiles(queries, neighbours, source, tile_size)
+    from vitssl.io import atomic_open
+
     rows = len(tiles)
     cols = max((len(r) for r in tiles), default=1)
     inch = tile_size / 100
@@ -231,9 +246,9 @@ def save_query_grid(
             ax.set_title(tile.caption, fontsize=7, color="tab:blue" if c == 0 else "black")
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png")
     return path
 
 
-__all__ = ["CorpusImages", "Neighbour", "Tile", "fit_tile", "query_grid_tiles", "save_query_grid"]
+__all__ = ["CorpusImages", "Neighbour", "Tile", "fit_tile", "query_grid_tiles", "save_query_grid", "save_tiles"]

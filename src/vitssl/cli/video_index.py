@@ -1,0 +1,320 @@
+"""The video side of ``vitssl index build|query|eval`` (the image side and the launch machinery: ``cli/index.py``).
+
+``index build MODEL --data videos:root=DIR`` (or ``videofolder:...`` / ``video_csv:...``, each with optional
+``fps=`` / ``num_frames=``) runs the same jobs as an image build - one job, ``--shard i/n``, ``--shards n``
+(train, array of shards, merge), locally or on SLURM - and those jobs hand video corpora to the functions here.
+MODEL is an image checkpoint or ``backbone.safetensors`` (mean of frame features), a ``video_tca`` checkpoint
+(TCA embeddings) or ``thumbnails[:size=N]`` (raw thumbnails, no network). In a job of several processes every
+process embeds a share of the videos; rank 0 writes the index.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from vitssl.config import ConfigError
+
+THUMBNAIL_PREFIX = "thumbnails"
+# The parser is built without importing numpy, torch or faiss: these mirror vitssl.index.groundtruth.FORMATS /
+# FIVR_TASKS and vitssl.index.video.RERANKS / DEFAULT_RERANK_K (a test keeps them equal).
+GT_FORMATS = ("vitssl", "cc_web_video", "fivr", "evve")
+FIVR_TASK_NAMES = ("DSVR", "CSVR", "ISVR")
+RERANKS = ("chamfer",)
+DEFAULT_RERANK_K = 100
+
+
+def is_video_data(spec: str) -> bool:
+    from vitssl.index.video import is_video_spec
+
+    return is_video_spec(spec)
+
+
+def video_model_arg(model: str) -> str:
+    """``thumbnails[:size=N]`` as it is; a checkpoint / backbone file as an absolute path that exists."""
+    from vitssl.engine.checkpoint import CheckpointError
+
+    if model == THUMBNAIL_PREFIX or model.startswith(THUMBNAIL_PREFIX + ":"):
+        return model
+    p = Path(model)
+    if not p.is_file():
+        raise CheckpointError(
+            f"{p} does not exist; pass a checkpoint, a backbone.safetensors or thumbnails[:size=N] for a video index"
+        )
+    return str(p.absolute())
+
+
+def video_fields(args: argparse.Namespace, device: str) -> dict[str, Any]:
+    """The job fields of ``index build`` over videos (as ``extraction_fields``, the model may be thumbnails)."""
+    from vitssl.eval.spec import parse_layer
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size} must be at least 1")
+    return {
+        "checkpoint": video_model_arg(args.checkpoint),
+        "device": device,
+        "layer": parse_layer(args.layer),
+        "cache_dir": str(Path(args.cache_dir).absolute()) if args.cache_dir else None,
+        "batch_size": int(args.batch_size),
+        "num_workers": args.num_workers,
+        "skip_corrupt": bool(args.skip_corrupt),
+    }
+
+
+def _embedder(job: Any, corpus: Any) -> Any:
+    from vitssl.index.video import VideoEmbedder
+
+    return VideoEmbedder.open(
+        job.checkpoint,
+        fps=corpus.fps,
+        num_frames=corpus.num_frames,
+        layer=job.layer,
+        device=job.device,
+        cache_dir=job.cache_dir,
+        batch_size=min(job.batch_size, 256),
+    )
+
+
+def _embed(embedder: Any, paths: list[str], job: Any, desc: str) -> Any:
+    from vitssl.data.common import CorruptImageError
+    from vitssl.eval.features import corrupt_sample_error
+    from vitssl.index.video import embed_shared
+
+    try:
+        return embed_shared(embedder, paths, skip_corrupt=job.skip_corrupt, desc=desc)
+    except CorruptImageError as err:  # a corrupt video: named, with the option that skips it
+        raise corrupt_sample_error(err) from None
+
+
+def _index_options(job: Any) -> dict[str, Any]:
+    return {
+        "factory": job.factory,
+        "metric": job.metric,
+        "normalize": job.normalize,
+        "store_vectors": job.store_vectors,
+        "overwrite": job.overwrite,
+    }
+
+
+def _finish(out: Path, embedder: Any, embedded: Any, job: Any) -> None:
+    from vitssl.index.video import record_manifest
+
+    source = {"checkpoint_path": embedder.model, "objective": embedder.method, "data": job.data, "split": job.split}
+    record_manifest(out, source=source)
+    if embedded.skipped:
+        print(f"skipped {len(embedded.skipped)} unreadable videos (listed in {out}/manifest.json, video.skipped)")
+
+
+def run_build(job: Any) -> dict[str, Any]:
+    """The whole video index in one job (an ``IndexBuildJob`` over a video corpus)."""
+    from vitssl.cli.index import _index_errors
+    from vitssl.distributed import is_main_process
+    from vitssl.index.video import build_video_index, video_corpus
+
+    corpus = video_corpus(job.data, job.split)
+    embedder = _embedder(job, corpus)
+    paths = list(corpus.paths)
+    embedded = _embed(embedder, paths, job, job.data)
+    if not is_main_process():
+        return {}
+    out = Path(job.out)
+    with _index_errors():
+        build_video_index(
+            out, embedded, paths, embedder, train_size=job.train_size, seed=job.seed, **_index_options(job)
+        )
+    _finish(out, embedder, embedded, job)
+    n, d = embedded.vectors.shape
+    print(f"video index {job.factory!r} ({embedder.method}): {n} videos x {d} -> {out}")
+    return {"task": "index_build", "out": str(out), "count": n, "dimension": d, "skipped": len(embedded.skipped)}
+
+
+def run_train(job: Any) -> dict[str, Any]:
+    """Train the quantizer of a video index on a sample of the corpus (an ``IndexTrainJob``)."""
+    from vitssl.cli.index import _index_errors
+    from vitssl.distributed import is_main_process
+    from vitssl.index import core
+    from vitssl.index.video import video_corpus
+
+    corpus = video_corpus(job.data, job.split)
+    embedder = _embedder(job, corpus)
+    rows = core.training_sample_indices(len(corpus.paths), job.train_size, job.seed)
+    embedded = _embed(embedder, [corpus.paths[r] for r in rows], job, f"training sample of {job.data}")
+    if not is_main_process():
+        return {}
+    with _index_errors():
+        index = core.train_index(embedded.vectors, job.factory, job.metric, job.normalize)
+        path = core.write_trained_index(
+            job.out, index, job.factory, job.metric, job.normalize, len(embedded.vectors), job.seed
+        )
+    print(f"trained {job.factory!r} on {len(embedded.vectors)} videos -> {path}")
+    return {"task": "index_train", "trained": str(path), "train_count": len(embedded.vectors)}
+
+
+def run_shard(job: Any) -> dict[str, Any]:
+    """Shard i of n of a video index (an ``IndexShardJob``): videos ``shard_range(N, i, n)`` of the sorted list."""
+    from vitssl.cli.index import _index_errors
+    from vitssl.distributed import is_main_process
+    from vitssl.index import core
+    from vitssl.index.video import build_video_index, video_corpus
+
+    i, n = job.shard
+    corpus = video_corpus(job.data, job.split)
+    embedder = _embedder(job, corpus)
+    start, stop = core.shard_range(len(corpus.paths), i, n)
+    paths = list(corpus.paths[start:stop])
+    embedded = _embed(embedder, paths, job, f"{job.data} shard {i}/{n}")
+    if not is_main_process():
+        return {}
+    out = Path(job.out)
+    with _index_errors():
+        build_video_index(
+            out, embedded, paths, embedder, shard=(i, n), first_id=start, trained=job.trained, **_index_options(job)
+        )
+    _finish(out, embedder, embedded, job)
+    print(f"shard {i}/{n}: videos {start}..{stop - 1} ({len(embedded.rows)} indexed) -> {out}")
+    return {"task": "index_shard", "out": str(out), "shard": [i, n], "count": len(embedded.rows)}
+
+
+def merge_frames_if_video(shard_dirs: list[Path], out: Path) -> None:
+    """After merging shard index folders: merge their frame vectors too when they are video shards."""
+    from vitssl.index.video import is_video_index, merge_video_frames
+
+    if shard_dirs and all(is_video_index(d) for d in shard_dirs):
+        merge_video_frames(shard_dirs, out)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# query and eval
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    from vitssl.cli._common import register_objectives
+    from vitssl.cli.index import _index_errors
+    from vitssl.index.video import load_video_index
+
+    register_objectives()
+    with _index_errors():
+        return load_video_index(args.dir, args.checkpoint, args.device if args.device != "auto" else "cpu")
+
+
+def refuse_image_query(directory: Path) -> None:
+    """A video index is queried with --video: say so instead of embedding an image with its frame model."""
+    from vitssl.index.video import is_video_index
+
+    if is_video_index(directory):
+        raise ConfigError(f"{directory} is a video index; query it with --video FILE, not --image")
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    """``index query IDX --video FILE``: the k most similar videos, printed, as JSON, as a contact sheet."""
+    from vitssl.cli.eval import write_result
+    from vitssl.data.common import CorruptImageError
+    from vitssl.eval.features import corrupt_sample_error
+    from vitssl.index.video import rank, save_video_grid
+
+    if args.image:
+        raise ConfigError("--image and --video exclude each other; query a video index with --video")
+    index, embedder = _load(args)
+    try:
+        embedded = embedder.embed([args.video], desc="the query")
+    except CorruptImageError as err:
+        raise corrupt_sample_error(err, hint="") from None
+    hits = rank(
+        index,
+        embedded.vectors[0],
+        embedded.frames[0],
+        args.k,
+        rerank=args.rerank,
+        rerank_k=args.rerank_k,
+        nprobe=args.nprobe,
+        ef_search=args.ef_search,
+    )
+    print(f"{args.video}:" + (f" (re-ranked by {args.rerank})" if args.rerank else ""))
+    for r, (path, score) in enumerate(hits, 1):
+        print(f"  {r:>3}  {score:.4f}  {path}")
+    if args.json:
+        write_result([{"path": p, "score": s} for p, s in hits], args.json)  # type: ignore[arg-type]
+        print(f"written to {args.json}")
+    if args.grid:
+        save_video_grid(args.video, hits, args.grid, fps=embedder.fps, num_frames=embedder.num_frames)
+        print(f"contact sheet: {args.grid}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``index eval IDX --ground-truth FILE`` on a video index: mAP and recall@k (video level or chamfer)."""
+    from vitssl.cli.eval import write_result
+    from vitssl.cli.index import _index_errors
+    from vitssl.index.groundtruth import read_ground_truth
+    from vitssl.index.video import evaluate_video_index
+
+    options: dict[str, Any] = {}
+    if args.fivr_task:
+        options["task"] = args.fivr_task
+    if args.fivr_version:
+        options["version"] = args.fivr_version
+    if args.cc_web_clean:
+        options["clean"] = True
+    index, embedder = _load(args)
+    with _index_errors():
+        truth = read_ground_truth(args.ground_truth, args.gt_format, **options)
+        ks = tuple(sorted({1, 5, 10, args.k}))
+        result = evaluate_video_index(
+            index,
+            embedder,
+            truth,
+            rerank=args.rerank,
+            rerank_k=args.rerank_k,
+            ks=ks,
+            nprobe=args.nprobe,
+            ef_search=args.ef_search,
+        )
+    recalls = "  ".join(f"R@{k} {result[f'recall@{k}']:.4f}" for k in ks)
+    how = f"chamfer re-ranking of the top {args.rerank_k}" if args.rerank else "video level"
+    print(
+        f"{truth.name}: mAP {result['mAP']:.4f}  {recalls}  ({result['num_queries']} queries, "
+        f"{result['database']} videos, {how})"
+    )
+    if args.json:
+        write_result({"index": str(args.dir), **result}, args.json)
+        print(f"written to {args.json}")
+    return 0
+
+
+def add_query_options(p: argparse.ArgumentParser) -> None:
+    """``index query``'s video options."""
+    p.add_argument("--video", help="query video file (a video index)")
+    _add_rerank(p)
+
+
+def add_eval_options(p: argparse.ArgumentParser) -> None:
+    """``index eval``'s video options (ground-truth formats and re-ranking)."""
+    p.add_argument("--gt-format", choices=GT_FORMATS, help="ground-truth format (default: told from the file)")
+    p.add_argument("--fivr-task", choices=FIVR_TASK_NAMES, help="FIVR task: which labels are positives (DSVR)")
+    p.add_argument("--fivr-version", choices=("200k", "5k"), help="FIVR query / database lists (200k)")
+    p.add_argument("--cc-web-clean", action="store_true", help="CC_WEB_VIDEO's clean protocol")
+    _add_rerank(p)
+
+
+def _add_rerank(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rerank", choices=RERANKS, help="video index: re-score the top --rerank-k by chamfer similarity")
+    p.add_argument(
+        "--rerank-k", type=int, default=DEFAULT_RERANK_K, help=f"videos re-scored per query ({DEFAULT_RERANK_K})"
+    )
+
+
+__all__ = [
+    "add_eval_options",
+    "add_query_options",
+    "cmd_eval",
+    "cmd_query",
+    "is_video_data",
+    "merge_frames_if_video",
+    "refuse_image_query",
+    "run_build",
+    "run_shard",
+    "run_train",
+    "video_fields",
+]
