@@ -69,12 +69,56 @@ def video_reading(d: dict) -> str:
     return "\n".join(lines)
 
 
+def video_retrieval(d: dict) -> str:
+    names = {
+        "tca": "TCA (video vectors)",
+        "tca_chamfer": "TCA_f (chamfer)",
+        "whitened_mean_frames": "mean of whitened frames",
+        "mean_frames": "mean of frames",
+        "thumbnails": "thumbnails",
+    }
+    q = d["quality"]
+    lines = ["| method | mAP | R@5 | R@10 |", "|---|---:|---:|---:|"]
+    for m, name in names.items():
+        if m in q:
+            lines.append(f"| {name} | {q[m]['mAP']:.3f} | {q[m]['recall@5']:.3f} | {q[m]['recall@10']:.3f} |")
+    s = d["speed"]
+    lines += ["", f"database {s['database']} videos", "", "| model | build videos/s |", "|---|---:|"]
+    lines += [f"| {m} | {b['videos_per_second']:.1f} |" for m, b in s["build"].items()]
+    for m, search in s["search"].items():
+        lines += ["", f"{m}: {search['queries']} queries", "", "| search | K | mAP | R@10 | ms/query |"]
+        lines.append("|---|---:|---:|---:|---:|")
+        for r in search["rows"]:
+            lines.append(
+                f"| {r['method']} | {r['K'] or ''} | {r['mAP']:.3f} | {r['recall@10']:.3f} | {r['ms_per_query']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
+def track_fps(d: dict) -> str:
+    lines = [
+        f"{d['threads']} thread(s), input {d['input_size'][0]}x{d['input_size'][1]}, checkpoint {d['checkpoint']}",
+        "",
+        "| tracker | frames/s | backbone ms | transformer ms | association ms | MOTA | IDF1 | IDSW |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for mode, r in d["modes"].items():
+        ms = r["ms_per_frame"]
+        lines.append(
+            f"| {mode} | {r['fps']:.1f} | {ms['backbone']:.2f} | {ms['transformer']:.2f} | {ms['association']:.2f} | "
+            f"{100 * r['MOTA']:.1f} | {100 * r['IDF1']:.1f} | {r['IDSW']} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     for name, render in (
         ("engine_overhead", engine_overhead),
         ("knn_vs_sklearn", knn_vs_sklearn),
         ("index_throughput", index_throughput),
         ("video_reading", video_reading),
+        ("video_retrieval", video_retrieval),
+        ("track_fps", track_fps),
     ):
         data = _load(name)
         if data is not None:

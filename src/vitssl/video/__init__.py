@@ -6,9 +6,14 @@
 - ``datasets``: ``videofolder``, ``video_csv`` and the procedural ``motion`` set (label = direction of motion).
 - ``transforms``: clip transforms with one spatial augmentation for every frame; batches are ``(B, T, C, H, W)``.
 - ``heads`` (mean, ViViT temporal), ``action`` (the ``video_action`` objective), ``evaluate`` (multi-view tests).
+- ``frame_cache`` (a frozen backbone's per-frame features, computed once; the ``frame_features`` dataset),
+  ``position`` (``blob_position``: the action demo's image pretraining on ``motion_frames``).
 
 Importing the package registers its datasets and objectives; ``vitssl.cli`` imports it before reading a
 config.
 """
 
-from vitssl.video import action, datasets  # noqa: F401  (register video_action; videofolder, video_csv, motion)
+# register video_action, blob_position; videofolder, video_csv, motion, motion_frames, frame_features
+from vitssl.video import action, datasets, frame_cache, position  # noqa: F401
+from vitssl.video.tca import VideoFiles, VideoTCA  # noqa: F401  (register video_tca; video_files)
+from vitssl.video.track import data, objective  # noqa: F401  (register transtrack; mot_pairs, crowdhuman)
