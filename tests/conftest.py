@@ -72,3 +72,15 @@ def local_two_process_run(tmp_path_factory: pytest.TempPathFactory):
 
 
 # ------------------------------------------------------------------------------------------ end of launch
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices on a shared 2-core machine: one torch thread (more cost more than they save), as the video
+    demos run. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -25,13 +25,7 @@ T, S = 8, 16
 TINY = ["model.backbone=test_vit", "~model.backbone_kwargs"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices on a shared 2-core machine: one thread, as the demo itself runs (threads cost more here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_action_demo_pretrains_then_trains_both_heads_on_one_cache(tmp_path: Path, capsys) -> None:

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 import vitssl.ssl
 import vitssl.video  # noqa: F401  (registers video_action, blob_position, motion, motion_frames)
@@ -18,13 +17,7 @@ T, S, K = 4, 16, 5  # frames, side, classes of the checkpoint (5: top-5 is repor
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices on a shared 2-core machine: one thread (more threads cost more than they save here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = ["model.backbone=test_vit", "~model.backbone_kwargs", f"data.img_size={S}", "train.epochs=1",

@@ -18,13 +18,7 @@ from vitssl.video.frame_cache import FrameFeatures, frame_feature_key
 T, S = 4, 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices on a shared 2-core machine: one thread (more threads cost more than they save here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(out: Path, *extra: str) -> object:

@@ -108,6 +108,36 @@ def check_split(name: str, split: str, valid: tuple[str, ...], aliases: dict[str
     return split
 
 
+def check_procedural(
+    name: str,
+    split: str,
+    valid: dict[str, int],
+    img_size: int,
+    num_samples: int | None,
+    default: dict[str, int],
+    seed: int,
+) -> tuple[str, int]:
+    """Check a generated dataset's arguments: ``(canonical split, number of samples)``, or a one-line DataError.
+
+    Args:
+        name: the dataset's registered name, for the messages.
+        split: the split asked for; ``valid`` maps the valid ones to their random streams.
+        img_size: image or frame side (at least 8 pixels).
+        num_samples: items in the split, or None for ``default[split]``.
+        default: the default number of samples per split.
+        seed: base seed of the generator (non-negative).
+    """
+    split = check_split(name, split, tuple(valid))
+    if img_size < 8:
+        raise DataError(f"{name}: img_size must be at least 8 pixels, got {img_size}")
+    num_samples = default[split] if num_samples is None else num_samples
+    if num_samples < 1:
+        raise DataError(f"{name}: num_samples must be positive, got {num_samples}")
+    if seed < 0:
+        raise DataError(f"{name}: seed must be non-negative, got {seed}")
+    return split, num_samples
+
+
 def _init_options(cls: type) -> list[str]:
     params = inspect.signature(cls.__init__).parameters
     return [p for p in params if p not in ("self", "root", "split") and params[p].kind is not params[p].VAR_KEYWORD]

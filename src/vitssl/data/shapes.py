@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vitssl.data.common import DATASETS, ImageDataset, check_split
-from vitssl.errors import DataError
+from vitssl.data.common import DATASETS, ImageDataset, check_procedural
 
 SHAPE_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "ring", "heart", "arrow")
 
@@ -97,14 +96,9 @@ class Shapes(ImageDataset):
         num_samples: int | None = None,
         seed: int = 0,
     ) -> None:
-        self.split = check_split("shapes", split, tuple(_SPLIT_IDS))
-        if img_size < 8:
-            raise DataError(f"shapes: img_size must be at least 8 pixels, got {img_size}")
-        num_samples = _DEFAULT_NUM_SAMPLES[self.split] if num_samples is None else num_samples
-        if num_samples < 1:
-            raise DataError(f"shapes: num_samples must be positive, got {num_samples}")
-        if seed < 0:
-            raise DataError(f"shapes: seed must be non-negative, got {seed}")
+        self.split, num_samples = check_procedural(
+            "shapes", split, _SPLIT_IDS, img_size, num_samples, _DEFAULT_NUM_SAMPLES, seed
+        )
         self.img_size = img_size
         self.seed = seed
         self.classes = list(SHAPE_CLASSES)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vitssl.data.common import DATASETS, SKIP_HINT, check_split, require_root
+from vitssl.data.common import DATASETS, SKIP_HINT, check_procedural, require_root
 from vitssl.data.folder import scan_class_tree
 from vitssl.errors import DataError, MissingFileError
 from vitssl.video.io import CorruptVideoError, probe, read_frames
@@ -372,16 +372,11 @@ class Motion(VideoDataset):
         num_samples: int | None = None,
         seed: int = 0,
     ) -> None:
-        self.split = check_split("motion", split, tuple(_SPLIT_IDS))
-        if img_size < 8:
-            raise DataError(f"motion: img_size must be at least 8 pixels, got {img_size}")
+        self.split, num_samples = check_procedural(
+            "motion", split, _SPLIT_IDS, img_size, num_samples, _DEFAULT_MOTION_SAMPLES, seed
+        )
         if num_frames < 2:
             raise DataError(f"motion: num_frames must be at least 2 (one frame shows no motion), got {num_frames}")
-        num_samples = _DEFAULT_MOTION_SAMPLES[self.split] if num_samples is None else num_samples
-        if num_samples < 1:
-            raise DataError(f"motion: num_samples must be positive, got {num_samples}")
-        if seed < 0:
-            raise DataError(f"motion: seed must be non-negative, got {seed}")
         self.img_size = img_size
         self.num_frames = num_frames
         self.seed = seed
@@ -422,14 +417,9 @@ class MotionFrames(Dataset):
         num_samples: int | None = None,
         seed: int = 0,
     ) -> None:
-        self.split = check_split("motion_frames", split, tuple(_SPLIT_IDS))
-        if img_size < 8:
-            raise DataError(f"motion_frames: img_size must be at least 8 pixels, got {img_size}")
-        num_samples = _DEFAULT_MOTION_SAMPLES[self.split] if num_samples is None else num_samples
-        if num_samples < 1:
-            raise DataError(f"motion_frames: num_samples must be positive, got {num_samples}")
-        if seed < 0:
-            raise DataError(f"motion_frames: seed must be non-negative, got {seed}")
+        self.split, num_samples = check_procedural(
+            "motion_frames", split, _SPLIT_IDS, img_size, num_samples, _DEFAULT_MOTION_SAMPLES, seed
+        )
         self.img_size, self.num_samples, self.seed = img_size, num_samples, seed
         self.classes: list[str] = []  # no class labels: the targets are positions
         self._rendered: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # epochs after the first: no redraw
