@@ -256,7 +256,8 @@ def run_tca_demo(overrides: list[str]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], epilog="`python -m vitssl.demo action|tca [key=value ...]`: other demos"
+        description=__doc__.splitlines()[0],
+        epilog="`python -m vitssl.demo action|tca|track [key=value ...]`: the video demos",
     )
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the demo recipe, e.g. seed=1")
     args = parser.parse_args(argv)
