@@ -45,11 +45,11 @@ from vitssl.config import ConfigError
 from vitssl.errors import DataError, MissingFileError, UserError
 from vitssl.index import core
 from vitssl.io import atomic_dir, write_json
+from vitssl.video.datasets import VIDEO_EXTENSIONS
 
 _logger = logging.getLogger(__name__)
 
 VIDEO_DATASETS: tuple[str, ...] = ("videos", "videofolder", "video_csv")
-VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".mkv", ".avi", ".webm", ".mov")
 FRAMES_DIR = "frames"
 FRAME_VECTORS = "vectors.npy"
 FRAME_OFFSETS = "offsets.npy"

@@ -48,11 +48,11 @@ from vitssl.config import ConfigError, DataConfig, ObjectiveConfig
 from vitssl.data.common import DATASETS
 from vitssl.errors import DataError, MissingFileError
 from vitssl.ssl.base import Objective, register_objective, split_decay
+from vitssl.video.datasets import VIDEO_EXTENSIONS
 
 _logger = logging.getLogger(__name__)
 
 LOSSES = ("infonce", "circle")
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".webm", ".mov")
 PCA_FILE = "tca_pca.npz"  # the fitted whitening in the run folder (also held by the checkpoint's buffers)
 FRAMES_FILE = "tca_train_frames.npy"  # the training videos' raw frame features, concatenated (rows)
 OFFSETS_FILE = "tca_train_offsets.npy"  # (V + 1,) row offsets of each training video in FRAMES_FILE

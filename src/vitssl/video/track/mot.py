@@ -30,9 +30,9 @@ import numpy as np
 
 from vitssl.errors import DataError, MissingFileError
 from vitssl.io import PathLike, atomic_write
+from vitssl.video.datasets import VIDEO_EXTENSIONS
 
 MOT_COLUMNS = ("frame", "id", "left", "top", "width", "height", "conf", "x", "y", "z")
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".webm")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 # Values given to the columns a short line leaves out: "consider" / score 1, the rest -1 (MOT's "unused").
 _FILL = np.array([0, 0, 0, 0, 0, 0, 1, -1, -1, -1], dtype=np.float64)
@@ -326,7 +326,7 @@ def is_sequence(path: PathLike) -> bool:
     path = Path(path)
     if path.is_dir():
         return (path / "seqinfo.ini").is_file() or (path / "img1").is_dir()
-    return path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES
+    return path.is_file() and path.suffix.lower() in VIDEO_EXTENSIONS
 
 
 def load_sequence(path: PathLike) -> Sequence:
@@ -342,8 +342,8 @@ def load_sequence(path: PathLike) -> Sequence:
         raise MissingFileError(f"sequence {path} does not exist (a MOTChallenge folder SEQ/ or a video file)")
     if path.is_dir():
         return _load_folder(path)
-    if path.suffix.lower() not in VIDEO_SUFFIXES:
-        raise DataError(f"{path} is neither a MOTChallenge sequence folder nor a video ({', '.join(VIDEO_SUFFIXES)})")
+    if path.suffix.lower() not in VIDEO_EXTENSIONS:
+        raise DataError(f"{path} is neither a MOTChallenge sequence folder nor a video ({', '.join(VIDEO_EXTENSIONS)})")
     return _load_video(path)
 
 
