@@ -455,8 +455,15 @@ def launch_job(launch_cfg: Any, payload: Any, output_dir: Path) -> Any:
     return launch(JOB_TARGET, payload, launch_cfg, output_dir, kind="eval")
 
 
-def extraction_fields(args: argparse.Namespace, device: str) -> dict[str, Any]:
-    """The :class:`EvalJob` fields of a command's extraction options (``--layer``, ``--cache-dir``, ...)."""
+def extraction_fields(
+    args: argparse.Namespace, device: str, checkpoint: Callable[[str], str] | None = None
+) -> dict[str, Any]:
+    """The :class:`EvalJob` fields of a command's extraction options (``--layer``, ``--cache-dir``, ...).
+
+    Args:
+        checkpoint: resolves and checks ``args.checkpoint`` (default :func:`checkpoint_arg`; video index builds
+            also take ``thumbnails``).
+    """
     from vitssl.eval.spec import parse_layer
 
     if args.batch_size < 1:
@@ -464,7 +471,7 @@ def extraction_fields(args: argparse.Namespace, device: str) -> dict[str, Any]:
     if args.num_workers is not None and args.num_workers < 0:
         raise ConfigError(f"--num-workers {args.num_workers} must be 0 (load in the process itself) or more")
     return {
-        "checkpoint": checkpoint_arg(args.checkpoint),
+        "checkpoint": (checkpoint or checkpoint_arg)(args.checkpoint),
         "device": device,
         "layer": parse_layer(args.layer),
         "cache_dir": str(Path(args.cache_dir).absolute()) if args.cache_dir else None,

@@ -47,19 +47,9 @@ def video_model_arg(model: str) -> str:
 
 def video_fields(args: argparse.Namespace, device: str) -> dict[str, Any]:
     """The job fields of ``index build`` over videos (as ``extraction_fields``, the model may be thumbnails)."""
-    from vitssl.eval.spec import parse_layer
+    from vitssl.cli.eval import extraction_fields
 
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size {args.batch_size} must be at least 1")
-    return {
-        "checkpoint": video_model_arg(args.checkpoint),
-        "device": device,
-        "layer": parse_layer(args.layer),
-        "cache_dir": str(Path(args.cache_dir).absolute()) if args.cache_dir else None,
-        "batch_size": int(args.batch_size),
-        "num_workers": args.num_workers,
-        "skip_corrupt": bool(args.skip_corrupt),
-    }
+    return extraction_fields(args, device, checkpoint=video_model_arg)
 
 
 def _embedder(job: Any, corpus: Any) -> Any:
