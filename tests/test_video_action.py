@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 import vitssl.ssl  # noqa: F401  (registers the image objectives)
@@ -36,13 +37,90 @@ def test_heads_map_frame_embeddings_to_logits(head: torch.nn.Module) -> None:
     assert head.forward_features(frames).shape == (B, D)
 
 
-def test_temporal_head_time_embedding_starts_at_zero_and_learns() -> None:
+def _flax_xavier_uniform_limit(fan_in: int, fan_out: int) -> float:
+    """flax ``xavier_uniform()`` = ``variance_scaling(1.0, "fan_avg", "uniform")``: U(-l, l), l = sqrt(3 / fan_avg)."""
+    return math.sqrt(3.0 * 1.0 / ((fan_in + fan_out) / 2.0))
+
+
+def _flax_gelu(x: torch.Tensor) -> torch.Tensor:
+    """``jax.nn.gelu(x, approximate=True)``, flax's ``nn.gelu``."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def test_temporal_head_is_initialised_as_scenic_vivit() -> None:
+    # scenic SpaceTimeViViT (classifier 'token'), Encoder (learned_1d posemb), EncoderBlock, MlpBlock initialisers
+    torch.manual_seed(0)
+    dim, mlp = 256, 1024
+    head = TemporalHead(dim, K, depth=2, heads=4, num_frames_max=8)
+    norms = [m for m in head.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 2 * 2 + 1  # two per block and the encoder_norm
+    for norm in norms:
+        assert norm.eps == 1e-6  # flax nn.LayerNorm's epsilon
+        assert torch.equal(norm.weight, torch.ones(dim)) and torch.equal(norm.bias, torch.zeros(dim))
+    assert torch.count_nonzero(head.cls_token) == 0  # nn.initializers.zeros
+    assert torch.count_nonzero(head.fc.weight) == 0 and torch.count_nonzero(head.fc.bias) == 0  # output_projection
+    assert head.time_embed.shape == (1, 1 + 8, dim)  # covers the CLS token and the frames
+    assert abs(head.time_embed.std().item() - 0.02) < 0.002 and abs(head.time_embed.mean().item()) < 0.002
+
+    def check_uniform(weight: torch.Tensor, limit: float) -> None:
+        assert weight.abs().max().item() <= limit
+        assert weight.abs().max().item() > 0.98 * limit
+        assert abs(weight.var().item() / (limit**2 / 3.0) - 1.0) < 0.05
+
+    for layer in head.layers:
+        attn = layer.self_attn
+        for block in attn.in_proj_weight.detach().chunk(3):  # query, key, value: each DenseGeneral (D, heads, D/h)
+            check_uniform(block, _flax_xavier_uniform_limit(dim, dim))
+        check_uniform(attn.out_proj.weight.detach(), _flax_xavier_uniform_limit(dim, dim))
+        assert torch.count_nonzero(attn.in_proj_bias) == 0 and torch.count_nonzero(attn.out_proj.bias) == 0
+        check_uniform(layer.linear1.weight.detach(), _flax_xavier_uniform_limit(dim, mlp))
+        check_uniform(layer.linear2.weight.detach(), _flax_xavier_uniform_limit(mlp, dim))
+        for bias in (layer.linear1.bias, layer.linear2.bias):  # normal(stddev=1e-6)
+            assert 0.8e-6 < bias.std().item() < 1.2e-6
+        x = torch.linspace(-4, 4, 101)
+        torch.testing.assert_close(layer.activation(x), _flax_gelu(x), atol=0, rtol=0)
+
+
+def _scenic_encoder_block(x: torch.Tensor, layer: torch.nn.TransformerEncoderLayer, heads: int) -> torch.Tensor:
+    """scenic ``EncoderBlock`` (no dropout): x + MHA(LN(x)), then + MlpBlock(LN(.)) with flax's gelu."""
+    b, n, d = x.shape
+    attn = layer.self_attn
+    y = F.layer_norm(x, (d,), layer.norm1.weight, layer.norm1.bias, eps=1e-6)
+    wq, wk, wv = attn.in_proj_weight.chunk(3)
+    bq, bk, bv = attn.in_proj_bias.chunk(3)
+    q, k, v = (F.linear(y, w, bb).view(b, n, heads, d // heads) for w, bb in ((wq, bq), (wk, bk), (wv, bv)))
+    weights = torch.einsum("bqhd,bkhd->bhqk", q / math.sqrt(d // heads), k).softmax(dim=-1)  # dot_product_attention
+    y = torch.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, n, d)
+    x = x + F.linear(y, attn.out_proj.weight, attn.out_proj.bias)
+    y = F.layer_norm(x, (d,), layer.norm2.weight, layer.norm2.bias, eps=1e-6)
+    y = F.linear(
+        _flax_gelu(F.linear(y, layer.linear1.weight, layer.linear1.bias)), layer.linear2.weight, layer.linear2.bias
+    )
+    return x + y
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_temporal_head_forward_equals_scenic_encoder(train: bool) -> None:
+    # the same weights through a transcription of scenic's temporal encoder, in both modes (eval and no_grad is
+    # where PyTorch's fused fast path, with the exact GELU, would take over)
+    torch.manual_seed(0)
+    head = TemporalHead(D, K, depth=2, heads=2, num_frames_max=8).train(train)
+    frames = torch.randn(B, T, D)  # (B, T, D)
+    with torch.no_grad():
+        got = head.forward_features(frames)
+        x = torch.cat([head.cls_token.expand(B, -1, -1), frames], dim=1) + head.time_embed[:, : 1 + T]
+        for layer in head.layers:
+            x = _scenic_encoder_block(x, layer, heads=2)
+        want = F.layer_norm(x, (D,), head.norm.weight, head.norm.bias, eps=1e-6)[:, 0]  # encoder_norm, token 0
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_temporal_head_position_embedding_learns() -> None:
     head = TemporalHead(D, K, depth=1, heads=2, num_frames_max=8)
-    assert torch.count_nonzero(head.time_embed) == 0
-    head(torch.randn(B, T, D)).square().sum().backward()
+    head.forward_features(torch.randn(B, T, D)).square().sum().backward()
     assert head.time_embed.grad is not None
-    assert head.time_embed.grad[:, :T].abs().sum() > 0  # the used steps learn
-    assert head.time_embed.grad[:, T:].abs().sum() == 0  # the unused ones are untouched
+    assert head.time_embed.grad[:, : 1 + T].abs().sum() > 0  # CLS and the used steps learn
+    assert head.time_embed.grad[:, 1 + T :].abs().sum() == 0  # the unused ones are untouched
     with pytest.raises(ValueError, match="frames"):
         head(torch.randn(B, 9, D))
 
@@ -53,11 +131,13 @@ def test_mean_head_ignores_frame_order_temporal_head_does_not() -> None:
     reversed_frames = frames.flip(1)
     mean, temporal = MeanHead(D, K).eval(), TemporalHead(D, K, depth=1, heads=2, num_frames_max=T).eval()
     torch.testing.assert_close(mean(frames), mean(reversed_frames))
-    # zero time embedding: no position information, so the CLS output is order-blind at initialisation
-    torch.testing.assert_close(temporal(frames), temporal(reversed_frames), atol=1e-5, rtol=1e-5)
-    with torch.no_grad():
-        temporal.time_embed.normal_(std=0.5)
-    assert not torch.allclose(temporal(frames), temporal(reversed_frames), atol=1e-4)
+    # the position embedding tells the frames apart from the start
+    assert not torch.allclose(temporal.forward_features(frames), temporal.forward_features(reversed_frames), atol=1e-4)
+    with torch.no_grad():  # without it the CLS output is order-blind (attention is permutation-equivariant)
+        temporal.time_embed.zero_()
+    torch.testing.assert_close(
+        temporal.forward_features(frames), temporal.forward_features(reversed_frames), atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("head", ["temporal", "mean"])

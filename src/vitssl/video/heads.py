@@ -2,17 +2,23 @@
 
 - :class:`MeanHead`: TSN's consensus (Wang et al., 2016): average the frame embeddings, then a linear layer. It
   cannot tell frame order apart, so it sees appearance, not motion.
-- :class:`TemporalHead`: the temporal transformer of ViViT's factorised encoder (Arnab et al., 2021, model 2): a
-  temporal CLS token and a learned time embedding, pre-norm encoder layers over ``(B, 1 + T, D)``, a final
-  LayerNorm and a linear classifier on the CLS output.
+- :class:`TemporalHead`: the temporal transformer of ViViT's factorised encoder (Arnab et al., 2021, model 2), as
+  the official (scenic) ``SpaceTimeViViT`` builds it with its ``token`` classifier: a temporal CLS token, a learned
+  position embedding over CLS + frames, pre-norm encoder layers over ``(B, 1 + T, D)``, a final LayerNorm and a
+  linear classifier on the CLS output, with scenic's initialisation and flax's LayerNorm epsilon (1e-6).
 
 Both expose ``forward_features`` (the pre-logit embedding, ``(B, D)``) for frozen-feature evaluation.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+_LN_EPS = 1e-6  # flax's nn.LayerNorm default, which scenic's ViViT uses throughout
 
 
 class MeanHead(nn.Module):
@@ -40,12 +46,25 @@ class MeanHead(nn.Module):
         return self.fc(self.dropout(self.forward_features(frames)))  # (B, K)
 
 
-class TemporalHead(nn.Module):
-    """ViViT factorised-encoder temporal transformer over per-frame embeddings.
+def _xavier_uniform_rows(weight: torch.Tensor, chunks: int) -> None:
+    """Glorot-uniform init of each of ``chunks`` equal row blocks of ``weight`` on its own (fan of one block).
 
-    The time embedding starts at zero: at initialisation the head is exactly order-blind (a transformer without
-    position information is permutation-equivariant, and the CLS token pools symmetrically), so any use of frame
-    order is learnt from the data rather than imposed by a random embedding.
+    flax's attention has separate query / key / value projections, each ``xavier_uniform`` over ``D x D``;
+    PyTorch packs them into one ``(3D, D)`` matrix, whose own fan would give a bound ``sqrt(2)`` times smaller.
+    """
+    with torch.no_grad():
+        for block in weight.chunk(chunks, dim=0):
+            nn.init.xavier_uniform_(block)
+
+
+class TemporalHead(nn.Module):
+    """ViViT factorised-encoder temporal transformer over per-frame embeddings (scenic's, initialised as there).
+
+    Initialisation (scenic ``SpaceTimeViViT`` / ``Encoder`` / ``EncoderBlock`` / ``MlpBlock``): CLS token zero;
+    position embedding over the ``1 + T`` tokens ``normal(0, 0.02)``; attention query / key / value and output
+    kernels Glorot-uniform each, biases zero; MLP kernels Glorot-uniform, biases ``normal(0, 1e-6)``; LayerNorms
+    (two per layer and the encoder's output norm) scale 1, bias 0, epsilon 1e-6; the classifier zero (weights and
+    bias), so every logit is 0 at initialisation. The MLP's GELU is flax's default, the tanh approximation.
 
     Args:
         dim: frame embedding width D.
@@ -53,7 +72,7 @@ class TemporalHead(nn.Module):
         depth: transformer encoder layers.
         heads: attention heads; None picks ``max(1, dim // 64)`` (ViT's 64-wide heads).
         mlp_ratio: MLP hidden width as a multiple of D.
-        num_frames_max: longest clip the time embedding covers (T <= num_frames_max).
+        num_frames_max: longest clip the position embedding covers (T <= num_frames_max).
         dropout: dropout inside the encoder layers and before the classifier.
     """
 
@@ -72,24 +91,40 @@ class TemporalHead(nn.Module):
         if dim % heads:
             raise ValueError(f"TemporalHead: dim={dim} must be divisible by heads={heads}")
         self.dim, self.num_classes, self.num_frames_max = dim, num_classes, num_frames_max
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        self.time_embed = nn.Parameter(torch.zeros(1, num_frames_max, dim))  # zero: order is learnt, see above
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))  # (1, 1, D)
+        self.time_embed = nn.Parameter(torch.empty(1, 1 + num_frames_max, dim).normal_(std=0.02))  # (1, 1 + F, D)
         self.layers = nn.ModuleList(
             nn.TransformerEncoderLayer(
                 dim,
                 heads,
                 dim_feedforward=int(dim * mlp_ratio),
                 dropout=dropout,
-                activation="gelu",
+                # flax's gelu is the tanh approximation; a partial (not F.gelu itself or an nn.GELU) also keeps
+                # PyTorch's inference fast path, which would compute the exact GELU, switched off
+                activation=functools.partial(F.gelu, approximate="tanh"),
+                layer_norm_eps=_LN_EPS,
                 batch_first=True,
                 norm_first=True,  # pre-norm, as in ViT / ViViT
             )
             for _ in range(depth)
         )
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim, eps=_LN_EPS)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(dim, num_classes)
+        self._init_as_scenic()
+
+    def _init_as_scenic(self) -> None:
+        """scenic's initialisers (see the class docstring) on the encoder layers and the classifier."""
+        for layer in self.layers:
+            attn = layer.self_attn
+            _xavier_uniform_rows(attn.in_proj_weight, 3)  # q, k, v
+            nn.init.zeros_(attn.in_proj_bias)
+            nn.init.xavier_uniform_(attn.out_proj.weight)
+            nn.init.zeros_(attn.out_proj.bias)
+            for linear in (layer.linear1, layer.linear2):
+                nn.init.xavier_uniform_(linear.weight)
+                nn.init.normal_(linear.bias, std=1e-6)
+        nn.init.zeros_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
 
     def no_weight_decay(self) -> set[str]:
@@ -100,9 +135,9 @@ class TemporalHead(nn.Module):
         """Pre-logit embedding (B, D): the normed CLS output over frame embeddings (B, T, D)."""
         b, t, _ = frames.shape
         if t > self.num_frames_max:
-            raise ValueError(f"TemporalHead: {t} frames, but the time embedding covers {self.num_frames_max}")
-        x = frames + self.time_embed[:, :t]  # (B, T, D)
-        x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1)  # (B, 1 + T, D)
+            raise ValueError(f"TemporalHead: {t} frames, but the position embedding covers {self.num_frames_max}")
+        x = torch.cat([self.cls_token.expand(b, -1, -1), frames], dim=1)  # (B, 1 + T, D)
+        x = x + self.time_embed[:, : 1 + t]  # (B, 1 + T, D); scenic adds it after the CLS token, to both
         for layer in self.layers:
             x = layer(x)  # (B, 1 + T, D)
         return self.norm(x[:, 0])  # (B, D)
