@@ -128,8 +128,19 @@ def test_mot17_rules_drop_distractors_zero_marked_rows_and_other_classes():
     pred = np.array([[1, k, *box(x), 1, -1, -1, -1] for k, x in enumerate((0, 50, 100, 150), start=1)], float)
     mot17 = evaluate(gt, pred, "mot17")["seq"]
     assert (mot17["TP"], mot17["FP"], mot17["FN"], mot17["num_gt"]) == (1, 2, 1, 2)
-    mot15 = evaluate(gt, pred, "mot15")["seq"]
-    assert (mot15["TP"], mot15["FP"], mot15["FN"], mot15["num_gt"]) == (4, 0, 1, 5)
+    mot15 = evaluate(gt, pred, "mot15")["seq"]  # classes ignored, but the zero-marked row is dropped: its match is FP
+    assert (mot15["TP"], mot15["FP"], mot15["FN"], mot15["num_gt"]) == (3, 1, 1, 4)
+    mot20 = evaluate(
+        np.vstack([gt, [[1, 6, *box(250), 1, 6, 1.0, -1]]]),
+        np.vstack([pred, [[1, 9, *box(250), 1, -1, -1, -1]]]),
+        "mot20",
+    )
+    mot17 = evaluate(
+        np.vstack([gt, [[1, 6, *box(250), 1, 6, 1.0, -1]]]),
+        np.vstack([pred, [[1, 9, *box(250), 1, -1, -1, -1]]]),
+        "mot17",
+    )
+    assert mot20["seq"]["FP"] == 2 and mot17["seq"]["FP"] == 3  # MOT20 also drops a match on a non-MOT vehicle
 
 
 def _trackeval_pipeline(root: Path, benchmark: str, lengths: dict[str, int]) -> dict:
@@ -185,13 +196,112 @@ def test_evaluate_equals_trackevals_own_motchallenge_pipeline(tmp_path, benchmar
         assert (ours[name]["FP"], ours[name]["FN"]) == (want["CLEAR"]["CLR_FP"], want["CLEAR"]["CLR_FN"])
 
 
+def _random_sequence(rng: np.random.Generator, benchmark: str, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ground truth with zero-marked rows, every class and random visibility, and a tracker output over it.
+
+    The prediction follows most boxes with jitter (distractors and zero-marked rows included), drops some, switches
+    some identities mid-track and adds false positives, so every preprocessing rule changes the counts.
+    """
+    gt, pred = [], []
+    fp_id = 1000
+    for k in range(int(rng.integers(4, 10))):
+        if benchmark == "mot15":
+            cls = int(rng.choice([-1, 1, 3]))  # MOT15 has no classes: any value is read and ignored
+        else:
+            cls = 1 if rng.random() < 0.45 else int(rng.integers(2, 14))
+        start = int(rng.integers(1, num_frames))
+        stop = int(rng.integers(start, num_frames + 1))
+        x, y = rng.uniform(0, 150), rng.uniform(0, 100)
+        w, h = rng.uniform(8, 40), rng.uniform(16, 60)
+        switch = int(rng.integers(start, stop + 1)) if rng.random() < 0.4 else None
+        for frame in range(start, stop + 1):
+            x, y = x + rng.normal(0, 3), y + rng.normal(0, 2)
+            consider = 0 if rng.random() < 0.2 else 1
+            gt.append([frame, k + 1, x, y, w, h, consider, cls, round(float(rng.random()), 3), -1])
+            if rng.random() < 0.8:
+                pid = 100 + k if switch is not None and frame >= switch else k + 1
+                box = [x + rng.uniform(-4, 4), y + rng.uniform(-4, 4), w * rng.uniform(0.8, 1.2), h]
+                pred.append([frame, pid, *box, round(float(rng.random()), 3), -1, -1, -1])
+    for frame in range(1, num_frames + 1):
+        for _ in range(int(rng.integers(0, 3))):
+            fp_id += 1
+            pred.append([frame, fp_id, *rng.uniform(0, 150, 2), *rng.uniform(10, 40, 2), 0.5, -1, -1, -1])
+    return np.array(gt, float), np.array(pred, float)
+
+
+def _write_trackeval_layout(root: Path, benchmark: str, gts: dict, preds: dict, lengths: dict) -> None:
+    """TrackEval's default MOTChallenge layout: gt/BENCH-train/SEQ/{gt/gt.txt,seqinfo.ini}, gt/seqmaps/BENCH-train.txt,
+    trackers/BENCH-train/TRACKER/data/SEQ.txt."""
+    split = f"{benchmark.upper()}-train"
+    for name, rows in gts.items():
+        write_mot(root / "gt" / split / name / "gt" / "gt.txt", rows)
+        (root / "gt" / split / name / "seqinfo.ini").write_text(f"[Sequence]\nname={name}\nseqLength={lengths[name]}\n")
+        write_mot(root / "trackers" / split / "t" / "data" / f"{name}.txt", preds[name])
+    (root / "gt" / "seqmaps").mkdir(parents=True)
+    (root / "gt" / "seqmaps" / f"{split}.txt").write_text("name\n" + "".join(f"{n}\n" for n in gts))
+
+
+def _trackeval_default_layout(root: Path, benchmark: str) -> dict:
+    """TrackEval's MotChallenge2DBox + Evaluator on the default layout, with its default (preprocessing) config."""
+    import contextlib
+    import io
+
+    import trackeval
+
+    dataset = trackeval.datasets.MotChallenge2DBox(
+        {"GT_FOLDER": str(root / "gt"), "TRACKERS_FOLDER": str(root / "trackers"), "BENCHMARK": benchmark.upper()}
+        | {"SPLIT_TO_EVAL": "train", "PRINT_CONFIG": False}
+    )
+    quiet = {"PRINT_RESULTS": False, "PRINT_CONFIG": False, "TIME_PROGRESS": False, "OUTPUT_SUMMARY": False}
+    quiet.update(OUTPUT_DETAILED=False, PLOT_CURVES=False, LOG_ON_ERROR=None)
+    metrics = [trackeval.metrics.HOTA(), trackeval.metrics.CLEAR({"PRINT_CONFIG": False})]
+    metrics.append(trackeval.metrics.Identity({"PRINT_CONFIG": False}))
+    with contextlib.redirect_stdout(io.StringIO()):
+        res, messages = trackeval.Evaluator(quiet).evaluate([dataset], metrics)
+    assert messages["MotChallenge2DBox"]["t"] == "Success"
+    return res["MotChallenge2DBox"]["t"]
+
+
+@pytest.mark.parametrize("benchmark", ["mot15", "mot16", "mot17", "mot20"])
+def test_track_evaluate_equals_trackeval_with_zero_marked_rows_and_distractors(tmp_path, benchmark):
+    rng = np.random.default_rng({"mot15": 0, "mot16": 1, "mot17": 2, "mot20": 3}[benchmark])
+    gts, preds, lengths = {}, {}, {}
+    for i in range(3):
+        name = f"SEQ-{i:02d}"
+        lengths[name] = int(rng.integers(15, 30))
+        gts[name], preds[name] = _random_sequence(rng, benchmark, lengths[name])
+    if benchmark != "mot15":  # a class TrackEval does not know, in a frame without predictions: accepted, ignored
+        last = max(lengths.values()) + 5
+        lengths["SEQ-00"] = last
+        gts["SEQ-00"] = np.vstack([gts["SEQ-00"], [[last, 99, 1, 1, 10, 10, 1, 14, 1.0, -1]]])
+    _write_trackeval_layout(tmp_path, benchmark, gts, preds, lengths)
+    ref = _trackeval_default_layout(tmp_path, benchmark)
+    json_out = tmp_path / f"{benchmark}.json"
+    split = f"{benchmark.upper()}-train"
+    gt_dir, pred_dir = tmp_path / "gt" / split, tmp_path / "trackers" / split / "t" / "data"
+    cli = ["track", "evaluate", "--gt", str(gt_dir), "--pred", str(pred_dir), "--benchmark", benchmark]
+    status = main([*cli, "--json", str(json_out)])
+    assert status == 0
+    ours = json.loads(json_out.read_text())
+    zero_marked = sum(int((g[:, 6] == 0).sum()) for g in gts.values())
+    assert zero_marked > 20  # the rule this test is about has rows to act on
+    for name, ref_name in [*((n, n) for n in gts), (COMBINED, "COMBINED_SEQ")]:
+        want = ref[ref_name]["pedestrian"]
+        assert ours[name]["MOTA"] == pytest.approx(want["CLEAR"]["MOTA"], abs=1e-9), name
+        assert ours[name]["IDF1"] == pytest.approx(want["Identity"]["IDF1"], abs=1e-9), name
+        assert ours[name]["HOTA"] == pytest.approx(np.mean(want["HOTA"]["HOTA"]), abs=1e-9), name
+        assert (ours[name]["FP"], ours[name]["FN"]) == (want["CLEAR"]["CLR_FP"], want["CLEAR"]["CLR_FN"]), name
+
+
 def test_bad_metric_inputs_are_data_errors():
     gt = np.array([[1, 1, 0, 0, 10, 10, 1, 1, 1, -1], [1, 1, 20, 0, 10, 10, 1, 1, 1, -1]], float)
     with pytest.raises(DataError, match="id 1 appears twice in frame 1"):
         evaluate(gt, gt[:1])
     no_class = np.array([[1, 1, 0, 0, 10, 10]], float)
-    with pytest.raises(DataError, match="mot15"):
+    with pytest.raises(DataError, match=r"classes \[-1\] at frame 1, outside mot17's 1..13.*mot15"):
         evaluate(no_class, no_class, "mot17")
+    with pytest.raises(DataError, match=r"column 8 \(class\) must be -1 or 1"):
+        evaluate(gt[:1], np.array([[1, 1, 0, 0, 10, 10, 1, 2]], float), "mot15")
     assert evaluate(no_class, no_class, "mot15")["seq"]["MOTA"] == 1.0
     with pytest.raises(DataError, match="no prediction for sequence"):
         evaluate({"a": gt[:1], "b": gt[:1]}, {"a": gt[:1]})

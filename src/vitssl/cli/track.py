@@ -1,4 +1,4 @@
-"""Tracking commands: ``vitssl track evaluate --gt GT --pred PRED [--benchmark mot15|mot17] [--json OUT]``,
+"""Tracking commands: ``vitssl track evaluate --gt GT --pred PRED [--benchmark mot15|mot16|mot17|mot20] [--json OUT]``,
 ``vitssl track synth ROOT`` (generated sequences in the MOTChallenge layout) and ``vitssl track associate --seq
 SEQ_OR_ROOT --out DIR`` (the IoU tracker on each sequence's public detections, ``det/det.txt``).
 
@@ -81,9 +81,10 @@ def register_commands(subparsers: argparse._SubParsersAction, groups: dict[str, 
     p.add_argument("--pred", required=True, metavar="PRED", help="results: a MOT txt file or a folder of SEQ.txt")
     p.add_argument(
         "--benchmark",
-        choices=("mot15", "mot17"),
+        choices=("mot15", "mot16", "mot17", "mot20"),  # vitssl.video.track.metrics.BENCHMARKS, kept lazy
         default="mot15",
-        help="mot15: every gt row counts; mot17: pedestrians only, distractor matches and zero-marked rows removed "
+        help="TrackEval's MotChallenge2DBox rules. mot15: zero-marked gt rows ignored; mot16/mot17/mot20: also "
+        "pedestrians only and predictions matched to distractor classes removed (mot20 adds non-MOT vehicles) "
         "(default mot15)",
     )
     p.add_argument("--json", metavar="OUT", help="also write the metrics per sequence and COMBINED as JSON")

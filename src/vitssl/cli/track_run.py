@@ -37,7 +37,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _print_metrics(seq: str, results: dict) -> None:
-    """MOTA, IDF1, ... when every sequence has ground truth (mot15 rules: every gt row counts)."""
+    """MOTA, IDF1, ... when every sequence has ground truth (mot15 rules: zero-marked gt rows ignored)."""
     from vitssl.video.track.metrics import evaluate, format_table
     from vitssl.video.track.mot import list_sequences
 

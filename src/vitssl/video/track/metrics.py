@@ -6,12 +6,19 @@ combining sequences with TrackEval's own ``combine_sequences``. Nothing is re-im
 :func:`evaluate_files` does the same from files: ground truth as a MOT file, a MOTChallenge sequence folder
 or a folder of them, results as a MOT file or a folder of ``SEQ.txt``.
 
-Benchmarks (the rules that decide which rows count):
+Benchmarks (the rules that decide which rows count), TrackEval's ``MotChallenge2DBox`` with its preprocessing:
 
-- ``mot15``: every ground-truth row counts, whatever its class and "consider" flag; every prediction counts.
-- ``mot17``: TrackEval's MOT17 rules. Predictions that match (IoU >= 0.5, Hungarian) a ground-truth box of a
-  distractor class (person on vehicle, static person, distractor, reflection) are removed; then only
-  ground-truth rows of class 1 (pedestrian) with a non-zero "consider" flag (column 7) count.
+- ``mot15``: ground-truth rows whose "consider" flag (column 7, read as an integer) is 0 are dropped, whatever
+  their class (MOT15 has none); every prediction counts.
+- ``mot16`` / ``mot17``: per frame, predictions that match (IoU >= 0.5, Hungarian over all ground-truth boxes) a
+  box of a distractor class (2 person on vehicle, 7 static person, 8 distractor, 12 reflection) are removed;
+  then only ground-truth rows of class 1 (pedestrian) with a non-zero "consider" flag count. The visibility
+  (column 9) decides nothing, as in TrackEval.
+- ``mot20``: as ``mot17``, with class 6 (non-MOT vehicle) a distractor too.
+
+As in TrackEval, every benchmark refuses a predicted class (column 8) above 1, and ``mot16/17/20`` refuse a
+ground-truth class outside 1..13 in a frame that has both ground truth and predictions (the frames where the
+distractor matching runs); elsewhere such a row is simply not a pedestrian.
 
 Similarity is box IoU, matches need IoU >= 0.5. ``MOTP`` is the mean IoU of the CLEAR matches (TrackEval's
 definition; motmetrics reports 1 - that), ``HOTA``, ``DetA``, ``AssA`` and ``LocA`` are means over TrackEval's
@@ -30,8 +37,8 @@ from scipy.optimize import linear_sum_assignment
 from vitssl.errors import DataError, MissingFileError
 from vitssl.io import PathLike
 
-Benchmark = Literal["mot15", "mot17"]
-BENCHMARKS: tuple[str, ...] = ("mot15", "mot17")
+Benchmark = Literal["mot15", "mot16", "mot17", "mot20"]
+BENCHMARKS: tuple[str, ...] = ("mot15", "mot16", "mot17", "mot20")
 COMBINED = "COMBINED"
 PEDESTRIAN = 1
 # TrackEval's MOTChallenge class ids: 1 pedestrian, 2 person on vehicle, 3 car, 4 bicycle, 5 motorbike,
@@ -39,6 +46,7 @@ PEDESTRIAN = 1
 # 12 reflection, 13 crowd.
 _VALID_CLASSES = np.arange(1, 14)
 _DISTRACTORS = np.array([2, 7, 8, 12])
+_DISTRACTORS_MOT20 = np.array([2, 6, 7, 8, 12])  # MOT20 adds the non-MOT vehicle
 _EPS = np.finfo("float").eps
 
 # The metrics that are fractions (printed in percent); the others are counts.
@@ -94,13 +102,13 @@ def prepare_sequence(
     Args:
         gt: ground-truth MOT rows ``(G, 6..10)``.
         pred: tracker MOT rows ``(P, 6..10)``.
-        benchmark: "mot15" or "mot17" (see the module doc).
+        benchmark: "mot15", "mot16", "mot17" or "mot20" (see the module doc).
         num_frames: the sequence's length; default the last frame either file mentions.
         name: the sequence's name, for error messages.
 
     Raises:
-        DataError: a frame with one id twice, a prediction past ``num_frames``, or (mot17) a ground-truth class
-            outside TrackEval's 1..13 or a predicted class other than pedestrian.
+        DataError: a frame with one id twice, a prediction past ``num_frames``, a predicted class other than
+            pedestrian, or (mot16/17/20) a ground-truth class outside TrackEval's 1..13 in a frame with predictions.
     """
     if benchmark not in BENCHMARKS:
         raise DataError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
@@ -120,35 +128,38 @@ def prepare_sequence(
             raise DataError(
                 f"{label} {what}: id {dup[1]} appears twice in frame {dup[0]}; ids must be unique per frame{hint}"
             )
-    if benchmark == "mot17":
-        classes = gt[:, 7].astype(np.int64)
-        invalid = np.setdiff1d(np.unique(classes), _VALID_CLASSES)
-        if invalid.size:
-            raise DataError(
-                f"{label} ground truth has classes {invalid.tolist()} outside MOT17's 1..13 (a file without the "
-                "class column reads as -1); evaluate it with benchmark mot15"
-            )
-        if (pred[:, 7] > 1).any():
-            raise DataError(
-                f"{label} prediction: column 8 must be -1 or 1 (pedestrian) for mot17, found {int(pred[:, 7].max())}"
-            )
+    if (pred[:, 7] > 1).any():
+        raise DataError(
+            f"{label} prediction: column 8 (class) must be -1 or 1 (pedestrian), found {int(pred[:, 7].max())} "
+            "(TrackEval evaluates pedestrians only)"
+        )
+    preprocess = benchmark != "mot15"  # TrackEval never preprocesses MOT15
+    distractors = _DISTRACTORS_MOT20 if benchmark == "mot20" else _DISTRACTORS
 
     gt_ids, pred_ids, similarity, confidences = [], [], [], []
     num_gt_dets = num_pred_dets = 0
-    for g, p in zip(gt_frames, pred_frames):
+    for t, (g, p) in enumerate(zip(gt_frames, pred_frames)):
         scores = box_iou_xywh(g[:, 2:6], p[:, 2:6]) if len(g) and len(p) else np.zeros((len(g), len(p)))  # (G, P)
-        if benchmark == "mot17":
-            if len(g) and len(p):
-                matching = scores.copy()
-                matching[matching < 0.5 - _EPS] = 0
-                rows, cols = linear_sum_assignment(-matching)
-                matched = matching[rows, cols] > _EPS
-                rows, cols = rows[matched], cols[matched]
-                remove = cols[np.isin(g[rows, 7].astype(np.int64), _DISTRACTORS)]
-                p = np.delete(p, remove, axis=0)
-                scores = np.delete(scores, remove, axis=1)
-            keep = (g[:, 6].astype(np.int64) != 0) & (g[:, 7].astype(np.int64) == PEDESTRIAN)
-            g, scores = g[keep], scores[keep]
+        classes = g[:, 7].astype(np.int64)
+        if preprocess and len(g) and len(p):
+            invalid = np.setdiff1d(np.unique(classes), _VALID_CLASSES)
+            if invalid.size:
+                raise DataError(
+                    f"{label} ground truth has classes {invalid.tolist()} at frame {t + 1}, outside {benchmark}'s "
+                    "1..13 (a file without the class column reads as -1); evaluate it with benchmark mot15"
+                )
+            matching = scores.copy()
+            matching[matching < 0.5 - _EPS] = 0
+            rows, cols = linear_sum_assignment(-matching)
+            matched = matching[rows, cols] > _EPS
+            rows, cols = rows[matched], cols[matched]
+            remove = cols[np.isin(classes[rows], distractors)]
+            p = np.delete(p, remove, axis=0)
+            scores = np.delete(scores, remove, axis=1)
+        keep = g[:, 6].astype(np.int64) != 0  # the "consider" flag, for every benchmark
+        if preprocess:
+            keep &= classes == PEDESTRIAN
+        g, scores = g[keep], scores[keep]
         gt_ids.append(g[:, 1].astype(np.int64))
         pred_ids.append(p[:, 1].astype(np.int64))
         confidences.append(p[:, 6])
@@ -219,7 +230,7 @@ def evaluate(
     Args:
         gt: one sequence's ground-truth MOT rows, or a mapping sequence name -> rows.
         pred: the tracker's rows, the same kind as ``gt`` (a mapping must have exactly ``gt``'s names).
-        benchmark: "mot15" (every row counts) or "mot17" (TrackEval's MOT17 rules); see the module doc.
+        benchmark: "mot15", "mot16", "mot17" or "mot20": TrackEval's rules for it (see the module doc).
         num_frames: each sequence's length (a mapping, or one int for a single sequence); default the last
             frame mentioned in either file.
 
