@@ -312,3 +312,33 @@ def test_pair_datasets_read_crowdhuman_and_refuse_bad_roots(tmp_path: Path) -> N
         build_dataset("mot_pairs", root=None)
     with pytest.raises(MissingFileError, match="does not exist"):
         build_dataset("mot_pairs", root=str(tmp_path / "missing"))
+
+
+def test_track_demo_keeps_only_its_outputs_also_when_it_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import vitssl.video.track.infer as infer
+    from vitssl.cli import track_demo
+
+    monkeypatch.chdir(tmp_path)  # the recipe's own paths are relative: nothing may land beside the demo folder
+    monkeypatch.setattr(track_demo, "HELD_OUT", {"num_sequences": 1, "num_frames": 4, "size": (48, 64), "seed": 7})
+    out = tmp_path / "demo"
+    overrides = [f"output_dir={out}", "data.train.kwargs.generate.num_sequences=1",
+                 "data.train.kwargs.generate.num_frames=6", "data.train.kwargs.generate.size=[48,64]",
+                 "objective.input_size=[32,48]", "train.batch_size=4", "train.epochs=1", "objective.dec_layers=1",
+                 "objective.score_thresh=0.0"]  # fmt: skip
+    results = track_demo.run_track_demo(overrides)
+    assert set(results) >= {"transtrack", "iou_baseline", "held_out"}
+    kept = sorted(p.name for p in out.iterdir())
+    assert kept == ["iou_baseline_SYN-01.mp4", "results", "results.json", "train", "transtrack_SYN-01.mp4"]
+    assert sorted(p.name for p in (out / "results").iterdir()) == ["iou_baseline", "transtrack"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no training sequences elsewhere either
+    assert not list(tmp_path.rglob("seqinfo.ini")) and not list(tmp_path.rglob("img1"))
+
+    def broken(*args: object, **kwargs: object) -> None:
+        assert (out / track_demo.SYNTHETIC / "heldout").is_dir()  # the sequences existed while the demo ran
+        raise RuntimeError("tracking failed")
+
+    monkeypatch.setattr(infer, "track_path", broken)
+    with pytest.raises(RuntimeError, match="tracking failed"):
+        track_demo.run_track_demo(overrides)  # reuses the trained run, then fails while tracking
+    assert not (out / track_demo.SYNTHETIC).exists()
+    assert not list(tmp_path.rglob("seqinfo.ini"))

@@ -3,13 +3,20 @@
 Trains (or reuses) the recipe ``video/transtrack_demo`` on procedural sequences (written on first use), then runs
 the trained model over held-out sequences of another seed twice: as TransTrack (track decoder + GIoU matching)
 and as the IoU baseline (the same detections, frame-to-frame IoU association). Scores both with TrackEval's
-MOTA / IDF1 / HOTA (every gt row counts), writes ``results.json`` (fractions), the MOT results of both, and one
+MOTA / IDF1 / HOTA (mot15 rules), writes ``results.json`` (fractions), the MOT results of both, and one
 rendered sequence into the run folder (``runs/demo_track``; overrides give ``runs/demo_track-<overrides>``).
+
+What the demo keeps is what it reports: the training run (``train/``, reused by the next call with the same
+settings), ``results.json``, ``results/`` and the rendered videos. The generated training and held-out sequences
+are temporaries in ``<run folder>/_synthetic`` (a fixed path, so that a reused run's config stays the same),
+removed when the demo ends, also when it fails; training data the user points ``data.train.root=`` at is theirs
+and left alone.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +28,7 @@ TRACK_OUTPUT = "runs/demo_track"
 HELD_OUT = {"num_sequences": 6, "num_frames": 40, "size": (96, 128), "seed": 7}  # seed 7: not a training seed
 MODES = {"transtrack": None, "iou_baseline": "iou"}
 _KEYS = ("MOTA", "IDF1", "HOTA", "MOTP", "IDSW", "FP", "FN")
+SYNTHETIC = "_synthetic"  # the generated sequences' temporary folder inside the demo folder
 
 
 def run_track_demo(overrides: list[str]) -> dict[str, Any]:
@@ -32,9 +40,27 @@ def run_track_demo(overrides: list[str]) -> dict[str, Any]:
     Returns:
         What ``results.json`` holds: per mode the combined metrics (fractions and counts) and frames per second.
     """
+    from vitssl.demo import demo_output_dir
+
+    root = next((o.split("=", 1)[1] for o in overrides if o.startswith("output_dir=")), None)
+    settings = [o for o in overrides if not o.startswith("output_dir=")]
+    root_dir = Path(root or demo_output_dir(settings, TRACK_OUTPUT))
+    scratch = root_dir / SYNTHETIC
+    if not any(o.startswith("data.train.root=") for o in settings):
+        settings = [*settings, f"data.train.root={scratch / 'train'}"]
+    try:
+        results = _run(root_dir, scratch / "heldout", settings)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(format_track_table(results))
+    print(f"\nwrote {root_dir / 'results.json'}, the MOT results in {root_dir / 'results'} and rendered videos")
+    return results
+
+
+def _run(root_dir: Path, held_dir: Path, settings: list[str]) -> dict[str, Any]:
+    """Train (or reuse), write the held-out sequences into ``held_dir``, track, score, write ``results.json``."""
     from vitssl.cli._common import load_run_config
     from vitssl.cli.pretrain import PretrainJob, pretrain_job
-    from vitssl.demo import demo_output_dir
     from vitssl.engine.checkpoint import LAST_NAME
     from vitssl.io import write_json
     from vitssl.video.track.infer import track_path
@@ -42,9 +68,6 @@ def run_track_demo(overrides: list[str]) -> dict[str, Any]:
     from vitssl.video.track.mot import list_sequences
     from vitssl.video.track.synth import write_sequences
 
-    root = next((o.split("=", 1)[1] for o in overrides if o.startswith("output_dir=")), None)
-    settings = [o for o in overrides if not o.startswith("output_dir=")]
-    root_dir = Path(root or demo_output_dir(settings, TRACK_OUTPUT))
     start = time.perf_counter()
     cfg = load_run_config(TRACK_RECIPE, [*settings, f"output_dir={root_dir / 'train'}"])
     run_dir = Path(cfg.output_dir)
@@ -54,9 +77,8 @@ def run_track_demo(overrides: list[str]) -> dict[str, Any]:
     _logger.info("training %s at step %d", result.status, result.step)
     train_seconds = time.perf_counter() - start
 
-    held_dir = root_dir / "heldout"
-    if not held_dir.is_dir() or not any(held_dir.iterdir()):
-        write_sequences(held_dir, **HELD_OUT)
+    shutil.rmtree(held_dir, ignore_errors=True)  # a half-written set left by a killed run
+    write_sequences(held_dir, **HELD_OUT)
     sequences = list_sequences(held_dir)
     gt = {s.name: s.gt for s in sequences}
     lengths = {s.name: s.length for s in sequences}
@@ -73,8 +95,6 @@ def run_track_demo(overrides: list[str]) -> dict[str, Any]:
     results["train_seconds"] = round(train_seconds, 1)
     results["seconds"] = round(time.perf_counter() - start, 1)
     write_json(results, root_dir / "results.json")
-    print(format_track_table(results))
-    print(f"\nwrote {root_dir / 'results.json'}, the MOT results in {root_dir / 'results'} and rendered videos")
     return results
 
 
