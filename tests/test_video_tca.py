@@ -405,3 +405,250 @@ def test_feature_views_pad_pick_group_partners_and_flag_unreadable_videos(tmp_pa
     with pytest.raises(CorruptVideoError, match="b"):
         views("b", 0)
     assert pickle.loads(pickle.dumps(views))._frames is None  # workers map the file themselves
+
+
+# ------------------------------------------------------------------ the official wiring against its reference
+# Transcriptions of the official code (xwen99/temporal_context_aggregation): model.py ``TCA`` (forward) and
+# ``MoCo`` (forward, _momentum_update_key_encoder, _dequeue_and_enqueue; ``concat_all_gather`` of one process is
+# the identity, ``.cuda()`` dropped) and utils.py ``CircleLoss``. ``TCA`` hard-codes dim_feedforward=2048; it is a
+# parameter here so that the test runs at a tiny width.
+class _RefTCA(torch.nn.Module):
+    def __init__(self, feature_size=1024, max_seq_len=128, nhead=8, nlayers=1, dropout=0.1, dim_feedforward=2048):
+        super().__init__()
+        self.feature_size = feature_size
+        encoder_layers = torch.nn.TransformerEncoderLayer(
+            d_model=feature_size, nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout
+        )
+        self.transformer_encoder = torch.nn.TransformerEncoder(encoder_layers, nlayers)
+
+    def forward(self, x, num_frames):
+        x = x.permute(2, 0, 1)  # (T, N, C)
+        T, _, C = x.shape[:3]
+        if len(num_frames.shape) == 1:
+            num_frames = num_frames.unsqueeze(1)
+        frame_mask = (num_frames - torch.arange(0, T) > 0).float()  # (N, T)
+        assert self.feature_size == C
+        output = self.transformer_encoder(x, src_key_padding_mask=(1 - frame_mask).bool())  # (T, N, C)
+        output = output.permute(1, 0, 2)  # (N, T, C)
+        output = output * frame_mask.unsqueeze(-1)
+        frame_count = torch.sum(frame_mask, dim=-1, keepdim=True)  # (N, 1)
+        output = torch.sum(output, dim=-2) / frame_count  # (N, C)
+        return F.normalize(output, p=2, dim=1)
+
+
+class _RefMoCo(torch.nn.Module):
+    def __init__(self, base_encoder, dim=1024, K=65536, m=0.999, T=0.07):
+        super().__init__()
+        self.K, self.m, self.T = K, m, T
+        self.encoder_q = base_encoder
+        self.encoder_k = __import__("copy").deepcopy(self.encoder_q)
+        for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            param_k.data.copy_(param_q.data)
+            param_k.requires_grad = False
+        self.register_buffer("queue", torch.randn(dim, K))
+        self.queue = F.normalize(self.queue, dim=0)
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    @torch.no_grad()
+    def _momentum_update_key_encoder(self):
+        for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            param_k.data = param_k.data * self.m + param_q.data * (1.0 - self.m)
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, keys):
+        batch_size = keys.shape[0]
+        ptr = int(self.queue_ptr)
+        assert self.K % batch_size == 0
+        self.queue[:, ptr : ptr + batch_size] = keys.T
+        ptr = (ptr + batch_size) % self.K
+        self.queue_ptr[0] = ptr
+
+    def forward(self, a, p, n, len_a, len_p, len_n):
+        if len(n.size()) > 3:
+            n = n.view(-1, n.size()[2], n.size()[3])
+            len_n = len_n.view(-1, 1)
+        q = self.encoder_q(a, len_a)
+        q = F.normalize(q, dim=1)
+        with torch.no_grad():
+            self._momentum_update_key_encoder()
+            p = self.encoder_k(p, len_p)
+            p = F.normalize(p, dim=1)
+            k = self.encoder_k(n, len_n)
+            k = F.normalize(k, dim=1)
+        l_pos = torch.einsum("nc,nc->n", [q, p]).unsqueeze(-1)
+        l_neg = torch.einsum("nc,ck->nk", [q, self.queue.clone().detach()])
+        logits = torch.cat([l_pos, l_neg], dim=1)
+        logits /= self.T
+        labels = torch.zeros(logits.shape[0], dtype=torch.long)
+        self._dequeue_and_enqueue(k)
+        return logits, labels
+
+
+class _RefCircleLoss(torch.nn.Module):
+    def __init__(self, m=0.25, gamma=256, intended=False):
+        super().__init__()
+        self.m, self.gamma, self.intended = m, gamma, intended
+        self.loss = torch.nn.CrossEntropyLoss()
+
+    def forward(self, logits, labels):
+        # intended=True: the positive is column 0 of every row (``[:, 0]``) where the official code wrote
+        # ``[labels]``, which indexes rows
+        rows = (slice(None), 0) if self.intended else labels
+        alpha = torch.clamp_min(logits + self.m, min=0).detach()
+        alpha[rows] = torch.clamp_min(-logits[rows] + 1 + self.m, min=0).detach()
+        delta = torch.ones_like(logits, device=logits.device, dtype=logits.dtype) * self.m
+        delta[rows] = 1 - self.m
+        return self.loss(alpha * (logits - delta) * self.gamma, labels)
+
+
+def _official_batch(seed: int, b: int = 4, m: int = 2, t: int = 6, d: int = 32) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+
+    def views(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = torch.randint(1, t + 1, (count,), generator=g)
+        valid = torch.arange(t)[None] < lengths[:, None]  # (count, t)
+        return torch.randn(count, t, d, generator=g, dtype=torch.float64) * valid[..., None], valid
+
+    (fa, va), (fp, vp), (fn, vn) = views(b), views(b), views(b * m)
+    return (fa, va), (fp, vp), (fn.view(b, m, t, d), vn.view(b, m, t)), torch.arange(b)
+
+
+def _reference_inputs(batch: tuple, pca_dim: int) -> tuple:
+    """The official dataset's tensors: PCA-whitened, L2-normalised features (here the whitening keeps the first
+    ``pca_dim`` coordinates, as _objective sets it), ``(N, C, T)`` zero-padded, lengths as float tensors."""
+    (fa, va), (fp, vp), (fn, vn), _ = batch
+    white = lambda f: F.normalize(f[..., :pca_dim], dim=-1).transpose(-1, -2)
+    length = lambda v: v.sum(-1, keepdim=v.ndim == 2).double()
+    return white(fa), white(fp), white(fn), length(va), length(vp), length(vn)
+
+
+@pytest.mark.parametrize("loss", ["circle_official", "circle", "infonce"])
+def test_official_wiring_equals_the_reference_forward_loss_and_queue(loss: str) -> None:
+    import warnings
+
+    temperature = 0.5 if loss == "infonce" else 1.0
+    overrides = {"wiring": "official", "neg_num": 2, "queue_size": 16, "dropout": 0.0, "loss": loss}
+    obj = _objective(**overrides, temperature=temperature, circle_gamma=256.0).double().train()
+    with warnings.catch_warnings():  # nested-tensor notice of the reference's seq-first layer
+        warnings.simplefilter("ignore")
+        encoder = _RefTCA(16, nhead=4, nlayers=1, dropout=0.0, dim_feedforward=32)
+    encoder.transformer_encoder.load_state_dict(obj.encoder.encoder.state_dict())
+    ref = _RefMoCo(encoder, dim=16, K=16, m=0.0, T=temperature).double().train()
+    with torch.no_grad():
+        ref.queue.copy_(obj.queue.keys.T)  # the same random start
+    if loss == "infonce":
+        criterion = torch.nn.CrossEntropyLoss()  # train.py's commented-out criterion
+    else:
+        criterion = _RefCircleLoss(m=0.25, gamma=256, intended=loss == "circle")
+    ours_opt = torch.optim.Adam(obj.encoder.parameters(), lr=1e-2, weight_decay=1e-4)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2, weight_decay=1e-4)
+    for step in range(3):  # 8 negatives a step through a queue of 16: the third step wraps
+        batch = _official_batch(step)
+        got = obj(batch)["loss"]
+        logits, labels = ref(*_reference_inputs(batch, 16))
+        want = criterion(logits, labels)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        torch.testing.assert_close(obj.queue.keys, ref.queue.T, atol=1e-6, rtol=0)  # only the negatives, in order
+        assert int(obj.queue.ptr) == int(ref.queue_ptr) == (8 * (step + 1)) % 16
+        assert (obj.queue.groups == -1).all()
+        for opt, value in ((ours_opt, got), (ref_opt, want)):
+            opt.zero_grad()
+            value.backward()
+            opt.step()
+    reference = dict(ref.encoder_q.transformer_encoder.named_parameters())
+    for name, param in obj.encoder.encoder.named_parameters():  # three Adam steps from the same loss gradients
+        # (Adam divides by sqrt(v): a gradient at rounding level, e.g. of a bias the softmax cancels, moves by lr)
+        torch.testing.assert_close(param, reference[name], atol=1e-5, rtol=0)
+
+
+def test_official_circle_loss_treats_row_zero_as_the_positive_row() -> None:
+    from vitssl.video.tca import official_circle_loss, tca_logits_loss
+
+    logits = torch.tensor([[0.9, 0.1, -0.2], [0.8, 0.3, 0.0]], requires_grad=True)
+    got = official_circle_loss(logits, margin=0.25, gamma=4.0)
+    torch.testing.assert_close(got, _RefCircleLoss(0.25, 4.0)(logits, torch.zeros(2, dtype=torch.long)))
+    intended = tca_logits_loss(logits, torch.zeros(2, dtype=torch.long), torch.zeros(2, 3, dtype=torch.bool),
+                               "circle", margin=0.25, gamma=4.0)  # fmt: skip
+    assert not torch.allclose(got, intended)  # row 1's positive is scored as a negative there
+    got.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_feature_views_draw_distinct_negatives_outside_the_group(tmp_path: Path) -> None:
+    from vitssl.errors import DataError
+    from vitssl.video.tca import FeatureViews
+
+    lengths = [4, 3, 0, 5, 2, 6, 3]  # video 2 unreadable; groups: {0, 1}, {2}, {3}, {4}, {5}, {6}
+    rows = np.concatenate([np.full((n, 2), v, np.float32) for v, n in enumerate(lengths)])  # row value = video
+    np.save(tmp_path / "frames.npy", rows)
+    offsets, paths, groups = (
+        np.concatenate([[0], np.cumsum(lengths)]),
+        [f"v{i}" for i in range(7)],
+        [0, 0, 1, 2, 3, 4, 5],
+    )
+    views = FeatureViews(tmp_path / "frames.npy", offsets, paths, groups, ViewParams(max_frames=6), 1.0, neg_num=3)
+    np.random.seed(0)
+    seen = set()
+    for _ in range(30):
+        (fa, va), (fp, vp), (fn, vn), group = views("v0", 0)
+        assert fn.shape == (3, 6, 2) and vn.shape == (3, 6) and group == 0
+        assert set(fa[va][:, 0].tolist()) == {0.0} and set(fp[vp][:, 0].tolist()) == {1.0}  # the group partner
+        negatives = [set(fn[j][vn[j]][:, 0].tolist()) for j in range(3)]
+        assert all(len(s) == 1 for s in negatives)
+        drawn = [s.pop() for s in negatives]
+        assert len(set(drawn)) == 3 and set(drawn) <= {3.0, 4.0, 5.0, 6.0}  # distinct, outside the group, readable
+        seen |= set(drawn)
+    assert seen == {3.0, 4.0, 5.0, 6.0}
+    with pytest.raises(DataError, match=r"objective\.neg_num=5.*only 4 readable"):
+        FeatureViews(tmp_path / "frames.npy", offsets, paths, groups, ViewParams(max_frames=6), 1.0, neg_num=5)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [({"wiring": "moco"}, r"objective\.wiring='moco'; choose one of views, official"),
+     ({"loss": "circle_official"}, r"objective\.loss=circle_official needs objective\.wiring=official"),
+     ({"wiring": "official", "neg_num": 0}, r"objective\.neg_num=0 must be >= 1")],
+)  # fmt: skip
+def test_official_wiring_settings_are_checked(overrides: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        _objective(**overrides)
+
+
+def test_official_recipe_has_the_published_command_and_vcdb_keeps_vitssls_wiring() -> None:
+    from vitssl.config import load_config
+    from vitssl.engine.optim import build_optimizer
+
+    assert load_config("video/tca_vcdb").objective.wiring == "views"
+    cfg = load_config("video/tca_vcdb_official")
+    o = cfg.objective
+    assert (o.wiring, o.loss, o.queue_size, o.key_momentum, o.temperature, o.neg_num) == (
+        "official", "circle_official", 4096, 0.0, 1.0, 16
+    )  # fmt: skip
+    assert (o.circle_margin, o.circle_gamma, o.pca_dim, o.max_frames, o.group_positive_p) == (
+        0.25,
+        256.0,
+        1024,
+        300,
+        1.0,
+    )
+    assert (cfg.train.batch_size, cfg.train.epochs) == (64 * 8, 40)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.weight_decay_filter) == (
+        "adam", 1e-5, 1e-4, False
+    )  # fmt: skip
+    optimizer = build_optimizer([{"params": [torch.nn.Parameter(torch.zeros(2))]}], cfg.optim)
+    assert type(optimizer) is torch.optim.Adam  # L2 decay in the gradient, as torch.optim.Adam(weight_decay=...)
+
+
+def test_official_wiring_trains_through_the_engine(tmp_path: Path) -> None:
+    from vitssl.engine import load_checkpoint, train
+    from vitssl.engine.checkpoint import LAST_NAME
+
+    corpus = _corpus(tmp_path / "videos")
+    official = ["objective.wiring=official", "objective.neg_num=2", "objective.loss=circle_official",
+                "objective.temperature=1.0", "train.epochs=1", "optim.name=adam",
+                "optim.weight_decay_filter=false"]  # fmt: skip
+    result = train(_cfg(tmp_path / "run", corpus, *official))
+    assert result.status == "finished" and result.step == 3  # 6 anchors, 2 per step
+    state = load_checkpoint(tmp_path / "run" / LAST_NAME)["model"]
+    assert int(state["queue.ptr"]) == (3 * 2 * 2) % 6 and (state["queue.groups"] == -1).all()  # negatives only
+    assert all(math.isfinite(v) for v in _losses(tmp_path / "run").values())

@@ -74,7 +74,7 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | sgd | lars
+    name: str = "adamw"  # adamw | adam (L2 decay in the gradient) | sgd | lars
     lr: float = 1.5e-4  # peak learning rate (per 256 images when lr_scaling=linear)
     lr_scaling: str = "linear"  # linear: lr × train.batch_size / 256 (MoCo v3, MAE); none: lr as given
     min_lr: float = 0.0  # final learning rate of the cosine schedule
@@ -151,7 +151,7 @@ _CHOICES = {
     "resume": None,
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda"),
-    "optim.name": ("adamw", "sgd", "lars"),
+    "optim.name": ("adamw", "adam", "sgd", "lars"),
     "optim.lr_scaling": ("linear", "none"),
     "launch.backend": ("local", "slurm"),
 }

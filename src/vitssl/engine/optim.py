@@ -59,11 +59,13 @@ def build_optimizer(param_groups: list[dict[str, Any]], cfg: OptimConfig) -> tor
     """
     if cfg.name == "adamw":
         return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    if cfg.name == "adam":  # L2 weight decay added to the gradient (the official TCA code's optimizer)
+        return torch.optim.Adam(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.name == "sgd":
         return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum)
     if cfg.name == "lars":
         return LARS(param_groups, lr=cfg.lr, momentum=cfg.momentum, eta=cfg.lars_eta)
-    raise ConfigError(f"optim.name={cfg.name!r}; valid: adamw, sgd, lars")
+    raise ConfigError(f"optim.name={cfg.name!r}; valid: adamw, adam, sgd, lars")
 
 
 def cosine_schedule(

@@ -9,7 +9,9 @@ chamfer similarity.
 The ``video_tca`` objective trains the encoder contrastively on frame-feature sequences: two views of the same
 video are positives; the other videos of the global batch and a MoCo-style queue of earlier keys (4096 in the
 published setting, key momentum 0: keys come from the query encoder itself, without gradient) are negatives.
-The loss is InfoNCE, or the official code's default CircleLoss (m 0.25, gamma 256) on the same cosine logits.
+The loss is InfoNCE, or the official code's CircleLoss (m 0.25, gamma 256) on the same cosine logits.
+``objective.wiring=official`` trains as the official code does instead (``neg_num`` drawn negatives per anchor
+through the key encoder, logits against the positive and a queue of negatives only; :class:`VideoTCA`).
 Keys are gathered across ranks like the MoCo v3 loss, so W ranks of N videos compute what one process computes
 on the concatenated batch, and every rank enqueues the same keys.
 
@@ -28,12 +30,13 @@ the checkpoint alone.
 
 from vitssl.video.tca.data import FeatureViews, VideoFiles, ViewParams, draw_view
 from vitssl.video.tca.evaluate import TCAEmbedder
-from vitssl.video.tca.loss import LOSSES, tca_logits_loss, tca_loss
+from vitssl.video.tca.loss import LOSSES, official_circle_loss, tca_logits_loss, tca_loss, tca_official_loss
 from vitssl.video.tca.model import (
     DEFAULT_CACHE,
     FRAMES_FILE,
     OFFSETS_FILE,
     PCA_FILE,
+    WIRINGS,
     KeyQueue,
     TCAEncoder,
     VideoTCA,
@@ -48,6 +51,7 @@ __all__ = [
     "LOSSES",
     "OFFSETS_FILE",
     "PCA_FILE",
+    "WIRINGS",
     "FeatureViews",
     "KeyQueue",
     "TCAEmbedder",
@@ -58,7 +62,9 @@ __all__ = [
     "ViewParams",
     "draw_view",
     "fit_pca",
+    "official_circle_loss",
     "pca_affine",
     "tca_logits_loss",
     "tca_loss",
+    "tca_official_loss",
 ]

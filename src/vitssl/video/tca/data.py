@@ -141,6 +141,11 @@ class FeatureViews:
     views are padded to ``max_frames`` rows of zeros, ``valid`` marking real frames. With ``group_positive_p``
     the second view comes from another video of the same group when the group has one.
 
+    With ``neg_num > 0`` (the official TCA wiring) a sample is ``(anchor, positive, (frames (M, L, D), valid
+    (M, L)), group)``: the anchor and positive as above, and views of ``M = neg_num`` distinct videos drawn
+    uniformly from the readable videos outside the anchor's group, its hard negatives (the official code draws
+    them from VCDB's background videos, which are exactly the videos of no annotated group).
+
     Args:
         frames_file: ``(rows, D)`` float32 features of every training video, concatenated.
         offsets: ``(V + 1,)`` row offsets; video v is rows ``offsets[v]:offsets[v+1]``.
@@ -148,6 +153,10 @@ class FeatureViews:
         groups: the V group indices.
         params: view parameters.
         group_positive_p: probability of drawing the second view from another member of the group.
+        neg_num: negatives drawn per sample (0: none, the two-view samples).
+
+    Raises:
+        DataError: a group with fewer than ``neg_num`` readable videos outside it.
     """
 
     def __init__(
@@ -158,6 +167,7 @@ class FeatureViews:
         groups: Sequence[int],
         params: ViewParams,
         group_positive_p: float = 0.0,
+        neg_num: int = 0,
     ) -> None:
         self.frames_file = str(frames_file)
         self.offsets = np.asarray(offsets, dtype=np.int64)
@@ -170,8 +180,17 @@ class FeatureViews:
             if readable[i]:
                 members.setdefault(g, []).append(i)
         self.members = members
+        self.readable = np.flatnonzero(readable)  # (R,)
         self.params = params
         self.group_positive_p = group_positive_p
+        self.neg_num = int(neg_num)
+        if self.neg_num > 0 and members:
+            largest = max(len(m) for m in members.values())
+            if len(self.readable) - largest < self.neg_num:
+                raise DataError(
+                    f"objective.neg_num={self.neg_num} negatives per video, but a group of {largest} leaves only "
+                    f"{len(self.readable) - largest} readable training videos outside it; lower objective.neg_num"
+                )
         self._frames: np.ndarray | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -207,7 +226,20 @@ class FeatureViews:
         others = [m for m in self.members.get(int(self.groups[i]), ()) if m != i]
         if others and np.random.random_sample() < self.group_positive_p:
             j = others[np.random.randint(0, len(others))]
-        return self._view(i), self._view(j), int(self.groups[i])
+        if self.neg_num == 0:
+            return self._view(i), self._view(j), int(self.groups[i])
+        views = [self._view(n) for n in self._negatives(i)]
+        negatives = (torch.stack([f for f, _ in views]), torch.stack([v for _, v in views]))  # (M, L, D), (M, L)
+        return self._view(i), self._view(j), negatives, int(self.groups[i])
+
+    def _negatives(self, i: int) -> list[int]:
+        """``neg_num`` distinct readable videos outside video ``i``'s group, uniformly (numpy's global generator)."""
+        group, chosen = int(self.groups[i]), []
+        while len(chosen) < self.neg_num:  # rejection: groups are small beside the background, few draws are lost
+            n = int(self.readable[np.random.randint(0, len(self.readable))])
+            if int(self.groups[n]) != group and n not in chosen:
+                chosen.append(n)
+        return chosen
 
     def __repr__(self) -> str:
         return f"FeatureViews({self.frames_file!r}, videos={len(self.row)}, {self.params})"

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from vitssl import distributed as dist
 
-LOSSES = ("infonce", "circle")
+LOSSES = ("infonce", "circle", "circle_official")
 
 
 def tca_logits_loss(
@@ -46,7 +46,7 @@ def tca_logits_loss(
         delta = torch.where(is_pos, 1 - margin, margin)  # (N, C)
         logits = gamma * alpha * (sim - delta)  # (N, C)
     else:
-        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        raise ValueError(f"loss must be infonce or circle, got {loss!r}")
     logits = logits.masked_fill(exclude & ~is_pos, float("-inf"))  # (N, C)
     return F.cross_entropy(logits, positive)
 
@@ -101,3 +101,63 @@ def tca_loss(
     sim = sim.to(torch.promote_types(sim.dtype, torch.float32))  # the loss in float32 at least under autocast
     value = tca_logits_loss(sim, positive, exclude, loss, temperature, margin, gamma)
     return value, all_keys, all_groups
+
+
+def official_circle_loss(logits: torch.Tensor, margin: float = 0.25, gamma: float = 256.0) -> torch.Tensor:
+    """The official TCA code's ``CircleLoss`` on ``(N, 1 + K)`` logits with target 0, exactly as it computes.
+
+    It writes the positive's weights with ``alpha[labels]`` for ``labels = zeros(N)``, which indexes rows: row 0
+    gets ``α_p = [1 + m - s]₊`` and ``Δ_p = 1 - m`` in every column, every other row ``α_n = [s + m]₊`` and
+    ``Δ_n = m`` in every column, its positive included; then ``CE(γ α (s - Δ), 0)``. This is what the published
+    model trained with (``loss: circle`` is the formula it means).
+
+    Args:
+        logits: ``(N, 1 + K)`` logits, the positive in column 0.
+        margin: m.
+        gamma: γ.
+    """
+    first = (torch.arange(logits.shape[0], device=logits.device) == 0)[:, None]  # (N, 1)
+    alpha = torch.where(first, (1 + margin - logits).clamp_min(0), (logits + margin).clamp_min(0)).detach()  # (N, C)
+    delta = torch.where(first, 1 - margin, margin)  # (N, 1)
+    target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    return F.cross_entropy(gamma * alpha * (logits - delta), target)
+
+
+def tca_official_loss(
+    q: torch.Tensor,
+    p: torch.Tensor,
+    queue: torch.Tensor,
+    loss: Literal["infonce", "circle", "circle_official"] = "circle_official",
+    temperature: float = 1.0,
+    margin: float = 0.25,
+    gamma: float = 256.0,
+) -> torch.Tensor:
+    """The official TCA training loss: each anchor against its positive and the queue, target 0.
+
+    Logits ``[q·p, q·queue] / T`` (``(N, 1 + K)``); the queue holds earlier negatives only (the caller enqueues
+    this step's negatives after the loss), no in-batch candidates and no exclusions. ``circle_official`` is the
+    official ``CircleLoss`` (:func:`official_circle_loss`); ``circle`` and ``infonce`` are
+    :func:`tca_logits_loss` on the same logits (InfoNCE then takes T from here, not a second time).
+
+    Args:
+        q: ``(N, E)`` anchor embeddings of the query encoder (normalised here).
+        p: ``(N, E)`` positive embeddings of the key encoder (normalised here, no gradient).
+        queue: ``(K, E)`` normalised negatives of earlier steps.
+        loss: ``circle_official``, ``circle`` or ``infonce``.
+        temperature: T dividing the logits (the published command: 1.0).
+        margin: m of CircleLoss.
+        gamma: γ of CircleLoss.
+    """
+    if q.ndim != 2 or q.shape != p.shape or queue.shape[1:] != q.shape[1:]:
+        raise ValueError(f"q, p must be (N, E) and queue (K, E), got {tuple(q.shape)}, {tuple(p.shape)}, "
+                         f"{tuple(queue.shape)}")  # fmt: skip
+    q, p = F.normalize(q, dim=1), F.normalize(p.detach(), dim=1)
+    l_pos = (q * p).sum(1, keepdim=True)  # (N, 1)
+    l_neg = q @ queue.detach().to(q.dtype).T  # (N, K)
+    logits = torch.cat([l_pos, l_neg], dim=1) / temperature  # (N, 1 + K)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least under autocast
+    if loss == "circle_official":
+        return official_circle_loss(logits, margin, gamma)
+    target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    exclude = torch.zeros_like(logits, dtype=torch.bool)  # (N, 1 + K)
+    return tca_logits_loss(logits, target, exclude, loss, 1.0, margin, gamma)

@@ -20,7 +20,7 @@ from vitssl.config import ConfigError, DataConfig, ObjectiveConfig
 from vitssl.errors import DataError
 from vitssl.ssl.base import Objective, register_objective, split_decay
 from vitssl.video.tca.data import FeatureViews, VideoFiles, ViewParams
-from vitssl.video.tca.loss import LOSSES, tca_loss
+from vitssl.video.tca.loss import LOSSES, tca_loss, tca_official_loss
 
 _logger = logging.getLogger(__name__)
 
@@ -130,8 +130,13 @@ class VideoTCAConfig(ObjectiveConfig):
     ffn: int = 2048  # feed-forward width
     dropout: float = 0.2  # dropout in the encoder layer
     layers: int = 1  # encoder layers
-    loss: str = "infonce"  # infonce | circle (the official code's default)
-    temperature: float = 0.07  # InfoNCE τ
+    # views: two views of a video are a positive pair, the global batch and a queue of keys the negatives (vitssl);
+    # official: the official code's wiring (anchor vs its positive, neg_num drawn negatives through the key
+    # encoder enqueued after the loss; see VideoTCA)
+    wiring: str = "views"
+    neg_num: int = 16  # official wiring: negatives drawn per anchor (the published command: 16)
+    loss: str = "infonce"  # infonce | circle (the official code's loss) | circle_official (its exact computation)
+    temperature: float = 0.07  # InfoNCE τ; the official wiring divides its logits by it for every loss (T)
     circle_margin: float = 0.25  # CircleLoss m
     circle_gamma: float = 256.0  # CircleLoss γ
     queue_size: int = 4096  # MoCo queue of negative keys (TCA: 4096); 0 = batch negatives only
@@ -145,9 +150,18 @@ class VideoTCAConfig(ObjectiveConfig):
     group_positive_p: float = 0.0  # draw the positive from another video of the same group (split list column)
 
 
+WIRINGS = ("views", "official")
+
+
 def _check_config(c: Any) -> None:
     if c.loss not in LOSSES:
         raise ConfigError(f"objective.loss={c.loss!r}; choose one of {', '.join(LOSSES)}")
+    if c.wiring not in WIRINGS:
+        raise ConfigError(f"objective.wiring={c.wiring!r}; choose one of {', '.join(WIRINGS)}")
+    if c.loss == "circle_official" and c.wiring != "official":
+        raise ConfigError("objective.loss=circle_official needs objective.wiring=official (its target is column 0)")
+    if c.wiring == "official" and c.neg_num < 1:
+        raise ConfigError(f"objective.neg_num={c.neg_num} must be >= 1 with objective.wiring=official")
     if c.temperature <= 0:
         raise ConfigError(f"objective.temperature={c.temperature} must be positive")
     if c.fps <= 0 and c.num_frames is None:
@@ -180,6 +194,13 @@ class VideoTCA(Objective):
     masks ``(B, L)``; ``forward`` whitens them with the PCA buffers and returns ``loss`` and ``pos_sim`` (mean
     cosine of the positive pairs). ``backbone`` is the frozen frame backbone (never trained, kept in the
     checkpoint so its frame features can be recomputed for new videos).
+
+    ``wiring="official"`` trains as the official code's ``MoCo`` + ``CircleLoss`` do. Batches are then
+    ``(anchor, positive, negatives, groups)`` (:class:`FeatureViews` with ``neg_num``): the query encoder embeds
+    the anchor; the positive and the ``neg_num`` negatives of each anchor go through the key encoder without
+    gradient (with ``key_momentum`` 0 that is the query encoder itself, the official key encoder being a copy
+    of it at every step); the logits are ``[q·p, q·queue] / T`` (:func:`tca_official_loss`), target 0; after
+    them the negatives of every rank, and only they, are enqueued (the newest K kept when a step brings more).
     """
 
     Config = VideoTCAConfig
@@ -238,6 +259,8 @@ class VideoTCA(Objective):
         return frames[:, :t], valid[:, :t]
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        if self.cfg.wiring == "official":
+            return self._forward_official(batch)
         (f1, v1), (f2, v2), groups = batch  # (B, L, D), (B, L) twice, (B,)
         f1, v1 = self._trim(f1, v1)
         f2, v2 = self._trim(f2, v2)
@@ -256,6 +279,27 @@ class VideoTCA(Objective):
         if self.training:
             self.queue.push(all_k2, all_groups)
         pos = (F.normalize(q1.detach(), dim=1) * F.normalize(k2, dim=1)).sum(1).mean()
+        return {"loss": loss, "pos_sim": pos}
+
+    def _forward_official(self, batch: Any) -> dict[str, torch.Tensor]:
+        """The official code's MoCo forward: anchor through the query encoder, positive and negatives through
+        the key encoder without gradient, logits against the positive and the queue, negatives enqueued after."""
+        (fa, va), (fp, vp), (fn, vn), _ = batch  # (B, L, D), (B, L); the same; (B, M, L, D), (B, M, L); (B,)
+        fa, va = self._trim(fa, va)
+        fp, vp = self._trim(fp, vp)
+        fn, vn = self._trim(fn.flatten(0, 1), vn.flatten(0, 1))  # (B·M, L', D), (B·M, L')
+        q, _ = self.encode(fa, va)  # (B, E)
+        key_encoder = self.key_encoder or self.encoder  # momentum 0: the key encoder is the query encoder
+        with torch.no_grad():
+            p, _ = key_encoder(self.whiten(fp), vp)  # (B, E)
+            k, _ = key_encoder(self.whiten(fn), vn)  # (B·M, E)
+        c = self.cfg
+        queue = self.queue.keys.clone()  # (K, E): this step's logits see the queue before the negatives join
+        loss = tca_official_loss(q, p, queue, c.loss, c.temperature, c.circle_margin, c.circle_gamma)
+        if self.training:
+            all_k = dist.all_gather_no_grad(k)  # (B·M·W, E), in rank order as the official concat_all_gather
+            self.queue.push(all_k, torch.full((all_k.shape[0],), -1, dtype=torch.long, device=all_k.device))
+        pos = (F.normalize(q.detach(), dim=1) * F.normalize(p, dim=1)).sum(1).mean()
         return {"loss": loss, "pos_sim": pos}
 
     @torch.no_grad()
@@ -320,7 +364,8 @@ class VideoTCA(Objective):
             )
         c = self.cfg
         params = ViewParams(tuple(c.crop), tuple(c.speed), c.drop_p, c.max_frames)
-        self._views = FeatureViews(out / FRAMES_FILE, offsets, paths, groups, params, c.group_positive_p)
+        neg_num = c.neg_num if c.wiring == "official" else 0
+        self._views = FeatureViews(out / FRAMES_FILE, offsets, paths, groups, params, c.group_positive_p, neg_num)
 
     def _prepare(self, out: Path, cfg: Any, paths: list[str]) -> None:
         from vitssl.io import atomic_path
