@@ -80,6 +80,25 @@ def _cmd_readers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from vitssl.video.prepare import MANIFEST, prepare_videos
+
+    manifest = prepare_videos(
+        args.src,
+        args.dst,
+        fps=args.fps,
+        short_side=args.short_side,
+        gop=args.gop,
+        crf=args.crf,
+        skip_corrupt=args.skip_corrupt,
+    )
+    frames = sum(v["frames"] for v in manifest["videos"])
+    print(f"{len(manifest['videos'])} videos ({frames} frames) in {args.dst}; manifest {args.dst}/{MANIFEST}")
+    if manifest["skipped"]:
+        print(f"skipped {len(manifest['skipped'])} unreadable or damaged videos (listed in the manifest, skipped)")
+    return 0
+
+
 def _format_scores(scores: dict[str, Any], png: str) -> str:
     """The ``video eval`` report: top-1 / top-5, mean class accuracy, a line per class, the figure's path."""
     clips, crops = scores["views"]
@@ -132,7 +151,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def register_commands(subparsers: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
-    """Add ``probe``, ``readers`` and ``eval`` to the ``vitssl video`` group.
+    """Add ``probe``, ``readers``, ``prepare`` and ``eval`` to the ``vitssl video`` group.
 
     Args:
         subparsers: top-level commands (unused: video adds none).
@@ -165,6 +184,23 @@ def register_commands(subparsers: argparse._SubParsersAction, groups: dict[str, 
     r.add_argument("--seconds", type=float, default=2.0, help="at most this long decoding in order (2)")
     r.add_argument("--json", action="store_true", help="print JSON instead of a line per reader")
     r.set_defaults(func=_cmd_readers)
+
+    q = video.add_parser(
+        "prepare",
+        help="re-encode videos for fast random access: short GOP, fixed fps and short side, with a manifest",
+        description="Re-encode a video file or a folder of videos (layout kept) as h264 mp4 with a keyframe every "
+        "--gop frames (1: all-intra), optionally at a fixed --fps and --short-side, frames upright; writes "
+        "DST/manifest.json. Random clip sampling then decodes at most a GOP per clip. A second run re-encodes only "
+        "changed sources. A damaged source stops the run naming it, unless --skip-corrupt.",
+    )
+    q.add_argument("src", metavar="SRC", help="a video file or a folder of videos")
+    q.add_argument("dst", metavar="DST", help="output folder")
+    q.add_argument("--fps", type=float, default=None, help="output frame rate (default: keep every frame)")
+    q.add_argument("--short-side", type=int, default=None, help="output short side in pixels (default: keep)")
+    q.add_argument("--gop", type=int, default=8, help="keyframe interval in frames; 1 = all-intra (8)")
+    q.add_argument("--crf", type=int, default=18, help="x264 quality, lower is better (18)")
+    q.add_argument("--skip-corrupt", action="store_true", help="leave damaged sources out (listed in the manifest)")
+    q.set_defaults(func=_cmd_prepare)
 
     e = video.add_parser(
         "eval",
