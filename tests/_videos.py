@@ -56,6 +56,8 @@ def write_video(
     gop: int = 12,
     texture: bool = False,
     faststart: bool = False,
+    rotation: int = 0,
+    vfr: bool = False,
 ) -> Path:
     """Write a video whose frame ``i`` spells ``i``; the container follows the suffix (.mp4, .mkv, .avi).
 
@@ -70,6 +72,10 @@ def write_video(
             bitrate closer to camera footage, for benchmarks.
         faststart: mp4 with its index (moov, the frame table) before the frames, as web videos are: a file cut
             short still opens, and its index lists frames that are gone.
+        rotation: a display-matrix rotation (degrees counter-clockwise, a multiple of 90; phones write -90): the
+            frames stored are the upright ones turned the other way, ``width x height`` is the stored size, and a
+            reader that honours the matrix returns upright frames that spell their index.
+        vfr: variable frame rate: frame durations cycle through 20, 40 and 60 ms (millisecond timestamps).
     """
     import av
 
@@ -86,11 +92,23 @@ def write_video(
     # 2x2-pixel grains: camera-like detail that inter prediction can follow, not incompressible pixel noise
     grains = np.random.default_rng(0).integers(-40, 41, size=(height // 2 + 1, width // 2 + num_frames + 1, 1))
     noise = grains.repeat(2, axis=0).repeat(2, axis=1)[:height].astype(np.int16)  # (H, W + 2 * frames + 2, 1)
+    turns = (rotation // 90) % 4
+    if turns:
+        stream.set_display_rotation(rotation)
+    if vfr:
+        stream.codec_context.time_base = Fraction(1, 1000)
+    stamp = 0
     for i in range(num_frames):
-        pixels = index_frame(i, width, height)
+        upright = (height, width) if turns % 2 == 0 else (width, height)  # (H, W) as displayed
+        pixels = index_frame(i, upright[1], upright[0])
+        # stored = upright turned back: the reader's rotation by `rotation` counter-clockwise undoes it
+        pixels = np.ascontiguousarray(np.rot90(pixels, k=-turns))  # (height, width, 3)
         if texture:
             pixels = np.clip(pixels + noise[:, 2 * i : 2 * i + width], 0, 255).astype(np.uint8)  # (H, W, 3)
         frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+        if vfr:
+            frame.pts, frame.time_base = stamp, Fraction(1, 1000)
+            stamp += (20, 40, 60)[i % 3]
         for packet in stream.encode(frame):
             container.mux(packet)
     for packet in stream.encode():
@@ -110,3 +128,9 @@ def copy_video(src: str | Path, dst: str | Path) -> Path:
     """A plain copy (for tests that need a second file with the same frames)."""
     shutil.copyfile(src, dst)
     return Path(dst)
+
+
+def damaged_copy(src: str | Path, dst: str | Path, fraction: float = 0.6) -> Path:
+    """A web-style mp4 whose header lists every frame of ``src`` but whose data stops at ``fraction`` of the
+    file: decoding fails part-way (the header of a 50-frame video, 26 frames that decode)."""
+    return truncated_copy(src, dst, fraction)

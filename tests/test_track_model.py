@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import vitssl.video  # noqa: F401  (registers transtrack and mot_pairs)
+import vitssl.video.registered  # noqa: F401  (registers transtrack and mot_pairs)
 from vitssl.backbones import create_backbone
 from vitssl.config import ConfigError
 from vitssl.video.track.data import TrackPairTransform, normalised_boxes

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from _videos import copy_video, decode_index, write_video
+from _videos import copy_video, damaged_copy, decode_index, write_video
 from vitssl.data.common import CorruptImageError, build_dataset
 from vitssl.data.wrappers import SingleView, TransformedDataset, collate_skip_none
 from vitssl.errors import DataError, MissingFileError
@@ -319,3 +319,41 @@ def test_vanished_file_is_a_corrupt_sample(tmp_path: Path, videos: dict[str, Pat
     with pytest.raises(CorruptVideoError, match=r"video file not found: .*gone\.mp4"):
         ds[0]
     assert np.array_equal(_indices(ds[1][0]), segment_indices(40, 2, train=False))
+
+
+def test_damaged_videos_are_skipped_by_name_or_stop_the_run(
+    tmp_path: Path, videos: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    # a web mp4 whose header lists 40 frames but whose data stops part-way: clips drawn from the frames that
+    # decode would silently cover part of the video, so the file is a corrupt sample, never a short one
+    root = _tree(tmp_path, videos, {"a": ["x.mp4"], "b": ["y.mp4"]})
+    web = write_video(tmp_path / "web.mp4", num_frames=40, width=W, height=H, faststart=True, texture=True)
+    damaged = damaged_copy(web, root / "b" / "damaged.mp4")
+    base = VideoFolder(root, "val", num_frames=4)
+    assert base.sample_id(1) == str(damaged)
+    with pytest.raises(CorruptVideoError) as info:
+        TransformedDataset(base, _identity, seed=0)[1]
+    text = str(info.value)
+    assert "\n" not in text and text.startswith(f"damaged video {damaged}: decoding stops at frame")
+    assert "skip_corrupt" in text
+    skipping = TransformedDataset(base, _identity, seed=0, skip_corrupt=True)
+    with caplog.at_level("WARNING"):
+        items = [skipping[i] for i in range(len(skipping))]
+    assert [item is None for item in items] == [False, True, False]
+    assert str(damaged) in caplog.text
+    (clips, labels), skipped = collate_skip_none(items)
+    assert clips.shape == (2, 4, H, W, 3) and labels.tolist() == [0, 1] and skipped == 1
+
+
+@pytest.mark.parametrize("decoder", ["pyav", "decord", "torchcodec"])
+def test_video_datasets_read_with_the_decoder_asked(tmp_path: Path, videos: dict[str, Path], decoder: str) -> None:
+    from vitssl.video.io import reader_problem
+
+    if reader_problem(decoder) is not None:
+        pytest.skip(reader_problem(decoder))
+    root = _tree(tmp_path, videos, {"a": ["x.mp4"]})
+    ds = build_dataset("videofolder", root, "val", num_frames=4, decoder=decoder)
+    assert ds.decoder == decoder
+    assert _indices(ds[0][0]) == list(segment_indices(40, 4, train=False))
+    with pytest.raises(DataError, match="decoder must be one of auto, torchcodec, decord, pyav"):
+        build_dataset("videofolder", root, "val", decoder="opencv")

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import vitssl.ssl
-import vitssl.video  # noqa: F401  (registers video_action, blob_position and the datasets)
+import vitssl.video.registered  # noqa: F401  (registers video_action, blob_position and the datasets)
 from vitssl.config import load_config
 from vitssl.video.datasets import _SPLIT_IDS, MOTION_CLASSES, render_motion
 

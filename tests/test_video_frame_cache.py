@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vitssl.ssl
-import vitssl.video  # noqa: F401  (registers video_action, motion, frame_features)
+import vitssl.video.registered  # noqa: F401  (registers video_action, motion, frame_features)
 from vitssl.config import load_config
 from vitssl.data import build_dataset
 from vitssl.errors import DataError

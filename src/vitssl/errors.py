@@ -30,3 +30,16 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class DataError(UserError, ValueError):
     """A dataset cannot be read as configured (missing root, a file where a folder belongs, no samples)."""
+
+
+# The config key that turns corrupt samples into skipped ones; named in every error a user can fix with it.
+SKIP_HINT = "set data.skip_corrupt=true to skip such samples"
+
+
+class CorruptImageError(UserError, RuntimeError):
+    """A sample that cannot be read: an undecodable or truncated image or video (or, for image-text sets, a
+    missing image member or an empty caption). The message names the file or sample.
+
+    It lives here, on the lowest floor, so that reading a video (``vitssl video probe``) needs neither torch nor
+    the dataset modules; :mod:`vitssl.data.common` re-exports it.
+    """

@@ -30,7 +30,7 @@ _GROUPS = {
     "eval": "evaluate frozen features of a checkpoint (features, knn, linear, zeroshot, retrieval)",
     "index": "build, merge, query and evaluate faiss retrieval indexes",
     "igpt": "iGPT utilities (sample completions from a checkpoint)",
-    "video": "read and evaluate videos (probe, eval)",
+    "video": "read, prepare and evaluate videos (probe, readers, prepare, eval)",
     "track": "multi-object tracking in the MOTChallenge format: generate sequences, track, evaluate",
     "export": "write a run's weights for other libraries (open_clip)",
 }

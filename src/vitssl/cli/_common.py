@@ -13,7 +13,7 @@ def register_objectives() -> None:
     there without importing them, so every entry point calls this before it reads a config or a checkpoint.
     """
     import vitssl.ssl
-    import vitssl.video  # noqa: F401
+    import vitssl.video.registered  # noqa: F401
 
 
 def load_run_config(recipe: str | Path | None, overrides: list[str]) -> Any:

@@ -1,6 +1,8 @@
-"""Video commands: ``vitssl video probe FILE... [--json]`` and ``vitssl video eval CHECKPOINT --data SPEC``.
+"""Video commands: ``vitssl video probe FILE...``, ``video readers [FILE]``, ``video prepare SRC DST`` and
+``video eval CHECKPOINT --data SPEC``.
 
-Building the parser imports neither torch nor decord: :mod:`vitssl.video.io` is imported inside the command.
+Building the parser imports neither torch nor a reader: :mod:`vitssl.video.io` is imported inside the command,
+and probing imports no model (no torch, no open_clip), so it answers in about a second.
 """
 
 from __future__ import annotations
@@ -8,30 +10,92 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from vitssl.video.io import VideoInfo
 
+DECODER_CHOICES = ("auto", "torchcodec", "decord", "pyav")  # vitssl.video.io.DECODERS (kept import-free here)
+
 
 def _format(info: VideoInfo) -> str:
-    """One line per file: frames, fps, size, duration, codec, decoder."""
-    return (
+    """One line per file: frames, fps, upright size, duration, codec, decoder; damage and where it stops."""
+    line = (
         f"{info.path}: {info.num_frames} frames, {info.fps:.2f} fps, {info.width}x{info.height}, "
         f"{info.duration:.2f} s, {info.codec}, {info.decoder}"
     )
+    if info.rotation:
+        line += f", rotated {info.rotation}"
+    return f"{line}, DAMAGED: {info.error}" if info.damaged else line
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
-    from vitssl.video.io import probe
+    from vitssl.errors import SKIP_HINT
+    from vitssl.video.io import CorruptVideoError, probe
 
-    # every file first, so that a corrupt one fails before anything is printed (--json stays one valid list)
-    infos = [probe(path, decoder=args.decoder) for path in args.files]
+    # every file first, so that a missing one fails before anything is printed (--json stays one valid list)
+    entries: list[dict[str, Any]] = []
+    lines: list[str] = []
+    for path in args.files:
+        try:
+            info = probe(path, decoder=args.decoder, full=args.full)
+        except CorruptVideoError as err:  # nothing decodes: as damaged as a file gets
+            message = str(err).replace(f" ({SKIP_HINT})", "")
+            entries.append({"path": str(path), "num_frames": 0, "damaged": True, "decoded_frames": 0, "error": message})
+            lines.append(f"{path}: DAMAGED: {message}")
+            continue
+        entries.append(dataclasses.asdict(info))
+        lines.append(_format(info))
     if args.json:
-        print(json.dumps([dataclasses.asdict(info) for info in infos], indent=2))
+        print(json.dumps(entries, indent=2))
     else:
-        for info in infos:
-            print(_format(info))
+        print("\n".join(lines))
+    damaged = sum(e["damaged"] for e in entries)
+    if damaged:
+        print(f"{damaged} of {len(entries)} files are damaged", file=sys.stderr)
+    return 1 if damaged == len(entries) else 0
+
+
+def _cmd_readers(args: argparse.Namespace) -> int:
+    from vitssl.video.io import READERS, measure_readers, reader_problem, reader_version, resolve_decoder
+
+    if args.file is None:
+        rows = [{"name": n, "version": reader_version(n), "problem": reader_problem(n)} for n in READERS]
+    else:
+        rows = measure_readers(args.file, seconds=args.seconds)
+    auto = resolve_decoder("auto")
+    if args.json:
+        print(json.dumps({"auto": auto, "readers": rows}, indent=2))
+        return 0
+    for row in rows:
+        state = "available" if row["problem"] is None else f"unavailable: {row['problem']}"
+        line = f"{row['name']:<10} {row['version'] or '-':<12} {state}"
+        if "sequential_fps" in row:
+            line += f"; sequential {row['sequential_fps']:.0f} frames/s, random clips {row['random_fps']:.0f} frames/s"
+        elif "error" in row:
+            line += f"; cannot read {args.file}: {row['error']}"
+        print(line)
+    print(f"decoder=auto reads with {auto}")
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from vitssl.video.prepare import MANIFEST, prepare_videos
+
+    manifest = prepare_videos(
+        args.src,
+        args.dst,
+        fps=args.fps,
+        short_side=args.short_side,
+        gop=args.gop,
+        crf=args.crf,
+        skip_corrupt=args.skip_corrupt,
+    )
+    frames = sum(v["frames"] for v in manifest["videos"])
+    print(f"{len(manifest['videos'])} videos ({frames} frames) in {args.dst}; manifest {args.dst}/{MANIFEST}")
+    if manifest["skipped"]:
+        print(f"skipped {len(manifest['skipped'])} unreadable or damaged videos (listed in the manifest, skipped)")
     return 0
 
 
@@ -87,7 +151,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def register_commands(subparsers: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
-    """Add ``probe`` and ``eval`` to the ``vitssl video`` group.
+    """Add ``probe``, ``readers``, ``prepare`` and ``eval`` to the ``vitssl video`` group.
 
     Args:
         subparsers: top-level commands (unused: video adds none).
@@ -96,15 +160,47 @@ def register_commands(subparsers: argparse._SubParsersAction, groups: dict[str, 
     video = groups["video"]
     p = video.add_parser(
         "probe",
-        help="verified frame count, fps, size, duration, codec and decoder of video files",
+        help="frames that decode, damage, fps, upright size, duration, codec and reader of video files",
         description="Probe video files: the frame count is verified by decoding the last GOP (container headers "
-        "and decord's len() can over-count); 'decoder' is what reads the file (PyAV by default, the faster reader "
-        "here; --decoder decord checks that decord reads it). A corrupt or missing file is an error (exit status 2).",
+        "and decord's len() can over-count); a file whose decoding stops before the end its header states is "
+        "reported DAMAGED with the frame where it stops. Sizes are as displayed (a phone video's rotation "
+        "applied). 'decoder' is the reader that reads the file (auto: torchcodec where FFmpeg's libraries load, "
+        "else PyAV). Exit status 1 when every file is damaged, 2 for a missing file.",
     )
     p.add_argument("files", nargs="+", metavar="FILE", help="video files (mp4, mkv, avi, ...)")
     p.add_argument("--json", action="store_true", help="print a JSON list of objects instead of one line per file")
-    p.add_argument("--decoder", choices=("auto", "decord", "pyav"), default="auto", help="reader to check (auto)")
+    p.add_argument("--decoder", choices=DECODER_CHOICES, default="auto", help="reader to check (auto)")
+    p.add_argument("--full", action="store_true", help="decode every frame, to find damage inside a file (slow)")
     p.set_defaults(func=_cmd_probe)
+
+    r = video.add_parser(
+        "readers",
+        help="which video readers work here, their versions and, on FILE, frames/s of each",
+        description="List the video readers (torchcodec, pyav, decord): installed version and whether they load "
+        "(torchcodec needs FFmpeg's shared libraries: apt-get install ffmpeg). With FILE, measure each on it: "
+        "sequential frames/s and random-access frames/s (8 clips of 8 frames at random starts).",
+    )
+    r.add_argument("file", nargs="?", default=None, metavar="FILE", help="a video to measure the readers on")
+    r.add_argument("--seconds", type=float, default=2.0, help="at most this long decoding in order (2)")
+    r.add_argument("--json", action="store_true", help="print JSON instead of a line per reader")
+    r.set_defaults(func=_cmd_readers)
+
+    q = video.add_parser(
+        "prepare",
+        help="re-encode videos for fast random access: short GOP, fixed fps and short side, with a manifest",
+        description="Re-encode a video file or a folder of videos (layout kept) as h264 mp4 with a keyframe every "
+        "--gop frames (1: all-intra), optionally at a fixed --fps and --short-side, frames upright; writes "
+        "DST/manifest.json. Random clip sampling then decodes at most a GOP per clip. A second run re-encodes only "
+        "changed sources. A damaged source stops the run naming it, unless --skip-corrupt.",
+    )
+    q.add_argument("src", metavar="SRC", help="a video file or a folder of videos")
+    q.add_argument("dst", metavar="DST", help="output folder")
+    q.add_argument("--fps", type=float, default=None, help="output frame rate (default: keep every frame)")
+    q.add_argument("--short-side", type=int, default=None, help="output short side in pixels (default: keep)")
+    q.add_argument("--gop", type=int, default=8, help="keyframe interval in frames; 1 = all-intra (8)")
+    q.add_argument("--crf", type=int, default=18, help="x264 quality, lower is better (18)")
+    q.add_argument("--skip-corrupt", action="store_true", help="leave damaged sources out (listed in the manifest)")
+    q.set_defaults(func=_cmd_prepare)
 
     e = video.add_parser(
         "eval",

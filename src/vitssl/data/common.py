@@ -12,7 +12,7 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vitssl.errors import DataError, MissingFileError, UserError
+from vitssl.errors import SKIP_HINT, CorruptImageError, DataError, MissingFileError
 from vitssl.registry import Registry
 
 _logger = logging.getLogger(__name__)
@@ -21,14 +21,6 @@ DATASETS: Registry[type[Dataset]] = Registry("dataset")
 
 # Extensions PIL decodes out of the box; matched case-insensitively (torchvision's list plus webp/tiff).
 IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
-
-# The config key that turns corrupt samples into skipped ones; named in every error a user can fix with it.
-SKIP_HINT = "set data.skip_corrupt=true to skip such samples"
-
-
-class CorruptImageError(UserError, RuntimeError):
-    """A sample that cannot be read: an undecodable or truncated image (or, for image-text sets, a missing
-    image member or an empty caption). The message names the file or sample."""
 
 
 class ImageDataset(Dataset):

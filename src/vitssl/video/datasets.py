@@ -11,8 +11,10 @@
 File-backed sets list their files at construction but probe a video (its frame count) only when it is first read,
 and remember the count: a Kinetics folder holds 240k files. A clip's frame indices are drawn with numpy's global
 generator while the item is read, which ``TransformedDataset`` seeds per (seed, epoch, index), so training clips
-are random yet exactly reproducible. Unreadable or vanished videos raise ``CorruptVideoError`` naming the file, a
-``CorruptImageError``, so ``data.skip_corrupt`` skips them.
+are random yet exactly reproducible. Unreadable, damaged (decoding stops before the end the file states; see
+:func:`vitssl.video.io.probe`) or vanished videos raise ``CorruptVideoError`` naming the file (and where decoding
+stops), a ``CorruptImageError``: with ``data.skip_corrupt`` the training loop skips them, logs each by name and
+counts them (``skipped_corrupt`` in the metrics); without it the run stops with that one-line error.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from torch.utils.data import Dataset
 from vitssl.data.common import DATASETS, SKIP_HINT, check_procedural, require_root
 from vitssl.data.folder import scan_class_tree
 from vitssl.errors import DataError, MissingFileError
-from vitssl.video.io import CorruptVideoError, probe, read_frames
+from vitssl.video.io import DECODERS, CorruptVideoError, probe, read_frames
 from vitssl.video.samplers import dense_indices, segment_indices
 
 VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".mkv", ".avi", ".webm", ".mov")
@@ -97,7 +99,11 @@ class FileVideoDataset(VideoDataset):
         train: bool | None,
         clip_index: int,
         num_clips: int,
+        decoder: str = "auto",
     ) -> None:
+        if decoder not in DECODERS:
+            raise DataError(f"{self.name}: decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+        self.decoder = decoder
         if num_frames < 1:
             raise DataError(f"{self.name}: num_frames must be positive, got {num_frames}")
         if sampler not in SAMPLERS:
@@ -129,9 +135,12 @@ class FileVideoDataset(VideoDataset):
         if count is None:
             path = self.samples[index]
             try:
-                count = probe(path).num_frames
+                info = probe(path, decoder=self.decoder)
             except MissingFileError as exc:  # vanished since listing: a bad sample, as for images
                 raise CorruptVideoError(f"video file not found: {path} ({SKIP_HINT})") from exc
+            if info.damaged:  # clips drawn from the frames that decode would silently cover part of the video
+                raise CorruptVideoError(f"damaged video {path}: {info.error} ({SKIP_HINT})")
+            count = info.num_frames
             if count < 1:
                 raise CorruptVideoError(f"video {path} has no frames ({SKIP_HINT})")
             self.frame_counts[index] = count
@@ -154,7 +163,7 @@ class FileVideoDataset(VideoDataset):
         path = self.samples[index]
         indices = self.frame_indices(index)
         try:
-            return read_frames(path, indices)  # (T, H, W, 3)
+            return read_frames(path, indices, decoder=self.decoder)  # (T, H, W, 3)
         except MissingFileError as exc:
             raise CorruptVideoError(f"video file not found: {path} ({SKIP_HINT})") from exc
 
@@ -183,6 +192,8 @@ class VideoFolder(FileVideoDataset):
         clip_index: which of ``num_clips`` evenly spaced test views this dataset returns.
         num_clips: number of test views (build one dataset per ``clip_index`` and average their predictions).
         extensions: accepted video file extensions (case-insensitive).
+        decoder: the video reader: "auto" (torchcodec where FFmpeg's libraries load, else PyAV), "torchcodec",
+            "pyav" or "decord" (``data.train.kwargs.decoder``).
     """
 
     name = "videofolder"
@@ -198,8 +209,9 @@ class VideoFolder(FileVideoDataset):
         clip_index: int = 0,
         num_clips: int = 1,
         extensions: tuple[str, ...] = VIDEO_EXTENSIONS,
+        decoder: str = "auto",
     ) -> None:
-        self._init_sampling(split, num_frames, sampler, stride, train, clip_index, num_clips)
+        self._init_sampling(split, num_frames, sampler, stride, train, clip_index, num_clips, decoder)
         self.root, self.classes, self.samples, self.targets = scan_class_tree(
             "videofolder", root, split, _FOLDER_LAYOUT, extensions, "videos"
         )
@@ -225,6 +237,7 @@ class VideoCSV(FileVideoDataset):
         label_column: header of the label column of a CSV.
         delimiter: field separator of a CSV ("\\t" for a TSV).
         classes: the class names, in id order; default as above.
+        decoder: the video reader, as for ``videofolder``.
     """
 
     name = "video_csv"
@@ -244,8 +257,9 @@ class VideoCSV(FileVideoDataset):
         label_column: str = "label",
         delimiter: str = ",",
         classes: list[str] | None = None,
+        decoder: str = "auto",
     ) -> None:
-        self._init_sampling(split, num_frames, sampler, stride, train, clip_index, num_clips)
+        self._init_sampling(split, num_frames, sampler, stride, train, clip_index, num_clips, decoder)
         path = require_root("video_csv", root, _LIST_LAYOUT)
         if path.is_dir():
             candidates = [path / f"{split}{ext}" for ext in (".csv", ".txt", ".tsv")]

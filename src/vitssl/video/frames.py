@@ -91,11 +91,15 @@ def sample_frames(
 
     Raises:
         MissingFileError: no such file.
-        CorruptVideoError: not a video or undecodable (names the file).
+        CorruptVideoError: not a video, undecodable or damaged (decoding stops before the end the file states:
+            frames sampled over the part that decodes would describe another video); names the file.
     """
-    from vitssl.video.io import probe, read_frames
+    from vitssl.errors import SKIP_HINT
+    from vitssl.video.io import CorruptVideoError, probe, read_frames
 
     info = probe(path)
+    if info.damaged:
+        raise CorruptVideoError(f"damaged video {info.path}: {info.error} ({SKIP_HINT})")
     positions = frame_positions(info.num_frames, info.fps, fps=fps, num_frames=num_frames)
     frames = read_frames(path, positions)  # (T, H, W, 3)
     rate = info.fps if info.fps > 0 else _DEFAULT_VIDEO_FPS
@@ -408,6 +412,9 @@ def video_frame_features(
             out.append(None)
         if progress is not None:
             progress(1)
+    skipped = [str(p) for p, f in zip(paths, out) if f is None]
+    if skipped:
+        _logger.warning("skipped %d of %d unreadable or damaged videos: %s", len(skipped), len(out), ", ".join(skipped))
     return out
 
 
