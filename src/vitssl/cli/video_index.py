@@ -198,7 +198,8 @@ def refuse_image_query(directory: Path) -> None:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    """``index query IDX --video FILE``: the k most similar videos, printed, as JSON, as a contact sheet."""
+    """``index query IDX --video FILE [--video FILE ...]``: the k most similar videos of each query, printed, as
+    JSON (one entry per query, in the order given) and as contact sheets."""
     from vitssl.cli.eval import write_result
     from vitssl.data.common import CorruptImageError
     from vitssl.eval.features import corrupt_sample_error
@@ -207,30 +208,45 @@ def cmd_query(args: argparse.Namespace) -> int:
     if args.image:
         raise ConfigError("--image and --video exclude each other; query a video index with --video")
     index, embedder = _load(args)
+    videos = [str(v) for v in args.video]
     try:
-        embedded = embedder.embed([args.video], desc="the query")
+        embedded = embedder.embed(videos, desc="the queries")
     except CorruptImageError as err:
         raise corrupt_sample_error(err, hint="") from None
-    hits = rank(
-        index,
-        embedded.vectors[0],
-        embedded.frames[0],
-        args.k,
-        rerank=args.rerank,
-        rerank_k=args.rerank_k,
-        nprobe=args.nprobe,
-        ef_search=args.ef_search,
-    )
-    print(f"{args.video}:" + (f" (re-ranked by {args.rerank})" if args.rerank else ""))
-    for r, (path, score) in enumerate(hits, 1):
-        print(f"  {r:>3}  {score:.4f}  {path}")
+    results = []
+    for video, vector, frames in zip(videos, embedded.vectors, embedded.frames):
+        hits = rank(
+            index,
+            vector,
+            frames,
+            args.k,
+            rerank=args.rerank,
+            rerank_k=args.rerank_k,
+            nprobe=args.nprobe,
+            ef_search=args.ef_search,
+        )
+        results.append(
+            {"query": video, "neighbours": [{"rank": r, "sample": p, "score": s} for r, (p, s) in enumerate(hits, 1)]}
+        )
+        print(f"{video}:" + (f" (re-ranked by {args.rerank})" if args.rerank else ""))
+        for r, (path, score) in enumerate(hits, 1):
+            print(f"  {r:>3}  {score:.4f}  {path}")
     if args.json:
-        write_result([{"path": p, "score": s} for p, s in hits], args.json)  # type: ignore[arg-type]
+        write_result({"index": str(args.dir), "k": args.k, "rerank": args.rerank, "queries": results}, args.json)
         print(f"written to {args.json}")
     if args.grid:
-        save_video_grid(args.video, hits, args.grid, fps=embedder.fps, num_frames=embedder.num_frames)
-        print(f"contact sheet: {args.grid}")
+        for path, result in zip(_grid_paths(Path(args.grid), len(results)), results):
+            hits = [(h["sample"], h["score"]) for h in result["neighbours"]]
+            save_video_grid(result["query"], hits, path, fps=embedder.fps, num_frames=embedder.num_frames)
+            print(f"contact sheet: {path}")
     return 0
+
+
+def _grid_paths(grid: Path, count: int) -> list[Path]:
+    """``--grid sheet.png`` for one query; ``sheet_1.png``, ``sheet_2.png``, ... (query order) for several."""
+    if count == 1:
+        return [grid]
+    return [grid.with_name(f"{grid.stem}_{i}{grid.suffix}") for i in range(1, count + 1)]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -275,7 +291,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def add_query_options(p: argparse.ArgumentParser) -> None:
     """``index query``'s video options."""
-    p.add_argument("--video", help="query video file (a video index)")
+    p.add_argument("--video", action="append", help="query video file of a video index (repeat for several)")
     _add_rerank(p)
 
 
