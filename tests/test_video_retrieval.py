@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from vitssl.cli import main
-from vitssl.index import groundtruth as G
+from vitssl.eval import retrieval_metrics as G
 from vitssl.index import video as V
 from vitssl.video import frames as Fr
 from vitssl.video.neardup import TRANSFORMS, make_neardup_benchmark

@@ -489,6 +489,76 @@ def _cmd_index_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ground_truth_inputs(args: argparse.Namespace) -> tuple[Any, Any, list[set[str]]]:
+    """The loaded index, the query vectors (Q, D) and per query its positives (sample ids) of ``--ground-truth``.
+
+    Queries are image files (embedded with the index's checkpoint; a relative path is read against the file's
+    folder, else the working folder) or faiss ids (their stored vectors); positives are sample ids, paths or faiss
+    ids (:func:`vitssl.eval.retrieval_metrics.match_ids`), and one the index lacks is refused by name.
+    """
+    import numpy as np
+
+    from vitssl.eval.retrieval_metrics import match_ids, read_ground_truth
+    from vitssl.index import core as retrieval
+
+    with _index_errors():
+        truth = read_ground_truth(args.ground_truth, args.gt_format, **_gt_options(args))
+        loaded = retrieval.load_index_dir(args.dir)
+    if not truth.queries:
+        raise ConfigError(f"--ground-truth {args.ground_truth} holds no queries")
+    faiss_ids = loaded.faiss_ids.tolist()
+    wanted = {p for q in truth.queries for p in truth.positives[q]}
+    matched = match_ids(wanted, loaded.samples, faiss_ids=faiss_ids, as_written=truth.as_written)
+    missing = sorted((truth.as_written.get(p, p) for p in wanted - set(matched)), key=str)
+    if missing:
+        raise ConfigError(
+            f"--ground-truth {args.ground_truth}: {len(missing)} relevant ids are not in the index at {args.dir} "
+            f"({', '.join(map(str, missing[:3]))}{', ...' if len(missing) > 3 else ''}); name its sample ids "
+            "(ids.jsonl), paths or faiss ids"
+        )
+    images = [q for q in truth.queries if not isinstance(q, int)]
+    by_image: dict[Any, Any] = {}
+    if images:
+        files = [_query_file(q, truth.as_written.get(q), args.ground_truth) for q in images]
+        model, loaded, layer = _query_model(Path(args.dir), args.checkpoint, args.device)
+        by_image = dict(zip(images, model.embed_images(files, layer)))
+    vectors, known = [], set(faiss_ids)
+    for q in truth.queries:
+        if isinstance(q, int):
+            if q not in known:
+                raise ConfigError(f"--ground-truth {args.ground_truth}: query faiss id {q} is not in the index")
+            if not loaded.manifest.get("has_vectors"):
+                raise ConfigError(
+                    f"--ground-truth {args.ground_truth}: query {q} is a faiss id, but {args.dir} stores no vectors "
+                    "(built with --no-vectors); name the query image instead"
+                )
+            vectors.append(np.asarray(loaded.vectors()[loaded.row_of(q)], dtype=np.float32))
+        else:
+            vectors.append(by_image[q])
+    positives = [{matched[p] for p in truth.positives[q]} for q in truth.queries]
+    return loaded, np.stack(vectors), positives
+
+
+def _query_file(query: str, as_written: Any, ground_truth: str) -> str:
+    """A query image of a ground-truth file: relative to the file's folder, else (as written) to the working one."""
+    for candidate in (query, as_written):
+        if isinstance(candidate, str) and Path(candidate).is_file():
+            return candidate
+    raise ConfigError(f"--ground-truth {ground_truth}: query image {as_written or query} does not exist")
+
+
+def _gt_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ground-truth reader's options of ``index eval`` (FIVR task / version, CC_WEB_VIDEO's clean protocol)."""
+    options: dict[str, Any] = {}
+    if args.fivr_task:
+        options["task"] = args.fivr_task
+    if args.fivr_version:
+        options["version"] = args.fivr_version
+    if args.cc_web_clean:
+        options["clean"] = True
+    return options
+
+
 def _cmd_index_eval(args: argparse.Namespace) -> int:
     from vitssl.cli import video_index
     from vitssl.index import core as retrieval
@@ -498,13 +568,7 @@ def _cmd_index_eval(args: argparse.Namespace) -> int:
         return video_index.cmd_eval(args)
     queries = truth = None
     if args.ground_truth:
-        model, loaded, layer = _query_model(Path(args.dir), args.checkpoint, args.device)
-        with _index_errors():
-            pairs = retrieval.read_ground_truth(args.ground_truth)
-        if not pairs:
-            raise ConfigError(f"--ground-truth {args.ground_truth} holds no queries")
-        queries = model.embed_images([q for q, _ in pairs], layer)
-        truth = [relevant for _, relevant in pairs]
+        loaded, queries, truth = _ground_truth_inputs(args)
     else:
         with _index_errors():
             loaded = retrieval.load_index_dir(args.dir)
@@ -601,11 +665,12 @@ def register_commands(
         "eval",
         help="recall@k against exact search (and mAP with --ground-truth)",
         description="Without ground truth: stored vectors as queries, recall@1/10/k of the index against exact "
-        'search. With --ground-truth FILE (JSON lines {"query": image path, "relevant": [sample ids]}): the query '
-        "images are embedded and mAP@k is reported too.",
+        'search. With --ground-truth FILE (JSON lines {"query": image path or faiss id, "relevant": [sample ids, '
+        "paths or faiss ids]}, relative paths against the file's folder; or a benchmark pickle): the query images "
+        "are embedded (a faiss id's stored vector is used) and mAP@k is reported too.",
     )
     p.add_argument("dir", help="index folder")
-    p.add_argument("--ground-truth", metavar="FILE", help="JSON-lines ground truth (see the description)")
+    p.add_argument("--ground-truth", metavar="FILE", help="ground truth (see the description)")
     p.add_argument("-k", type=int, default=10, help="cut-off (default 10)")
     p.add_argument("--num-queries", type=int, default=1000, help="stored vectors used as queries without ground truth")
     p.add_argument("--seed", type=int, default=0, help="query sample seed")

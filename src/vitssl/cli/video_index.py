@@ -17,7 +17,7 @@ from typing import Any
 from vitssl.config import ConfigError
 
 THUMBNAIL_PREFIX = "thumbnails"
-# The parser is built without importing numpy, torch or faiss: these mirror vitssl.index.groundtruth.FORMATS /
+# The parser is built without importing numpy, torch or faiss: these mirror vitssl.eval.retrieval_metrics.FORMATS /
 # FIVR_TASKS and vitssl.index.video.RERANKS / DEFAULT_RERANK_K (a test keeps them equal).
 GT_FORMATS = ("vitssl", "cc_web_video", "fivr", "evve")
 FIVR_TASK_NAMES = ("DSVR", "CSVR", "ISVR")
@@ -252,20 +252,13 @@ def _grid_paths(grid: Path, count: int) -> list[Path]:
 def cmd_eval(args: argparse.Namespace) -> int:
     """``index eval IDX --ground-truth FILE`` on a video index: mAP and recall@k (video level or chamfer)."""
     from vitssl.cli.eval import write_result
-    from vitssl.cli.index import _index_errors
-    from vitssl.index.groundtruth import read_ground_truth
+    from vitssl.cli.index import _gt_options, _index_errors
+    from vitssl.eval.retrieval_metrics import read_ground_truth
     from vitssl.index.video import evaluate_video_index
 
-    options: dict[str, Any] = {}
-    if args.fivr_task:
-        options["task"] = args.fivr_task
-    if args.fivr_version:
-        options["version"] = args.fivr_version
-    if args.cc_web_clean:
-        options["clean"] = True
     index, embedder = _load(args)
     with _index_errors():
-        truth = read_ground_truth(args.ground_truth, args.gt_format, **options)
+        truth = read_ground_truth(args.ground_truth, args.gt_format, **_gt_options(args))
         ks = tuple(sorted({1, 5, 10, args.k}))
         result = evaluate_video_index(
             index,

@@ -680,7 +680,8 @@ def evaluate_video_index(
 ) -> dict[str, Any]:
     """mAP (AP over the ranked database, the query itself left out) and recall@k of a video index.
 
-    Ground-truth ids are matched to the index's videos by path, else by file name (dataset ids); queries the index
+    Ground-truth ids are matched to the index's videos by path, else by file name (dataset ids), integers by faiss
+    id (:func:`vitssl.eval.retrieval_metrics.match_ids`); queries the index
     holds are taken from it, others are embedded from their files when those exist; queries without any positive
     in the index are skipped (counted). Positives outside the index cannot be found and are dropped, as FIVR's
     protocol drops positives outside its database.
@@ -688,7 +689,7 @@ def evaluate_video_index(
     Args:
         index: the loaded video index.
         embedder: the embedder of its queries.
-        ground_truth: a :class:`vitssl.index.groundtruth.GroundTruth`.
+        ground_truth: a :class:`vitssl.eval.retrieval_metrics.GroundTruth`.
         rerank: None or "chamfer".
         rerank_k: videos re-scored by chamfer per query.
         ks: recall cut-offs.
@@ -697,17 +698,18 @@ def evaluate_video_index(
     Returns:
         ``{"mAP", "recall@k"..., "num_queries", "skipped_queries", "rerank", "database", "seconds_per_query"}``.
     """
-    from vitssl.index.groundtruth import evaluate_ranking, match_ids
+    from vitssl.eval.retrieval_metrics import evaluate_ranking, match_ids
 
     samples = index.loaded.samples
     ids = set(ground_truth.queries) | {p for ps in ground_truth.positives.values() for p in ps}
     ids |= {p for ps in ground_truth.excluded.values() for p in ps}
-    matched = match_ids(ids, samples)
+    faiss_ids = index.loaded.faiss_ids.tolist()
+    matched = match_ids(ids, samples, faiss_ids=faiss_ids, as_written=ground_truth.as_written)
     query_paths = {}
     for q in ground_truth.queries:
         if q in matched:
             query_paths[q] = matched[q]
-        elif os.path.isfile(q):
+        elif isinstance(q, str) and os.path.isfile(q):
             query_paths[q] = os.path.abspath(q)
     positives = {
         q: {matched[p] for p in ground_truth.positives.get(q, ()) if p in matched} for q in ground_truth.queries

@@ -266,7 +266,7 @@ def make_neardup_benchmark(
     Raises:
         DataError: an impossible setting (no sources, odd size, unknown edit, empty split).
     """
-    from vitssl.index.groundtruth import write_vitssl
+    from vitssl.eval.retrieval_metrics import write_vitssl
     from vitssl.io import atomic_dir, write_json
 
     edits = tuple(TRANSFORMS) if transforms is None else tuple(transforms)

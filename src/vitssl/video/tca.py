@@ -317,7 +317,7 @@ class VideoFiles(Dataset):
 
 def _groups_from_ground_truth(path: str, samples: Sequence[str]) -> list[str | None]:
     """Each sample's group: the first query whose set (the query and its positives) holds it, else None."""
-    from vitssl.index.groundtruth import match_ids, read_ground_truth
+    from vitssl.eval.retrieval_metrics import match_ids, read_ground_truth
 
     gt = read_ground_truth(path)
     ids = set(gt.queries) | {p for ps in gt.positives.values() for p in ps}
