@@ -39,7 +39,6 @@ from vitssl.cli.eval import (
     add_extraction_options,
     data_workers,
     eval_job,
-    eval_model,
     extraction_fields,
     is_main,
     job_features,
@@ -173,11 +172,12 @@ def _write_index(build: Callable[..., Any], model: Any, fs: Any, job: IndexJob, 
 def _job_index_build(job: IndexBuildJob) -> dict[str, Any]:
     from vitssl.cli import video_index
     from vitssl.index import core as retrieval
+    from vitssl.index.image import load_image_model
 
     if video_index.is_video_data(job.data):
         return video_index.run_build(job)
 
-    model = eval_model(job)
+    model = load_image_model(job.checkpoint, job.device)
     fs = job_features(model, job, job.data, job.split, "--data")
     if not is_main():
         return {}
@@ -193,10 +193,11 @@ def _job_index_train(job: IndexTrainJob) -> dict[str, Any]:
     from vitssl.eval.features import extract_rows
     from vitssl.eval.spec import build_eval_dataset
     from vitssl.index import core as retrieval
+    from vitssl.index.image import load_image_model
 
     if video_index.is_video_data(job.data):
         return video_index.run_train(job)
-    model = eval_model(job)
+    model = load_image_model(job.checkpoint, job.device)
     dataset, _, _ = build_eval_dataset(job.data, job.split, absolute_root=True)
     sample = retrieval.training_sample_indices(len(dataset), job.train_size, job.seed)
     feats, _ = extract_rows(
@@ -226,11 +227,12 @@ def _job_index_shard(job: IndexShardJob) -> dict[str, Any]:
     from vitssl.cli import video_index
     from vitssl.eval.spec import build_eval_dataset
     from vitssl.index import core as retrieval
+    from vitssl.index.image import load_image_model
 
     if video_index.is_video_data(job.data):
         return video_index.run_shard(job)
     i, n = job.shard
-    model = eval_model(job)
+    model = load_image_model(job.checkpoint, job.device)
     dataset, _, _ = build_eval_dataset(job.data, job.split, absolute_root=True)
     start, stop = retrieval.shard_range(len(dataset), i, n)
     fs = job_features(model, job, job.data, job.split, "--data", rows=(start, stop))
@@ -430,8 +432,8 @@ def _cmd_index_merge(args: argparse.Namespace) -> int:
 def _query_model(directory: Path, checkpoint: str | None, device: str) -> tuple[Any, Any, str]:
     """The checkpoint the index was built from (or ``--checkpoint``), the loaded index (checked against it), layer."""
     from vitssl.cli._common import register_objectives
-    from vitssl.eval.features import EvalModel
     from vitssl.index import core as retrieval
+    from vitssl.index.image import load_image_model
 
     register_objectives()
     with _index_errors():
@@ -446,7 +448,7 @@ def _query_model(directory: Path, checkpoint: str | None, device: str) -> tuple[
             )
         source = source or {}
         layer = source.get("layer", "pooled")
-        model = EvalModel(checkpoint or source["checkpoint_path"], device)
+        model = load_image_model(checkpoint or source["checkpoint_path"], device)
         loaded = retrieval.load_index_dir(
             directory, expect_checkpoint=model.checkpoint_hash, expect_feature_key=model.feature_key(layer)
         )
