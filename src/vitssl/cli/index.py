@@ -74,6 +74,7 @@ class IndexJob(EvalJob):
     seed: int = 0  # training sample seed
     store_vectors: bool = True  # also write vectors.npy (exact recall, HNSW merges)
     overwrite: bool = False  # replace an existing output
+    json: str | None = None  # also write the job's summary (count, skipped samples) as JSON here (absolute)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,7 +106,9 @@ class IndexMergeJob:
     shard_dirs: tuple[str, ...]  # the n shard folders, in shard order
     out: str  # the merged index folder
     overwrite: bool = False  # replace an existing out
-    keep_shards: bool = False  # keep the shard folders after merging
+    keep_shards: bool = False  # keep the shard folders (and the trained quantizer) after merging
+    trained: str | None = None  # the trained quantizer the shards shared, removed with them
+    json: str | None = None  # also write the merge's summary (count, skipped samples) as JSON here (absolute)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -184,7 +187,8 @@ def _job_index_build(job: IndexBuildJob) -> dict[str, Any]:
     out = _write_index(retrieval.build_index_dir, model, fs, job, train_size=job.train_size, seed=job.seed)
     manifest = json.loads((out / retrieval.MANIFEST_FILE).read_text())
     print(f"index {job.factory!r}: {manifest['count']} x {manifest['dimension']} vectors -> {out}")
-    return {"task": "index_build", "out": str(out), "count": manifest["count"], "dimension": manifest["dimension"]}
+    summary = {"task": "index_build", "out": str(out), "count": manifest["count"], "dimension": manifest["dimension"]}
+    return write_summary({**summary, "num_skipped": int(fs.meta.get("skipped", 0))}, job.json)
 
 
 @eval_job(IndexTrainJob)
@@ -240,11 +244,14 @@ def _job_index_shard(job: IndexShardJob) -> dict[str, Any]:
         return {}
     out = _write_index(retrieval.build_shard, model, fs, job, shard=(i, n), first_id=start, trained=job.trained)
     print(f"shard {i}/{n}: rows {start}..{stop - 1} ({len(fs)} vectors) -> {out}")
-    return {"task": "index_shard", "out": str(out), "shard": [i, n], "count": len(fs)}
+    summary = {"task": "index_shard", "out": str(out), "shard": [i, n], "count": len(fs)}
+    return write_summary({**summary, "num_skipped": int(fs.meta.get("skipped", 0))}, job.json)
 
 
 @eval_job(IndexMergeJob)
 def _job_index_merge(job: IndexMergeJob) -> dict[str, Any]:
+    from vitssl.index.core import MANIFEST_FILE
+
     if not is_main():
         return {}
     out = Path(job.out)
@@ -252,10 +259,27 @@ def _job_index_merge(job: IndexMergeJob) -> dict[str, Any]:
     if not job.keep_shards:
         for d in job.shard_dirs:
             shutil.rmtree(d, ignore_errors=True)
-        with contextlib.suppress(OSError):  # the shards' folder, when nothing else is in it
-            Path(job.shard_dirs[0]).parent.rmdir()
+        if job.trained:
+            for path in (Path(job.trained), Path(job.trained + ".json")):
+                path.unlink(missing_ok=True)
+        shards = Path(job.shard_dirs[0]).parent
+        for folder in (shards, shards.parent):  # shards/, then the work folder, when nothing else is in them
+            with contextlib.suppress(OSError):
+                folder.rmdir()
     print(f"merged {len(job.shard_dirs)} shards: {count} vectors -> {out}")
-    return {"task": "index_merge", "out": str(out), "count": count}
+    summary: dict[str, Any] = {"task": "index_merge", "out": str(out), "count": count}
+    skipped = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8")).get("video", {}).get("skipped")
+    if skipped is not None:  # a video index: the videos every shard left out
+        summary.update(skipped=skipped, num_skipped=len(skipped))
+    return write_summary(summary, job.json)
+
+
+def write_summary(summary: dict[str, Any], path: str | None) -> dict[str, Any]:
+    """A job's summary, also written to ``path`` (``--json``) when given; returned as it is."""
+    if path:
+        write_result(summary, path)
+        print(f"summary written to {path}")
+    return summary
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -310,6 +334,7 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
         "seed": int(args.seed),
         "store_vectors": not args.no_vectors,
         "overwrite": bool(args.overwrite),
+        "json": str(Path(args.json).absolute()) if args.json else None,
     }
     needs_training = _needs_training(args.factory)
     _check_new_out(out, args.overwrite)
@@ -349,9 +374,10 @@ def _sharded_build(
     work = Path(f"{out}.build")
     shard_dirs = [work / "shards" / f"shard_{i:03d}_of_{n:03d}" for i in range(n)]
     trained = work / "trained.faiss" if needs_training else None
-    train_job = IndexTrainJob(**{**fields, "out": str(trained)}, train_size=args.train_size) if trained else None
+    parts = {**fields, "json": None}  # the merge writes the summary of the whole build
+    train_job = IndexTrainJob(**{**parts, "out": str(trained)}, train_size=args.train_size) if trained else None
     shard_jobs = [
-        IndexShardJob(**{**fields, "out": str(d)}, shard=(i, n), trained=str(trained) if trained else None)
+        IndexShardJob(**{**parts, "out": str(d)}, shard=(i, n), trained=str(trained) if trained else None)
         for i, d in enumerate(shard_dirs)
     ]
     merge_job = IndexMergeJob(
@@ -359,16 +385,21 @@ def _sharded_build(
         out=str(out),
         overwrite=fields["overwrite"],
         keep_shards=args.keep_shards,
+        trained=str(trained) if trained else None,
+        json=fields["json"],
     )
     if launch_cfg.backend == "local":
         if launch_cfg.dry_run:
             print(f"dry run: would build {n} shards of {args.data} in sequence and merge them into {out}")
             return 0
-        if train_job is not None:
-            launch(JOB_TARGET, train_job, launch_cfg, work, kind="eval")
-        merge_launch = dataclasses.replace(launch_cfg, tasks_per_node=1)  # merging is one process's work
-        calls = [(CALL_TARGET, (job, launch_cfg, str(work))) for job in shard_jobs]
-        submit_array_then(calls, (CALL_TARGET, (merge_job, merge_launch, str(work))), launch_cfg, work / "submitit")
+        quantizer = [trained, trained.with_name(trained.name + ".json")] if trained else []
+        with _cleanup_on_failure(work, [*shard_dirs, *quantizer]):
+            if train_job is not None:
+                launch(JOB_TARGET, train_job, launch_cfg, work, kind="eval")
+            merge_launch = dataclasses.replace(launch_cfg, tasks_per_node=1)  # merging is one process's work
+            calls = [(CALL_TARGET, (job, launch_cfg, str(work))) for job in shard_jobs]
+            then = (CALL_TARGET, (merge_job, merge_launch, str(work)))
+            submit_array_then(calls, then, launch_cfg, work / "submitit")
         return 0
     if launch_cfg.dry_run:
         print(dry_run_script(launch_cfg, work, "eval", array_size=n))
@@ -408,6 +439,31 @@ def _sharded_build(
     print(f"Submitted SLURM job {merger.job_id}: merge into {out} once every shard succeeded")
     print(f"  follow: vitssl jobs {work}   |   vitssl logs {work}")
     return 0
+
+
+@contextmanager
+def _cleanup_on_failure(work: Path, outputs: list[Path]) -> Iterator[None]:
+    """A local sharded build that fails (or is interrupted) leaves nothing behind in its work folder ``work``:
+    the folder goes when this build made it, else only those of ``outputs`` (the shards and quantizer it writes)
+    that were not there before, and the folders they leave empty. The index itself is only ever written by the
+    merge, in one atomic rename, so a finished index at the destination is never touched."""
+    existed = work.exists()
+    new = [path for path in outputs if not path.exists()]
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            for path in new:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+            for folder in {path.parent for path in new}:
+                with contextlib.suppress(OSError):  # only when empty
+                    folder.rmdir()
+        raise
 
 
 def _merge_shards(shard_dirs: tuple[str, ...] | list[str], out: Path, overwrite: bool) -> int:
@@ -639,6 +695,7 @@ def register_commands(
     p.add_argument("--keep-shards", action="store_true", help="with --shards: keep the shard folders after merging")
     p.add_argument("--trained", metavar="FILE", help="with --shard: the trained quantizer every shard shares")
     p.add_argument("--train-only", action="store_true", help="only train the quantizer of --factory into --out FILE")
+    p.add_argument("--json", metavar="FILE", help="also write the build summary (count, skipped samples) as JSON")
     p.set_defaults(func=_cmd_index_build)
 
     p = add_parser(ix, "merge", help="merge shard index folders into one")

@@ -87,18 +87,22 @@ def _index_options(job: Any) -> dict[str, Any]:
     }
 
 
-def _finish(out: Path, embedder: Any, embedded: Any, job: Any) -> None:
-    from vitssl.index.video import record_manifest
+def _source(embedder: Any, job: Any) -> dict[str, Any]:
+    """The manifest's ``source``: the model queries are embedded with, and the corpus."""
+    return {"checkpoint_path": embedder.model, "objective": embedder.method, "data": job.data, "split": job.split}
 
-    source = {"checkpoint_path": embedder.model, "objective": embedder.method, "data": job.data, "split": job.split}
-    record_manifest(out, source=source)
-    if embedded.skipped:
-        print(f"skipped {len(embedded.skipped)} unreadable videos (listed in {out}/manifest.json, video.skipped)")
+
+def _report_skipped(skipped: list[str], out: Path) -> None:
+    """Name the damaged or unreadable videos a build left out (``--skip-corrupt``): a count and every name."""
+    if skipped:
+        print(f"skipped {len(skipped)} damaged or unreadable videos (also in {out}/manifest.json, video.skipped):")
+        for path in skipped:
+            print(f"  {path}")
 
 
 def run_build(job: Any) -> dict[str, Any]:
     """The whole video index in one job (an ``IndexBuildJob`` over a video corpus)."""
-    from vitssl.cli.index import _index_errors
+    from vitssl.cli.index import _index_errors, write_summary
     from vitssl.distributed import is_main_process
     from vitssl.index.video import build_video_index, video_corpus
 
@@ -111,12 +115,14 @@ def run_build(job: Any) -> dict[str, Any]:
     out = Path(job.out)
     with _index_errors():
         build_video_index(
-            out, embedded, paths, embedder, train_size=job.train_size, seed=job.seed, **_index_options(job)
-        )
-    _finish(out, embedder, embedded, job)
+            out, embedded, paths, embedder, train_size=job.train_size, seed=job.seed, source=_source(embedder, job),
+            **_index_options(job),
+        )  # fmt: skip
+    _report_skipped(embedded.skipped, out)
     n, d = embedded.vectors.shape
     print(f"video index {job.factory!r} ({embedder.method}): {n} videos x {d} -> {out}")
-    return {"task": "index_build", "out": str(out), "count": n, "dimension": d, "skipped": len(embedded.skipped)}
+    summary = {"task": "index_build", "out": str(out), "count": n, "dimension": d}
+    return write_summary({**summary, "skipped": embedded.skipped, "num_skipped": len(embedded.skipped)}, job.json)
 
 
 def run_train(job: Any) -> dict[str, Any]:
@@ -143,7 +149,7 @@ def run_train(job: Any) -> dict[str, Any]:
 
 def run_shard(job: Any) -> dict[str, Any]:
     """Shard i of n of a video index (an ``IndexShardJob``): videos ``shard_range(N, i, n)`` of the sorted list."""
-    from vitssl.cli.index import _index_errors
+    from vitssl.cli.index import _index_errors, write_summary
     from vitssl.distributed import is_main_process
     from vitssl.index import core
     from vitssl.index.video import build_video_index, video_corpus
@@ -159,11 +165,13 @@ def run_shard(job: Any) -> dict[str, Any]:
     out = Path(job.out)
     with _index_errors():
         build_video_index(
-            out, embedded, paths, embedder, shard=(i, n), first_id=start, trained=job.trained, **_index_options(job)
-        )
-    _finish(out, embedder, embedded, job)
+            out, embedded, paths, embedder, shard=(i, n), first_id=start, trained=job.trained,
+            source=_source(embedder, job), **_index_options(job),
+        )  # fmt: skip
+    _report_skipped(embedded.skipped, out)
     print(f"shard {i}/{n}: videos {start}..{stop - 1} ({len(embedded.rows)} indexed) -> {out}")
-    return {"task": "index_shard", "out": str(out), "shard": [i, n], "count": len(embedded.rows)}
+    summary = {"task": "index_shard", "out": str(out), "shard": [i, n], "count": len(embedded.rows)}
+    return write_summary({**summary, "skipped": embedded.skipped, "num_skipped": len(embedded.skipped)}, job.json)
 
 
 def merge_frames_if_video(shard_dirs: list[Path], out: Path) -> None:
