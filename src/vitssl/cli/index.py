@@ -9,7 +9,8 @@ here, in this process.
 Sharded builds (``index build --shards n``) write into ``<out>.build/``: ``trained.faiss`` (factories that need
 training: one job embeds the training sample and trains the quantizer), ``shards/shard_<i>_of_<n>`` (an array of
 n jobs, one shard each) and the merge (a job that starts when every shard succeeded). Locally the same steps
-run one after the other.
+run one after the other. After the merge the shards, the quantizer and the emptied work folder are removed
+(``--keep-shards`` keeps them); a local build that fails or is interrupted removes what it wrote there.
 
 Video corpora (``--data videos:...``, ``videofolder:...``, ``video_csv:...``) run through the same jobs, which hand
 them to :mod:`vitssl.cli.video_index`; ``query --video`` and ``eval`` of a video index run there too.
