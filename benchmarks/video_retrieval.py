@@ -67,7 +67,7 @@ def _quality(work: Path, with_tca: bool) -> tuple[dict[str, Any], Path, Path]:
 
 
 def _ranking_metrics(rankings: dict[str, list[str]], positives: dict[str, set[str]]) -> dict[str, float]:
-    from vitssl.index.groundtruth import evaluate_ranking
+    from vitssl.eval.retrieval_metrics import evaluate_ranking
 
     m = evaluate_ranking(rankings, positives, ks=(1, 10))
     return {"mAP": round(m["mAP"], 4), "recall@10": round(m["recall@10"], 4)}
@@ -88,7 +88,7 @@ def _build(model: str, paths: list[str], directory: Path) -> dict[str, Any]:
 
 def _search(directory: Path, gt: Any) -> dict[str, Any]:
     """Latency and quality of video-level search, chamfer re-ranking and brute-force chamfer on one index."""
-    from vitssl.index.groundtruth import match_ids
+    from vitssl.eval.retrieval_metrics import match_ids
     from vitssl.index.video import chamfer_scores, load_video_index, rank
 
     index, _ = load_video_index(directory)
@@ -148,7 +148,7 @@ def _search(directory: Path, gt: Any) -> dict[str, Any]:
 
 def _speed(bench: Path, backbone: Path, tca: Path | None, work: Path, extra: int) -> dict[str, Any]:
     """Build throughput of each model and search latency / quality of the frame-model and TCA indexes."""
-    from vitssl.index.groundtruth import read_ground_truth
+    from vitssl.eval.retrieval_metrics import read_ground_truth
     from vitssl.video.neardup import make_neardup_benchmark
 
     paths = [p for p in (bench / "test.txt").read_text().splitlines() if p.strip()]

@@ -110,40 +110,6 @@ def test_recall_by_hand():
     assert retrieval.recall_at_k(approx, exact, 3) == pytest.approx((2 / 3 + 1 / 3) / 2)
 
 
-# Relevance [1, 0, 1, 0, 0]: hits at ranks 1 and 3, so the precisions summed are 1/1 and 2/3.
-_RANKING = ["a", "x", "b", "y", "z"]
-
-
-@pytest.mark.parametrize(
-    ("relevant", "k", "expected"),
-    [
-        ({"a", "b"}, 5, (1 + 2 / 3) / 2),  # AP@5: / min(5, 2)
-        ({"a", "b", "c"}, 5, (1 + 2 / 3) / 3),  # AP@5: / min(5, 3); "c" was never retrieved
-        ({"a", "b"}, 3, (1 + 2 / 3) / 2),  # AP@3 over [a, x, b]: / min(3, 2)
-        ({"a", "b", "c"}, 3, (1 + 2 / 3) / 3),  # AP@3: / min(3, 3)
-        ({"a", "b"}, 2, 1 / 2),  # AP@2 over [a, x]: / min(2, 2)
-        ({"a", "b", "c"}, 2, 1 / 2),  # AP@2: / min(2, 3)
-        ({"a", "b"}, None, (1 + 2 / 3) / 2),  # full ranking: / |R|
-        ({"a", "b", "c"}, None, (1 + 2 / 3) / 3),
-    ],
-)
-def test_average_precision_by_hand(relevant, k, expected):
-    assert retrieval.mean_average_precision([_RANKING], [relevant], k=k) == pytest.approx(expected)
-
-
-def test_map_at_k_of_a_perfect_list_is_one_when_relevant_exceed_k():
-    relevant = set(range(140))
-    perfect = [list(range(10))]
-    assert retrieval.mean_average_precision(perfect, [relevant], k=10) == 1.0
-    # Read as a full ranking (the whole database), ten of 140 found is AP 10/140: the old, wrong mAP@10.
-    assert retrieval.mean_average_precision(perfect, [relevant], k=None) == pytest.approx(10 / 140)
-    # Rankings longer than k are cut at k; ids outside the ground truth (-1 padding) are misses.
-    assert retrieval.mean_average_precision([[0, -1, 1, 2]], [relevant], k=2) == pytest.approx(1 / 2)
-    assert retrieval.mean_average_precision(np.array([[7, 1], [3, 4]]), [{1, 5}, set()], k=None) == 0.5 / 2
-    with pytest.raises(ValueError, match="k must be >= 1"):
-        retrieval.mean_average_precision(perfect, [relevant], k=0)
-
-
 @pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat", "HNSW16"])
 def test_shards_merge_like_a_single_build(tmp_path, corpus, queries, factory):
     n, shards = len(corpus), 3
@@ -258,12 +224,3 @@ def test_existing_directory_is_replaced_only_when_asked(flat_dir, corpus):
     retrieval.build_index_dir(flat_dir, corpus[:50], _samples(50), overwrite=True)
     assert retrieval.load_index_dir(flat_dir).manifest["count"] == 50
     assert [p.name for p in flat_dir.parent.iterdir()] == [flat_dir.name]
-
-
-def test_ground_truth_file(tmp_path):
-    path = tmp_path / "gt.jsonl"
-    path.write_text('{"query": "q/1.jpg", "relevant": ["images/00001.jpg", "images/00007.jpg"]}\n\n')
-    assert retrieval.read_ground_truth(path) == [("q/1.jpg", ["images/00001.jpg", "images/00007.jpg"])]
-    path.write_text('{"query": "q/1.jpg"}\n')
-    with pytest.raises(ValueError, match="line 1: expected"):
-        retrieval.read_ground_truth(path)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from vitssl.cli import main
-from vitssl.index import groundtruth as G
+from vitssl.eval import retrieval_metrics as G
 from vitssl.index import video as V
 from vitssl.video import frames as Fr
 from vitssl.video.neardup import TRANSFORMS, make_neardup_benchmark
@@ -226,8 +226,8 @@ def test_index_build_query_eval_with_an_image_checkpoint(bench, ckpt, tmp_path, 
         _run("index", "query", idx, "--video", query, "-k", "3", "--rerank", "chamfer", "--json", out, "--grid", grid)
         == 0
     )
-    hits = json.loads(out.read_text())
-    assert len(hits) == 3 and hits[0]["path"] == query and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    hits = json.loads(out.read_text())["queries"][0]["neighbours"]
+    assert len(hits) == 3 and hits[0]["sample"] == query and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
     assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -9,7 +9,8 @@ here, in this process.
 Sharded builds (``index build --shards n``) write into ``<out>.build/``: ``trained.faiss`` (factories that need
 training: one job embeds the training sample and trains the quantizer), ``shards/shard_<i>_of_<n>`` (an array of
 n jobs, one shard each) and the merge (a job that starts when every shard succeeded). Locally the same steps
-run one after the other.
+run one after the other. After the merge the shards, the quantizer and the emptied work folder are removed
+(``--keep-shards`` keeps them); a local build that fails or is interrupted removes what it wrote there.
 
 Video corpora (``--data videos:...``, ``videofolder:...``, ``video_csv:...``) run through the same jobs, which hand
 them to :mod:`vitssl.cli.video_index`; ``query --video`` and ``eval`` of a video index run there too.
@@ -39,7 +40,6 @@ from vitssl.cli.eval import (
     add_extraction_options,
     data_workers,
     eval_job,
-    eval_model,
     extraction_fields,
     is_main,
     job_features,
@@ -75,6 +75,7 @@ class IndexJob(EvalJob):
     seed: int = 0  # training sample seed
     store_vectors: bool = True  # also write vectors.npy (exact recall, HNSW merges)
     overwrite: bool = False  # replace an existing output
+    json: str | None = None  # also write the job's summary (count, skipped samples) as JSON here (absolute)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,7 +107,9 @@ class IndexMergeJob:
     shard_dirs: tuple[str, ...]  # the n shard folders, in shard order
     out: str  # the merged index folder
     overwrite: bool = False  # replace an existing out
-    keep_shards: bool = False  # keep the shard folders after merging
+    keep_shards: bool = False  # keep the shard folders (and the trained quantizer) after merging
+    trained: str | None = None  # the trained quantizer the shards shared, removed with them
+    json: str | None = None  # also write the merge's summary (count, skipped samples) as JSON here (absolute)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -173,18 +176,20 @@ def _write_index(build: Callable[..., Any], model: Any, fs: Any, job: IndexJob, 
 def _job_index_build(job: IndexBuildJob) -> dict[str, Any]:
     from vitssl.cli import video_index
     from vitssl.index import core as retrieval
+    from vitssl.index.image import load_image_model
 
     if video_index.is_video_data(job.data):
         return video_index.run_build(job)
 
-    model = eval_model(job)
+    model = load_image_model(job.checkpoint, job.device)
     fs = job_features(model, job, job.data, job.split, "--data")
     if not is_main():
         return {}
     out = _write_index(retrieval.build_index_dir, model, fs, job, train_size=job.train_size, seed=job.seed)
     manifest = json.loads((out / retrieval.MANIFEST_FILE).read_text())
     print(f"index {job.factory!r}: {manifest['count']} x {manifest['dimension']} vectors -> {out}")
-    return {"task": "index_build", "out": str(out), "count": manifest["count"], "dimension": manifest["dimension"]}
+    summary = {"task": "index_build", "out": str(out), "count": manifest["count"], "dimension": manifest["dimension"]}
+    return write_summary({**summary, "num_skipped": int(fs.meta.get("skipped", 0))}, job.json)
 
 
 @eval_job(IndexTrainJob)
@@ -193,10 +198,11 @@ def _job_index_train(job: IndexTrainJob) -> dict[str, Any]:
     from vitssl.eval.features import extract_rows
     from vitssl.eval.spec import build_eval_dataset
     from vitssl.index import core as retrieval
+    from vitssl.index.image import load_image_model
 
     if video_index.is_video_data(job.data):
         return video_index.run_train(job)
-    model = eval_model(job)
+    model = load_image_model(job.checkpoint, job.device)
     dataset, _, _ = build_eval_dataset(job.data, job.split, absolute_root=True)
     sample = retrieval.training_sample_indices(len(dataset), job.train_size, job.seed)
     feats, _ = extract_rows(
@@ -226,11 +232,12 @@ def _job_index_shard(job: IndexShardJob) -> dict[str, Any]:
     from vitssl.cli import video_index
     from vitssl.eval.spec import build_eval_dataset
     from vitssl.index import core as retrieval
+    from vitssl.index.image import load_image_model
 
     if video_index.is_video_data(job.data):
         return video_index.run_shard(job)
     i, n = job.shard
-    model = eval_model(job)
+    model = load_image_model(job.checkpoint, job.device)
     dataset, _, _ = build_eval_dataset(job.data, job.split, absolute_root=True)
     start, stop = retrieval.shard_range(len(dataset), i, n)
     fs = job_features(model, job, job.data, job.split, "--data", rows=(start, stop))
@@ -238,11 +245,14 @@ def _job_index_shard(job: IndexShardJob) -> dict[str, Any]:
         return {}
     out = _write_index(retrieval.build_shard, model, fs, job, shard=(i, n), first_id=start, trained=job.trained)
     print(f"shard {i}/{n}: rows {start}..{stop - 1} ({len(fs)} vectors) -> {out}")
-    return {"task": "index_shard", "out": str(out), "shard": [i, n], "count": len(fs)}
+    summary = {"task": "index_shard", "out": str(out), "shard": [i, n], "count": len(fs)}
+    return write_summary({**summary, "num_skipped": int(fs.meta.get("skipped", 0))}, job.json)
 
 
 @eval_job(IndexMergeJob)
 def _job_index_merge(job: IndexMergeJob) -> dict[str, Any]:
+    from vitssl.index.core import MANIFEST_FILE
+
     if not is_main():
         return {}
     out = Path(job.out)
@@ -250,10 +260,27 @@ def _job_index_merge(job: IndexMergeJob) -> dict[str, Any]:
     if not job.keep_shards:
         for d in job.shard_dirs:
             shutil.rmtree(d, ignore_errors=True)
-        with contextlib.suppress(OSError):  # the shards' folder, when nothing else is in it
-            Path(job.shard_dirs[0]).parent.rmdir()
+        if job.trained:
+            for path in (Path(job.trained), Path(job.trained + ".json")):
+                path.unlink(missing_ok=True)
+        shards = Path(job.shard_dirs[0]).parent
+        for folder in (shards, shards.parent):  # shards/, then the work folder, when nothing else is in them
+            with contextlib.suppress(OSError):
+                folder.rmdir()
     print(f"merged {len(job.shard_dirs)} shards: {count} vectors -> {out}")
-    return {"task": "index_merge", "out": str(out), "count": count}
+    summary: dict[str, Any] = {"task": "index_merge", "out": str(out), "count": count}
+    skipped = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8")).get("video", {}).get("skipped")
+    if skipped is not None:  # a video index: the videos every shard left out
+        summary.update(skipped=skipped, num_skipped=len(skipped))
+    return write_summary(summary, job.json)
+
+
+def write_summary(summary: dict[str, Any], path: str | None) -> dict[str, Any]:
+    """A job's summary, also written to ``path`` (``--json``) when given; returned as it is."""
+    if path:
+        write_result(summary, path)
+        print(f"summary written to {path}")
+    return summary
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -308,6 +335,7 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
         "seed": int(args.seed),
         "store_vectors": not args.no_vectors,
         "overwrite": bool(args.overwrite),
+        "json": str(Path(args.json).absolute()) if args.json else None,
     }
     needs_training = _needs_training(args.factory)
     _check_new_out(out, args.overwrite)
@@ -347,9 +375,10 @@ def _sharded_build(
     work = Path(f"{out}.build")
     shard_dirs = [work / "shards" / f"shard_{i:03d}_of_{n:03d}" for i in range(n)]
     trained = work / "trained.faiss" if needs_training else None
-    train_job = IndexTrainJob(**{**fields, "out": str(trained)}, train_size=args.train_size) if trained else None
+    parts = {**fields, "json": None}  # the merge writes the summary of the whole build
+    train_job = IndexTrainJob(**{**parts, "out": str(trained)}, train_size=args.train_size) if trained else None
     shard_jobs = [
-        IndexShardJob(**{**fields, "out": str(d)}, shard=(i, n), trained=str(trained) if trained else None)
+        IndexShardJob(**{**parts, "out": str(d)}, shard=(i, n), trained=str(trained) if trained else None)
         for i, d in enumerate(shard_dirs)
     ]
     merge_job = IndexMergeJob(
@@ -357,16 +386,21 @@ def _sharded_build(
         out=str(out),
         overwrite=fields["overwrite"],
         keep_shards=args.keep_shards,
+        trained=str(trained) if trained else None,
+        json=fields["json"],
     )
     if launch_cfg.backend == "local":
         if launch_cfg.dry_run:
             print(f"dry run: would build {n} shards of {args.data} in sequence and merge them into {out}")
             return 0
-        if train_job is not None:
-            launch(JOB_TARGET, train_job, launch_cfg, work, kind="eval")
-        merge_launch = dataclasses.replace(launch_cfg, tasks_per_node=1)  # merging is one process's work
-        calls = [(CALL_TARGET, (job, launch_cfg, str(work))) for job in shard_jobs]
-        submit_array_then(calls, (CALL_TARGET, (merge_job, merge_launch, str(work))), launch_cfg, work / "submitit")
+        quantizer = [trained, trained.with_name(trained.name + ".json")] if trained else []
+        with _cleanup_on_failure(work, [*shard_dirs, *quantizer]):
+            if train_job is not None:
+                launch(JOB_TARGET, train_job, launch_cfg, work, kind="eval")
+            merge_launch = dataclasses.replace(launch_cfg, tasks_per_node=1)  # merging is one process's work
+            calls = [(CALL_TARGET, (job, launch_cfg, str(work))) for job in shard_jobs]
+            then = (CALL_TARGET, (merge_job, merge_launch, str(work)))
+            submit_array_then(calls, then, launch_cfg, work / "submitit")
         return 0
     if launch_cfg.dry_run:
         print(dry_run_script(launch_cfg, work, "eval", array_size=n))
@@ -408,6 +442,31 @@ def _sharded_build(
     return 0
 
 
+@contextmanager
+def _cleanup_on_failure(work: Path, outputs: list[Path]) -> Iterator[None]:
+    """A local sharded build that fails (or is interrupted) leaves nothing behind in its work folder ``work``:
+    the folder goes when this build made it, else only those of ``outputs`` (the shards and quantizer it writes)
+    that were not there before, and the folders they leave empty. The index itself is only ever written by the
+    merge, in one atomic rename, so a finished index at the destination is never touched."""
+    existed = work.exists()
+    new = [path for path in outputs if not path.exists()]
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            for path in new:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+            for folder in {path.parent for path in new}:
+                with contextlib.suppress(OSError):  # only when empty
+                    folder.rmdir()
+        raise
+
+
 def _merge_shards(shard_dirs: tuple[str, ...] | list[str], out: Path, overwrite: bool) -> int:
     """Merge shard index folders into ``out``; return the merged vector count."""
     from vitssl.cli.video_index import merge_frames_if_video
@@ -430,8 +489,8 @@ def _cmd_index_merge(args: argparse.Namespace) -> int:
 def _query_model(directory: Path, checkpoint: str | None, device: str) -> tuple[Any, Any, str]:
     """The checkpoint the index was built from (or ``--checkpoint``), the loaded index (checked against it), layer."""
     from vitssl.cli._common import register_objectives
-    from vitssl.eval.features import EvalModel
     from vitssl.index import core as retrieval
+    from vitssl.index.image import load_image_model
 
     register_objectives()
     with _index_errors():
@@ -446,7 +505,7 @@ def _query_model(directory: Path, checkpoint: str | None, device: str) -> tuple[
             )
         source = source or {}
         layer = source.get("layer", "pooled")
-        model = EvalModel(checkpoint or source["checkpoint_path"], device)
+        model = load_image_model(checkpoint or source["checkpoint_path"], device)
         loaded = retrieval.load_index_dir(
             directory, expect_checkpoint=model.checkpoint_hash, expect_feature_key=model.feature_key(layer)
         )
@@ -489,6 +548,76 @@ def _cmd_index_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ground_truth_inputs(args: argparse.Namespace) -> tuple[Any, Any, list[set[str]]]:
+    """The loaded index, the query vectors (Q, D) and per query its positives (sample ids) of ``--ground-truth``.
+
+    Queries are image files (embedded with the index's checkpoint; a relative path is read against the file's
+    folder, else the working folder) or faiss ids (their stored vectors); positives are sample ids, paths or faiss
+    ids (:func:`vitssl.eval.retrieval_metrics.match_ids`), and one the index lacks is refused by name.
+    """
+    import numpy as np
+
+    from vitssl.eval.retrieval_metrics import match_ids, read_ground_truth
+    from vitssl.index import core as retrieval
+
+    with _index_errors():
+        truth = read_ground_truth(args.ground_truth, args.gt_format, **_gt_options(args))
+        loaded = retrieval.load_index_dir(args.dir)
+    if not truth.queries:
+        raise ConfigError(f"--ground-truth {args.ground_truth} holds no queries")
+    faiss_ids = loaded.faiss_ids.tolist()
+    wanted = {p for q in truth.queries for p in truth.positives[q]}
+    matched = match_ids(wanted, loaded.samples, faiss_ids=faiss_ids, as_written=truth.as_written)
+    missing = sorted((truth.as_written.get(p, p) for p in wanted - set(matched)), key=str)
+    if missing:
+        raise ConfigError(
+            f"--ground-truth {args.ground_truth}: {len(missing)} relevant ids are not in the index at {args.dir} "
+            f"({', '.join(map(str, missing[:3]))}{', ...' if len(missing) > 3 else ''}); name its sample ids "
+            "(ids.jsonl), paths or faiss ids"
+        )
+    images = [q for q in truth.queries if not isinstance(q, int)]
+    by_image: dict[Any, Any] = {}
+    if images:
+        files = [_query_file(q, truth.as_written.get(q), args.ground_truth) for q in images]
+        model, loaded, layer = _query_model(Path(args.dir), args.checkpoint, args.device)
+        by_image = dict(zip(images, model.embed_images(files, layer)))
+    vectors, known = [], set(faiss_ids)
+    for q in truth.queries:
+        if isinstance(q, int):
+            if q not in known:
+                raise ConfigError(f"--ground-truth {args.ground_truth}: query faiss id {q} is not in the index")
+            if not loaded.manifest.get("has_vectors"):
+                raise ConfigError(
+                    f"--ground-truth {args.ground_truth}: query {q} is a faiss id, but {args.dir} stores no vectors "
+                    "(built with --no-vectors); name the query image instead"
+                )
+            vectors.append(np.asarray(loaded.vectors()[loaded.row_of(q)], dtype=np.float32))
+        else:
+            vectors.append(by_image[q])
+    positives = [{matched[p] for p in truth.positives[q]} for q in truth.queries]
+    return loaded, np.stack(vectors), positives
+
+
+def _query_file(query: str, as_written: Any, ground_truth: str) -> str:
+    """A query image of a ground-truth file: relative to the file's folder, else (as written) to the working one."""
+    for candidate in (query, as_written):
+        if isinstance(candidate, str) and Path(candidate).is_file():
+            return candidate
+    raise ConfigError(f"--ground-truth {ground_truth}: query image {as_written or query} does not exist")
+
+
+def _gt_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ground-truth reader's options of ``index eval`` (FIVR task / version, CC_WEB_VIDEO's clean protocol)."""
+    options: dict[str, Any] = {}
+    if args.fivr_task:
+        options["task"] = args.fivr_task
+    if args.fivr_version:
+        options["version"] = args.fivr_version
+    if args.cc_web_clean:
+        options["clean"] = True
+    return options
+
+
 def _cmd_index_eval(args: argparse.Namespace) -> int:
     from vitssl.cli import video_index
     from vitssl.index import core as retrieval
@@ -498,13 +627,7 @@ def _cmd_index_eval(args: argparse.Namespace) -> int:
         return video_index.cmd_eval(args)
     queries = truth = None
     if args.ground_truth:
-        model, loaded, layer = _query_model(Path(args.dir), args.checkpoint, args.device)
-        with _index_errors():
-            pairs = retrieval.read_ground_truth(args.ground_truth)
-        if not pairs:
-            raise ConfigError(f"--ground-truth {args.ground_truth} holds no queries")
-        queries = model.embed_images([q for q, _ in pairs], layer)
-        truth = [relevant for _, relevant in pairs]
+        loaded, queries, truth = _ground_truth_inputs(args)
     else:
         with _index_errors():
             loaded = retrieval.load_index_dir(args.dir)
@@ -573,6 +696,7 @@ def register_commands(
     p.add_argument("--keep-shards", action="store_true", help="with --shards: keep the shard folders after merging")
     p.add_argument("--trained", metavar="FILE", help="with --shard: the trained quantizer every shard shares")
     p.add_argument("--train-only", action="store_true", help="only train the quantizer of --factory into --out FILE")
+    p.add_argument("--json", metavar="FILE", help="also write the build summary (count, skipped samples) as JSON")
     p.set_defaults(func=_cmd_index_build)
 
     p = add_parser(ix, "merge", help="merge shard index folders into one")
@@ -601,11 +725,12 @@ def register_commands(
         "eval",
         help="recall@k against exact search (and mAP with --ground-truth)",
         description="Without ground truth: stored vectors as queries, recall@1/10/k of the index against exact "
-        'search. With --ground-truth FILE (JSON lines {"query": image path, "relevant": [sample ids]}): the query '
-        "images are embedded and mAP@k is reported too.",
+        'search. With --ground-truth FILE (JSON lines {"query": image path or faiss id, "relevant": [sample ids, '
+        "paths or faiss ids]}, relative paths against the file's folder; or a benchmark pickle): the query images "
+        "are embedded (a faiss id's stored vector is used) and mAP@k is reported too.",
     )
     p.add_argument("dir", help="index folder")
-    p.add_argument("--ground-truth", metavar="FILE", help="JSON-lines ground truth (see the description)")
+    p.add_argument("--ground-truth", metavar="FILE", help="ground truth (see the description)")
     p.add_argument("-k", type=int, default=10, help="cut-off (default 10)")
     p.add_argument("--num-queries", type=int, default=1000, help="stored vectors used as queries without ground truth")
     p.add_argument("--seed", type=int, default=0, help="query sample seed")

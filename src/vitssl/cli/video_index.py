@@ -17,7 +17,7 @@ from typing import Any
 from vitssl.config import ConfigError
 
 THUMBNAIL_PREFIX = "thumbnails"
-# The parser is built without importing numpy, torch or faiss: these mirror vitssl.index.groundtruth.FORMATS /
+# The parser is built without importing numpy, torch or faiss: these mirror vitssl.eval.retrieval_metrics.FORMATS /
 # FIVR_TASKS and vitssl.index.video.RERANKS / DEFAULT_RERANK_K (a test keeps them equal).
 GT_FORMATS = ("vitssl", "cc_web_video", "fivr", "evve")
 FIVR_TASK_NAMES = ("DSVR", "CSVR", "ISVR")
@@ -87,18 +87,22 @@ def _index_options(job: Any) -> dict[str, Any]:
     }
 
 
-def _finish(out: Path, embedder: Any, embedded: Any, job: Any) -> None:
-    from vitssl.index.video import record_manifest
+def _source(embedder: Any, job: Any) -> dict[str, Any]:
+    """The manifest's ``source``: the model queries are embedded with, and the corpus."""
+    return {"checkpoint_path": embedder.model, "objective": embedder.method, "data": job.data, "split": job.split}
 
-    source = {"checkpoint_path": embedder.model, "objective": embedder.method, "data": job.data, "split": job.split}
-    record_manifest(out, source=source)
-    if embedded.skipped:
-        print(f"skipped {len(embedded.skipped)} unreadable videos (listed in {out}/manifest.json, video.skipped)")
+
+def _report_skipped(skipped: list[str], out: Path) -> None:
+    """Name the damaged or unreadable videos a build left out (``--skip-corrupt``): a count and every name."""
+    if skipped:
+        print(f"skipped {len(skipped)} damaged or unreadable videos (also in {out}/manifest.json, video.skipped):")
+        for path in skipped:
+            print(f"  {path}")
 
 
 def run_build(job: Any) -> dict[str, Any]:
     """The whole video index in one job (an ``IndexBuildJob`` over a video corpus)."""
-    from vitssl.cli.index import _index_errors
+    from vitssl.cli.index import _index_errors, write_summary
     from vitssl.distributed import is_main_process
     from vitssl.index.video import build_video_index, video_corpus
 
@@ -111,12 +115,14 @@ def run_build(job: Any) -> dict[str, Any]:
     out = Path(job.out)
     with _index_errors():
         build_video_index(
-            out, embedded, paths, embedder, train_size=job.train_size, seed=job.seed, **_index_options(job)
-        )
-    _finish(out, embedder, embedded, job)
+            out, embedded, paths, embedder, train_size=job.train_size, seed=job.seed, source=_source(embedder, job),
+            **_index_options(job),
+        )  # fmt: skip
+    _report_skipped(embedded.skipped, out)
     n, d = embedded.vectors.shape
     print(f"video index {job.factory!r} ({embedder.method}): {n} videos x {d} -> {out}")
-    return {"task": "index_build", "out": str(out), "count": n, "dimension": d, "skipped": len(embedded.skipped)}
+    summary = {"task": "index_build", "out": str(out), "count": n, "dimension": d}
+    return write_summary({**summary, "skipped": embedded.skipped, "num_skipped": len(embedded.skipped)}, job.json)
 
 
 def run_train(job: Any) -> dict[str, Any]:
@@ -143,7 +149,7 @@ def run_train(job: Any) -> dict[str, Any]:
 
 def run_shard(job: Any) -> dict[str, Any]:
     """Shard i of n of a video index (an ``IndexShardJob``): videos ``shard_range(N, i, n)`` of the sorted list."""
-    from vitssl.cli.index import _index_errors
+    from vitssl.cli.index import _index_errors, write_summary
     from vitssl.distributed import is_main_process
     from vitssl.index import core
     from vitssl.index.video import build_video_index, video_corpus
@@ -159,11 +165,13 @@ def run_shard(job: Any) -> dict[str, Any]:
     out = Path(job.out)
     with _index_errors():
         build_video_index(
-            out, embedded, paths, embedder, shard=(i, n), first_id=start, trained=job.trained, **_index_options(job)
-        )
-    _finish(out, embedder, embedded, job)
+            out, embedded, paths, embedder, shard=(i, n), first_id=start, trained=job.trained,
+            source=_source(embedder, job), **_index_options(job),
+        )  # fmt: skip
+    _report_skipped(embedded.skipped, out)
     print(f"shard {i}/{n}: videos {start}..{stop - 1} ({len(embedded.rows)} indexed) -> {out}")
-    return {"task": "index_shard", "out": str(out), "shard": [i, n], "count": len(embedded.rows)}
+    summary = {"task": "index_shard", "out": str(out), "shard": [i, n], "count": len(embedded.rows)}
+    return write_summary({**summary, "skipped": embedded.skipped, "num_skipped": len(embedded.skipped)}, job.json)
 
 
 def merge_frames_if_video(shard_dirs: list[Path], out: Path) -> None:
@@ -198,7 +206,8 @@ def refuse_image_query(directory: Path) -> None:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    """``index query IDX --video FILE``: the k most similar videos, printed, as JSON, as a contact sheet."""
+    """``index query IDX --video FILE [--video FILE ...]``: the k most similar videos of each query, printed, as
+    JSON (one entry per query, in the order given) and as contact sheets."""
     from vitssl.cli.eval import write_result
     from vitssl.data.common import CorruptImageError
     from vitssl.eval.features import corrupt_sample_error
@@ -207,49 +216,57 @@ def cmd_query(args: argparse.Namespace) -> int:
     if args.image:
         raise ConfigError("--image and --video exclude each other; query a video index with --video")
     index, embedder = _load(args)
+    videos = [str(v) for v in args.video]
     try:
-        embedded = embedder.embed([args.video], desc="the query")
+        embedded = embedder.embed(videos, desc="the queries")
     except CorruptImageError as err:
         raise corrupt_sample_error(err, hint="") from None
-    hits = rank(
-        index,
-        embedded.vectors[0],
-        embedded.frames[0],
-        args.k,
-        rerank=args.rerank,
-        rerank_k=args.rerank_k,
-        nprobe=args.nprobe,
-        ef_search=args.ef_search,
-    )
-    print(f"{args.video}:" + (f" (re-ranked by {args.rerank})" if args.rerank else ""))
-    for r, (path, score) in enumerate(hits, 1):
-        print(f"  {r:>3}  {score:.4f}  {path}")
+    results = []
+    for video, vector, frames in zip(videos, embedded.vectors, embedded.frames):
+        hits = rank(
+            index,
+            vector,
+            frames,
+            args.k,
+            rerank=args.rerank,
+            rerank_k=args.rerank_k,
+            nprobe=args.nprobe,
+            ef_search=args.ef_search,
+        )
+        results.append(
+            {"query": video, "neighbours": [{"rank": r, "sample": p, "score": s} for r, (p, s) in enumerate(hits, 1)]}
+        )
+        print(f"{video}:" + (f" (re-ranked by {args.rerank})" if args.rerank else ""))
+        for r, (path, score) in enumerate(hits, 1):
+            print(f"  {r:>3}  {score:.4f}  {path}")
     if args.json:
-        write_result([{"path": p, "score": s} for p, s in hits], args.json)  # type: ignore[arg-type]
+        write_result({"index": str(args.dir), "k": args.k, "rerank": args.rerank, "queries": results}, args.json)
         print(f"written to {args.json}")
     if args.grid:
-        save_video_grid(args.video, hits, args.grid, fps=embedder.fps, num_frames=embedder.num_frames)
-        print(f"contact sheet: {args.grid}")
+        for path, result in zip(_grid_paths(Path(args.grid), len(results)), results):
+            hits = [(h["sample"], h["score"]) for h in result["neighbours"]]
+            save_video_grid(result["query"], hits, path, fps=embedder.fps, num_frames=embedder.num_frames)
+            print(f"contact sheet: {path}")
     return 0
+
+
+def _grid_paths(grid: Path, count: int) -> list[Path]:
+    """``--grid sheet.png`` for one query; ``sheet_1.png``, ``sheet_2.png``, ... (query order) for several."""
+    if count == 1:
+        return [grid]
+    return [grid.with_name(f"{grid.stem}_{i}{grid.suffix}") for i in range(1, count + 1)]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """``index eval IDX --ground-truth FILE`` on a video index: mAP and recall@k (video level or chamfer)."""
     from vitssl.cli.eval import write_result
-    from vitssl.cli.index import _index_errors
-    from vitssl.index.groundtruth import read_ground_truth
+    from vitssl.cli.index import _gt_options, _index_errors
+    from vitssl.eval.retrieval_metrics import read_ground_truth
     from vitssl.index.video import evaluate_video_index
 
-    options: dict[str, Any] = {}
-    if args.fivr_task:
-        options["task"] = args.fivr_task
-    if args.fivr_version:
-        options["version"] = args.fivr_version
-    if args.cc_web_clean:
-        options["clean"] = True
     index, embedder = _load(args)
     with _index_errors():
-        truth = read_ground_truth(args.ground_truth, args.gt_format, **options)
+        truth = read_ground_truth(args.ground_truth, args.gt_format, **_gt_options(args))
         ks = tuple(sorted({1, 5, 10, args.k}))
         result = evaluate_video_index(
             index,
@@ -275,7 +292,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def add_query_options(p: argparse.ArgumentParser) -> None:
     """``index query``'s video options."""
-    p.add_argument("--video", help="query video file (a video index)")
+    p.add_argument("--video", action="append", help="query video file of a video index (repeat for several)")
     _add_rerank(p)
 
 

@@ -47,7 +47,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -60,6 +60,7 @@ from vitssl import __version__
 from vitssl._faiss import faiss, gpu_available
 from vitssl.errors import UserError
 from vitssl.eval.knn import normalize_features
+from vitssl.eval.retrieval_metrics import mean_average_precision
 from vitssl.io import atomic_dir, atomic_path, write_json
 
 _logger = logging.getLogger(__name__)
@@ -1172,70 +1173,6 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:
     return float(np.mean(recalls)) if recalls else float("nan")
 
 
-def mean_average_precision(
-    ranked_ids: Sequence[Sequence[Any]] | np.ndarray, ground_truth: Sequence[Collection], *, k: int | None
-) -> float:
-    """Mean over queries of average precision: mAP of full rankings (``k=None``) or mAP@k of top-k lists.
-
-    Both sum precision@r over the ranks r that hold a relevant item; they differ in the divisor:
-
-    - ``k=None`` (each ranking orders the whole database): AP = Σ / |R|, with |R| all relevant items of the query.
-    - ``k`` (only the top k are ranked): AP@k = Σ over r <= k / min(k, |R|). Dividing by |R| instead would cap
-      a perfect top-k list at k/|R| (0.07 for k=10 and 140 relevant items); min(k, |R|) makes it 1.0.
-
-    Queries without relevant items are skipped (with a warning).
-
-    Args:
-        ranked_ids: per query, ids best first (a (Q, n) array or lists; -1 or any id not in the ground truth
-            counts as not relevant).
-        ground_truth: per query, the relevant ids.
-        k: the cut-off the rankings were made with (rankings are truncated to it), or None for full rankings.
-
-    Returns:
-        mAP or mAP@k in [0, 1].
-    """
-    if len(ranked_ids) != len(ground_truth):
-        raise ValueError(f"ranked_ids has {len(ranked_ids)} queries but ground_truth has {len(ground_truth)}")
-    if k is not None and k < 1:
-        raise ValueError(f"k must be >= 1 or None (full rankings), got {k}")
-    aps, skipped = [], 0
-    for ranking, relevant in zip(ranked_ids, ground_truth):
-        relevant = set(relevant.tolist() if isinstance(relevant, np.ndarray) else relevant)
-        if not relevant:
-            skipped += 1
-            continue
-        ranked = list(ranking.tolist() if isinstance(ranking, np.ndarray) else ranking)[:k]
-        hits, precision_sum = 0, 0.0
-        for rank, item in enumerate(ranked, 1):
-            if item in relevant:
-                hits += 1
-                precision_sum += hits / rank
-        aps.append(precision_sum / (len(relevant) if k is None else min(k, len(relevant))))
-    if skipped:
-        _logger.warning("mAP: skipped %d queries without relevant items", skipped)
-    if not aps:
-        raise ValueError("no query has relevant items in the ground truth; mAP is undefined")
-    return float(np.mean(aps))
-
-
-def read_ground_truth(path: str | Path) -> list[tuple[str, list[str]]]:
-    """Read a ground-truth file: JSON lines ``{"query": "<path>", "relevant": ["<sample id>", ...]}``."""
-    path = Path(path)
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-                out.append((str(entry["query"]), [str(r) for r in entry["relevant"]]))
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(
-                    f'{path} line {line_no}: expected {{"query": path, "relevant": [sample ids]}} ({err})'
-                ) from None
-    return out
-
-
 def evaluate_index(
     index: LoadedIndex | str | Path,
     queries: np.ndarray | torch.Tensor | None = None,
@@ -1265,7 +1202,8 @@ def evaluate_index(
         "10": .., str(k): ..}, cut-offs up to k), ``index_seconds``, ``exact_seconds``, ``queries_per_second``, and
         with ground truth ``map`` and ``map_exact`` (the same metric on the exact ranking) and ``map_name``, which
         says what they are: ``"mAP@<k>"`` (AP@k over the top k, normalised by min(k, relevant)) or, when k
-        covers the whole index, ``"mAP"`` (AP of the full ranking); see :func:`mean_average_precision`.
+        covers the whole index, ``"mAP"`` (AP of the full ranking); see
+        :func:`vitssl.eval.retrieval_metrics.mean_average_precision`.
     """
     loaded = _as_loaded(index)
     if queries is None:

@@ -479,9 +479,11 @@ def build_video_index(
     shard: tuple[int, int] | None = None,
     first_id: int = 0,
     trained: str | os.PathLike | None = None,
+    source: dict[str, Any] | None = None,
     **options: Any,
 ) -> Path:
-    """Write a video index folder (or shard) from embedded videos: the core index, the frame vectors, the manifest.
+    """Write a video index folder (or shard) from embedded videos, atomically: the core index, the frame vectors,
+    the manifest.
 
     Args:
         directory: output folder.
@@ -491,20 +493,25 @@ def build_video_index(
         shard: ``(i, n)`` to write shard i of n (faiss ids from ``first_id``); None: a whole index.
         first_id: corpus row of the shard's first video.
         trained: a trained quantizer shared by shards (factories that need training).
+        source: the manifest's ``source`` entry (what ``index query`` embeds queries with), if any.
         **options: :func:`vitssl.index.core.build_index_dir` / ``build_shard`` options (factory, metric, ...).
     """
+    directory = Path(directory)
+    overwrite = bool(options.pop("overwrite", False))
+    core._check_overwrite(directory, overwrite)
     samples = [str(paths[i]) for i in embedded.rows]
-    common = dict(checkpoint=embedder.checkpoint_hash, feature_key=embedder.feature_key, **options)
-    if shard is None:
-        core.build_index_dir(directory, embedded.vectors, samples, **common)
-    else:
-        core.build_shard(
-            directory, embedded.vectors, samples, shard=shard, first_id=first_id, trained=trained, **common
-        )
-    write_frames(directory, embedded.frames)
-    info = {**embedder.describe(), "frame_dim": int(embedded.frames[0].shape[1]), "skipped": embedded.skipped}
-    record_manifest(directory, video=info)
-    return Path(directory)
+    common = dict(checkpoint=embedder.checkpoint_hash, feature_key=embedder.feature_key, overwrite=True, **options)
+    # index, frame vectors and manifest entries are written into one temporary folder renamed into place at the
+    # end: a build that fails half-way leaves neither a half index nor a damaged one it was to replace
+    with atomic_dir(directory, overwrite=overwrite) as tmp:
+        if shard is None:
+            core.build_index_dir(tmp, embedded.vectors, samples, **common)
+        else:
+            core.build_shard(tmp, embedded.vectors, samples, shard=shard, first_id=first_id, trained=trained, **common)
+        write_frames(tmp, embedded.frames)
+        info = {**embedder.describe(), "frame_dim": int(embedded.frames[0].shape[1]), "skipped": embedded.skipped}
+        record_manifest(tmp, video=info, **({"source": source} if source else {}))
+    return directory
 
 
 def merge_video_frames(shard_dirs: Sequence[str | os.PathLike], out: str | os.PathLike) -> None:
@@ -680,7 +687,8 @@ def evaluate_video_index(
 ) -> dict[str, Any]:
     """mAP (AP over the ranked database, the query itself left out) and recall@k of a video index.
 
-    Ground-truth ids are matched to the index's videos by path, else by file name (dataset ids); queries the index
+    Ground-truth ids are matched to the index's videos by path, else by file name (dataset ids), integers by faiss
+    id (:func:`vitssl.eval.retrieval_metrics.match_ids`); queries the index
     holds are taken from it, others are embedded from their files when those exist; queries without any positive
     in the index are skipped (counted). Positives outside the index cannot be found and are dropped, as FIVR's
     protocol drops positives outside its database.
@@ -688,7 +696,7 @@ def evaluate_video_index(
     Args:
         index: the loaded video index.
         embedder: the embedder of its queries.
-        ground_truth: a :class:`vitssl.index.groundtruth.GroundTruth`.
+        ground_truth: a :class:`vitssl.eval.retrieval_metrics.GroundTruth`.
         rerank: None or "chamfer".
         rerank_k: videos re-scored by chamfer per query.
         ks: recall cut-offs.
@@ -697,17 +705,18 @@ def evaluate_video_index(
     Returns:
         ``{"mAP", "recall@k"..., "num_queries", "skipped_queries", "rerank", "database", "seconds_per_query"}``.
     """
-    from vitssl.index.groundtruth import evaluate_ranking, match_ids
+    from vitssl.eval.retrieval_metrics import evaluate_ranking, match_ids
 
     samples = index.loaded.samples
     ids = set(ground_truth.queries) | {p for ps in ground_truth.positives.values() for p in ps}
     ids |= {p for ps in ground_truth.excluded.values() for p in ps}
-    matched = match_ids(ids, samples)
+    faiss_ids = index.loaded.faiss_ids.tolist()
+    matched = match_ids(ids, samples, faiss_ids=faiss_ids, as_written=ground_truth.as_written)
     query_paths = {}
     for q in ground_truth.queries:
         if q in matched:
             query_paths[q] = matched[q]
-        elif os.path.isfile(q):
+        elif isinstance(q, str) and os.path.isfile(q):
             query_paths[q] = os.path.abspath(q)
     positives = {
         q: {matched[p] for p in ground_truth.positives.get(q, ()) if p in matched} for q in ground_truth.queries

@@ -11,7 +11,7 @@
       train.txt, test.txt                 absolute video paths of each split, one a line (sources, their copies
                                           right after each source, then distractors)
       ground_truth.jsonl                  queries = sources, relevant = their copies (vitssl's ground-truth format,
-                                          paths relative to <root>; read by vitssl.index.groundtruth)
+                                          paths relative to <root>; read by vitssl.eval.retrieval_metrics)
       benchmark.json                      the settings, counts and edits (a rerun with the same settings reuses
                                           the folder)
 
@@ -266,7 +266,7 @@ def make_neardup_benchmark(
     Raises:
         DataError: an impossible setting (no sources, odd size, unknown edit, empty split).
     """
-    from vitssl.index.groundtruth import write_vitssl
+    from vitssl.eval.retrieval_metrics import write_vitssl
     from vitssl.io import atomic_dir, write_json
 
     edits = tuple(TRANSFORMS) if transforms is None else tuple(transforms)

@@ -59,7 +59,7 @@ def evaluate_methods(benchmark: Path, models: dict[str, str], out: Path, fps: fl
     Returns:
         Per method ``mAP``, ``recall@k``, ``num_queries``, ``database`` and ``seconds`` (index build + search).
     """
-    from vitssl.index.groundtruth import read_ground_truth
+    from vitssl.eval.retrieval_metrics import read_ground_truth
     from vitssl.index.video import VideoEmbedder, build_video_index, evaluate_video_index, load_video_index
 
     paths = [p for p in (benchmark / "test.txt").read_text().splitlines() if p.strip()]
@@ -94,7 +94,7 @@ def whitened_mean_baseline(checkpoint: str, benchmark: Path, cache_dir: Path) ->
     import numpy as np
     import torch
 
-    from vitssl.index.groundtruth import evaluate_ranking, read_ground_truth
+    from vitssl.eval.retrieval_metrics import evaluate_ranking, read_ground_truth
     from vitssl.video.tca import TCAEmbedder
 
     paths = [p for p in (benchmark / "test.txt").read_text().splitlines() if p.strip()]

@@ -30,7 +30,7 @@ class VideoFiles(Dataset):
     (absolute, or relative to ``root``) and optionally a group label after whitespace or a comma; without it
     every video under ``root`` (recursively) is listed. Videos of a group are near-duplicates of each other:
     groups come from that column, else from ``ground_truth`` (a query and its positives form a group; any format
-    :func:`vitssl.index.groundtruth.read_ground_truth` reads), else every video is its own group. ``classes``
+    :func:`vitssl.eval.retrieval_metrics.read_ground_truth` reads), else every video is its own group. ``classes``
     are the group labels, ``targets`` each item's group index.
 
     Args:
@@ -88,7 +88,7 @@ class VideoFiles(Dataset):
 
 def _groups_from_ground_truth(path: str, samples: Sequence[str]) -> list[str | None]:
     """Each sample's group: the first query whose set (the query and its positives) holds it, else None."""
-    from vitssl.index.groundtruth import match_ids, read_ground_truth
+    from vitssl.eval.retrieval_metrics import match_ids, read_ground_truth
 
     gt = read_ground_truth(path)
     ids = set(gt.queries) | {p for ps in gt.positives.values() for p in ps}
