@@ -442,3 +442,36 @@ def test_batched_colour_operations_equal_torchvision_tensor_functions():
         want = torch.stack([fn(x[i], float(values[i])) for i in range(3)])
         # 1e-3: torchvision's tensor luma weighs red 0.2989, PIL's (the reference pipeline's, and ours) 0.299
         assert torch.allclose(augment_batch(x, p), want, atol=1e-3), slot
+
+
+# ------------------------------------------------------------------------------------------ data profile
+def test_profile_pipeline_times_every_stage(photo_tree: Path):
+    from vitssl.data.profile import profile_pipeline
+
+    ds = build_dataset("imagefolder", root=photo_tree, split="train")
+    fn = MocoV3Views(64, augment_device="gpu")
+    prof = profile_pipeline(ds, fn, num_samples=6, batch_size=4)
+    assert prof.samples == 6 and fn.timings is None  # the sample function is left as it was
+    assert {"read", "decode", "crop", "to_tensor", "collate"} <= set(prof.worker_ms)
+    assert list(prof.worker_ms)[:2] == ["read", "draw"] and list(prof.worker_ms)[-1] == "collate"
+    assert set(prof.device_ms) == {"host_to_device", "device_augment"} and prof.device_ms["device_augment"] > 0
+    assert prof.img_s_per_core == pytest.approx(1000 / sum(prof.worker_ms.values()))
+    assert prof.cores_for(2 * prof.img_s_per_core) == pytest.approx(2.0)
+    cpu = profile_pipeline(ds, MocoV3Views(64), num_samples=4, batch_size=4)
+    assert "hue" in cpu.worker_ms or "blur" in cpu.worker_ms  # the augmentations ran in the worker
+    text = cpu.format(1000)
+    assert "img/s per core" in text and "1000 img/s needs" in text
+    with pytest.raises(DataError, match="must be positive"):
+        profile_pipeline(ds, fn, num_samples=0)
+
+
+def test_data_profile_cli(photo_tree: Path, capsys):
+    from vitssl.cli import main
+
+    rc = main(
+        ["data", "profile", "pretrain/mocov3_demo", f"data.train.root={photo_tree}", "data.train.name=imagefolder",
+         "data.train.split=train", "data.val=null", "model.backbone=test_vit", "--samples", "4", "--batch-size", "2",
+         "--target-img-s", "500"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0 and "decode" in out and "img/s per core" in out and "500 img/s needs" in out
