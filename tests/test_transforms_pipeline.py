@@ -475,3 +475,15 @@ def test_data_profile_cli(photo_tree: Path, capsys):
     )  # fmt: skip
     out = capsys.readouterr().out
     assert rc == 0 and "decode" in out and "img/s per core" in out and "500 img/s needs" in out
+
+
+def test_views_are_the_same_with_loader_workers(photo_tree: Path):
+    from torch.utils.data import DataLoader
+
+    ds = TransformedDataset(build_dataset("imagefolder", root=photo_tree, split="train"), MocoV3Views(32), seed=3)
+
+    def collect(workers: int) -> torch.Tensor:
+        loader = DataLoader(ds, batch_size=4, num_workers=workers, collate_fn=collate_skip_none)
+        return torch.cat([batch[0][1] for batch, _ in loader])  # view 2, uint8
+
+    assert torch.equal(collect(0), collect(2))
