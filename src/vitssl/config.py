@@ -58,6 +58,9 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     num_workers: int = 8  # data-loading processes per training process (0 = load in the main process)
     skip_corrupt: bool = False  # skip (and count) undecodable images instead of stopping with an error
+    # where MoCo v3's photometric augmentations run: cpu (in the loader workers), gpu (batched on the training
+    # device, the workers only decode and crop), auto (gpu when training on CUDA, else cpu)
+    augment_device: str = "auto"
 
 
 @dataclass

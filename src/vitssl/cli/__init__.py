@@ -25,6 +25,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "vitssl.cli.video",
     "vitssl.cli.track",
     "vitssl.cli.export",
+    "vitssl.cli.data",
 )
 _GROUPS = {
     "eval": "evaluate frozen features of a checkpoint (features, knn, linear, zeroshot, retrieval)",
@@ -33,6 +34,7 @@ _GROUPS = {
     "video": "read, prepare and evaluate videos (probe, readers, prepare, eval)",
     "track": "multi-object tracking in the MOTChallenge format: generate sequences, track, evaluate",
     "export": "write a run's weights for other libraries (open_clip)",
+    "data": "inspect training input pipelines (profile: per-stage time, img/s per core)",
 }
 
 

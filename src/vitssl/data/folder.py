@@ -7,7 +7,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from vitssl.data.common import DATASETS, IMG_EXTENSIONS, ImageDataset, open_rgb, require_root
+from vitssl.data.common import DATASETS, IMG_EXTENSIONS, ImageDataset, require_root
+from vitssl.data.decode import open_lazy_rgb
 from vitssl.errors import DataError, MissingFileError
 
 _LAYOUT = "one sub-folder per class with images inside (root/<class>/<image>.jpg), or root/<split>/<class>/<image>"
@@ -36,7 +37,8 @@ class ImageFolder(ImageDataset):
         )
 
     def load_image(self, index: int) -> Image.Image:
-        return open_rgb(self.samples[index])
+        # RGB JPEGs come undecoded: the sample function decodes them at the size its crops need
+        return open_lazy_rgb(self.samples[index])
 
     def sample_id(self, index: int) -> str:
         return self.samples[index]

@@ -79,15 +79,16 @@ class TransformedDataset(Dataset):
             np.random.seed(value & 0xFFFF_FFFF)  # numpy's legacy global seed is 32-bit
             try:
                 # Reading is seeded too: a video dataset draws its clip's frame indices while it reads.
+                # The sample function is inside the try too: a lazily opened JPEG is decoded there.
                 try:
                     img, target = self.base[index]
+                    return self.sample_fn(img, target)
                 except CorruptImageError as exc:
                     if not self.skip_corrupt:
                         raise
                     # skipping is on: the hint that says how to turn it on would only be noise here
                     _logger.warning("skipping corrupt sample %d: %s", index, str(exc).replace(f" ({SKIP_HINT})", ""))
                     return None
-                return self.sample_fn(img, target)
             finally:
                 random.setstate(py_state)
                 np.random.set_state(np_state)

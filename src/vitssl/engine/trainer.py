@@ -33,6 +33,7 @@ from vitssl.engine.checkpoint import (
 )
 from vitssl.engine.logger import MetricLogger
 from vitssl.engine.optim import build_optimizer, cosine_schedule, peak_lr
+from vitssl.engine.telemetry import Telemetry, forward_flops, peak_flops
 from vitssl.errors import UserError
 
 _logger = logging.getLogger(__name__)
@@ -201,6 +202,7 @@ RESUMABLE_CHANGES = (
     "train.keep_last",
     "train.compile",
     "data.num_workers",
+    "data.augment_device",
     "eval.",
     "launch.",
     "device",
@@ -299,6 +301,7 @@ def load_objective(
 class _Trainer:
     def __init__(self, cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> None:
         from vitssl.data import TransformedDataset, build_dataset, collate_skip_none, is_stream
+        from vitssl.data.transforms import resolve_augment_device
 
         self.cfg = cfg
         dist.init_distributed()
@@ -330,6 +333,8 @@ class _Trainer:
 
         base = build_dataset(cfg.data.train.name, root=cfg.data.train.root, split=cfg.data.train.split,
                              **dict(cfg.data.train.kwargs))  # fmt: skip
+        # data.augment_device=auto: on the device when training on CUDA (the saved config says which it was)
+        cfg.data.augment_device = resolve_augment_device(cfg.data.augment_device, self.device)
         sample_fn = self.objective.train_sample_fn(cfg.data)
         # Streamed shards (an IterableDataset) order and split the data themselves: the engine tells them the
         # epoch, the batches it takes and where it resumes; map-style sets go through ResumableSampler.
@@ -556,13 +561,14 @@ class _Trainer:
         nonfinite = 0.0
         for micro_step in range(accum):
             try:
-                batch, skipped = next(batches)
+                with self.telemetry.waiting():
+                    batch, skipped = next(batches)
+                    batch = _to_device(batch, self.device)
             except UserError as err:  # raised in a loader worker: keep the one line that names the sample
                 raise _worker_error(err) from None
             self.skipped += skipped
             if batch is None:
                 continue  # the whole micro-batch was corrupt and skipped
-            batch = _to_device(batch, self.device)
             last = micro_step == accum - 1
             # DDP all-reduces gradients in backward; micro-steps before the last skip it. The one no_sync()
             # context must hold forward AND backward (a context manager cannot be entered twice).
@@ -614,6 +620,7 @@ class _Trainer:
         stop_requested = False
         for callback in self.callbacks:
             callback.on_train_start(self.objective, self.device)
+        self.telemetry = self._telemetry()
         try:
             while self.epoch < tcfg.epochs and status == "finished":
                 self._start_epoch()
@@ -629,7 +636,7 @@ class _Trainer:
                     stop = stop_requested or (tcfg.stop_after_steps is not None and self.step >= tcfg.stop_after_steps)
                     epoch_end = self.step_in_epoch == self.steps_per_epoch
                     if self.step % tcfg.log_every_steps == 0 or epoch_end or stop:
-                        last_metrics = {"epoch": self.epoch, "lr": lr, **metrics}
+                        last_metrics = {"epoch": self.epoch, "lr": lr, **metrics, **self.telemetry.interval(self.step)}
                         if any(self.skipped_by_rank):  # data.skip_corrupt: counted on every rank
                             last_metrics["skipped_corrupt"] = sum(self.skipped_by_rank)
                             if self.world > 1:
@@ -660,6 +667,18 @@ class _Trainer:
         return TrainResult(
             status, self.step, self.epoch, str(self.out), self.last_checkpoint, last_metrics, stop_requested
         )
+
+    def _telemetry(self) -> Telemetry:
+        """img/s, data wait and (where the FLOPs and the card's peak are known) MFU for every log line."""
+        peak = peak_flops(self.device, self.amp_dtype)
+        passes = getattr(self.objective, "backbone_passes_per_sample", None)  # fwd = 1, fwd + bwd = 3
+        flops = None
+        if peak is not None and passes:
+            fwd = forward_flops(self.objective.backbone, self.cfg.data.img_size, self.device)
+            flops = passes * fwd if fwd else None
+        telemetry = Telemetry(self.cfg.train.batch_size, flops, peak * self.world if peak else None, self.rank == 0)
+        telemetry.start(self.step)
+        return telemetry
 
     def _export_backbone(self) -> None:
         from vitssl.backbones import save_backbone

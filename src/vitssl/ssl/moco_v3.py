@@ -20,8 +20,8 @@ from torch import nn
 
 from vitssl import distributed as dist
 from vitssl.config import DataConfig, ObjectiveConfig
-from vitssl.data import MultiView
-from vitssl.data.transforms import moco_v3_views
+from vitssl.data.augment import prepare_view
+from vitssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, MocoV3Views, resolve_augment_device
 from vitssl.ssl.base import Objective, register_objective
 from vitssl.ssl.losses import contrastive_loss
 
@@ -82,6 +82,9 @@ class MocoV3(Objective):
 
     Config = MocoV3Config
     supports_accumulation = False  # negatives are the rest of the batch: see Objective.supports_accumulation
+    # training cost of one sample in backbone forwards (telemetry's MFU): two views through the query backbone
+    # (forward + backward = 3) and through the momentum backbone (forward = 1); the MLP heads are left out
+    backbone_passes_per_sample = 8
 
     def __init__(self, cfg: MocoV3Config, backbone_factory: Callable[..., nn.Module]) -> None:
         super().__init__(cfg, backbone_factory)
@@ -101,6 +104,8 @@ class MocoV3(Objective):
         for p in self._momentum_params():
             p.requires_grad = False
         self.current_momentum = cfg.momentum
+        # uint8 views are normalised per batch on the device with the data's statistics (setup / train_sample_fn)
+        self.mean, self.std = list(IMAGENET_MEAN), list(IMAGENET_STD)
 
     def _momentum_params(self) -> list[nn.Parameter]:
         return [*self.momentum_backbone.parameters(), *self.momentum_projector.parameters()]
@@ -109,7 +114,9 @@ class MocoV3(Objective):
         return [*self.backbone.parameters(), *self.projector.parameters()]
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
-        (x1, x2), _ = batch  # two (B, 3, H, W) views; labels unused
+        (v1, v2), _ = batch  # two views (float, uint8, or uint8 + augmentation parameters); labels unused
+        x1 = prepare_view(v1, self.mean, self.std)  # (B, 3, H, W) normalised float
+        x2 = prepare_view(v2, self.mean, self.std)
         q1 = self.predictor(self.projector(self.backbone(x1)))  # (B, dim)
         q2 = self.predictor(self.projector(self.backbone(x2)))  # (B, dim)
         with torch.no_grad():
@@ -133,9 +140,16 @@ class MocoV3(Objective):
         named = [(n, p) for n, p in self.named_parameters() if not n.startswith("momentum_")]
         return split_decay(named, weight_decay, backbone_no_decay(self))
 
+    def setup(self, cfg: Any) -> None:
+        """Take the data's normalisation statistics (the views arrive in uint8 and are normalised here)."""
+        self.mean, self.std = list(cfg.data.mean), list(cfg.data.std)
+
     def train_sample_fn(self, data_cfg: DataConfig) -> Callable[[Any, Any], Any]:
+        """Two uint8 views per image (:class:`vitssl.data.transforms.MocoV3Views`); ``data.augment_device`` says
+        whether their photometric augmentations run in the loader workers or batched in :meth:`forward`."""
         c = self.cfg
-        views = moco_v3_views(
+        self.mean, self.std = list(data_cfg.mean), list(data_cfg.std)
+        return MocoV3Views(
             data_cfg.img_size,
             crop_scale=tuple(c.crop_scale),
             jitter=tuple(c.jitter),
@@ -145,7 +159,5 @@ class MocoV3(Objective):
             blur_sigma=tuple(c.blur_sigma),
             solarize_p=tuple(c.solarize_p),
             flip=c.flip,
-            mean=data_cfg.mean,
-            std=data_cfg.std,
+            augment_device=resolve_augment_device(getattr(data_cfg, "augment_device", "auto")),
         )
-        return MultiView(views)
