@@ -17,7 +17,9 @@ from vitssl.registry import Registry
 
 _logger = logging.getLogger(__name__)
 
-DATASETS: Registry[type[Dataset]] = Registry("dataset")
+# Image datasets register in vitssl.data, video ones (clips, tracking pairs, frame features) in vitssl.video; the
+# first lookup imports both.
+DATASETS: Registry[type[Dataset]] = Registry("dataset", providers=("vitssl.data", "vitssl.video"))
 
 # Extensions PIL decodes out of the box; matched case-insensitively (torchvision's list plus webp/tiff).
 IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
