@@ -259,3 +259,65 @@ def test_list_backbone_options_reach_the_backbone_as_plain_lists() -> None:
     )
     objective = build_objective(cfg)
     assert objective.backbone.num_features == 40
+
+
+# --------------------------------------------------------------------------------- online k-NN monitor
+
+
+def _class_tree(root: Path, classes: tuple[str, ...], per_class: int = 4) -> Path:
+    from PIL import Image
+
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (32, 32), (60 * c, 30 * i, 100)).save(root / name / f"{i}.png")
+    return root
+
+
+def _monitored_cfg(out: Path, train_root: Path, val_root: Path, *extra: str):
+    return make_cfg(
+        out,
+        "data.train.name=imagefolder",
+        f"data.train.root={train_root}",
+        "~data.train.kwargs",
+        "data.val.name=imagefolder",
+        f"data.val.root={val_root}",
+        "objective.num_classes=2",
+        "train.batch_size=4",
+        "train.epochs=1",
+        "eval.knn_k=3",
+        *extra,
+    )
+
+
+def test_knn_monitor_votes_when_val_shares_the_train_classes(tmp_path, caplog):
+    from vitssl.cli.pretrain import PretrainJob, pretrain_job
+
+    train_root = _class_tree(tmp_path / "train", ("cat", "dog"))
+    val_root = _class_tree(tmp_path / "val", ("cat", "dog"), per_class=2)
+    cfg = _monitored_cfg(tmp_path / "run", train_root, val_root, "eval.knn_every_epochs=1")
+    with caplog.at_level("INFO", logger="vitssl"):
+        pretrain_job(PretrainJob.from_config(cfg))
+    knn = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "knn_top1" in r]
+    assert len(knn) == 1 and 0.0 <= knn[0]["knn_top1"] <= 100.0
+    assert any("online k-NN monitor every 1 epoch(s): 8 bank images" in r.getMessage() for r in caplog.records)
+
+
+def test_knn_monitor_refuses_val_classes_that_differ(tmp_path):
+    from vitssl.eval.monitor import KnnMonitor
+
+    train_root = _class_tree(tmp_path / "train", ("cat", "dog"))
+    for classes, why in ((("cat", "emu"), r"classes data\.train lacks \(emu\)"), (("cat",), "lacks some of them")):
+        val_root = _class_tree(tmp_path / "val" / "-".join(classes), classes)
+        cfg = _monitored_cfg(tmp_path / "run", train_root, val_root, "eval.knn_every_epochs=1")
+        with pytest.raises(ConfigError, match=rf"^data\.val \(imagefolder, .*{why}.*eval\.knn_every_epochs=0$"):
+            KnnMonitor(cfg)
+
+
+def test_knn_monitor_off_says_so(tmp_path, caplog):
+    from vitssl.cli.pretrain import PretrainJob, pretrain_job
+
+    cfg = make_cfg(tmp_path, "train.epochs=1", "train.batch_size=32")  # eval.knn_every_epochs is 0
+    with caplog.at_level("INFO", logger="vitssl"):
+        pretrain_job(PretrainJob.from_config(cfg))
+    assert "online k-NN monitor off: eval.knn_every_epochs=0" in caplog.text

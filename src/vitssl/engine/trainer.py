@@ -298,7 +298,7 @@ def load_objective(
 
 class _Trainer:
     def __init__(self, cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> None:
-        from vitssl.data import TransformedDataset, build_dataset, collate_skip_none, is_stream
+        from vitssl.data import TransformedDataset, build_dataset_config, collate_skip_none, is_stream
 
         self.cfg = cfg
         dist.init_distributed()
@@ -328,8 +328,7 @@ class _Trainer:
         self.objective.setup(cfg)  # run-level preparation (e.g. iGPT's palette), before any data is read
         _seed_all(cfg.seed + 1000 * self.rank)  # per-rank randomness (masks, dropout) from here on
 
-        base = build_dataset(cfg.data.train.name, root=cfg.data.train.root, split=cfg.data.train.split,
-                             **dict(cfg.data.train.kwargs))  # fmt: skip
+        base = build_dataset_config(cfg.data.train, "data.train")
         sample_fn = self.objective.train_sample_fn(cfg.data)
         # Streamed shards (an IterableDataset) order and split the data themselves: the engine tells them the
         # epoch, the batches it takes and where it resumes; map-style sets go through ResumableSampler.
