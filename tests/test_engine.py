@@ -158,6 +158,8 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLossError, match="step 4"):
         train(cfg)
     assert load_checkpoint(tmp_path / LAST_NAME)["step"] == 2  # the good one from before the NaN
+    last = (tmp_path / "train.log").read_text().splitlines()[-1]
+    assert " ERROR " in last and "run ended with NonFiniteLossError: loss is nan (non-finite) at step 4" in last
 
 
 def test_resume_none_refuses_to_overwrite(tmp_path):
@@ -321,3 +323,44 @@ def test_knn_monitor_off_says_so(tmp_path, caplog):
     with caplog.at_level("INFO", logger="vitssl"):
         pretrain_job(PretrainJob.from_config(cfg))
     assert "online k-NN monitor off: eval.knn_every_epochs=0" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------- train.log
+
+
+def test_train_log_holds_what_the_console_showed(tmp_path):
+    """`vitssl train` in a subprocess (the real console): every line it logged is in train.log, in order."""
+    run = tmp_path / "run"
+    out = subprocess.run(
+        [sys.executable, "-m", "vitssl", "train", "pretrain/test_tiny", f"output_dir={run}", "train.epochs=1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    # console lines are "HH:MM:SS LEVEL name: message"; train.log adds the date in front
+    console = [line.split(" ", 1)[1] for line in out.stderr.splitlines() if " vitssl." in line]
+    logged = [line.split(" ", 2)[2] for line in (run / "train.log").read_text().splitlines()]
+    assert any(line.startswith("INFO vitssl.engine.trainer: training on shapes") for line in console)
+    assert sum("step " in line for line in console) == 4  # no tty here: the steps are plain lines
+    assert logged[: len(console)] == console
+    assert logged[len(console) :] == [f"INFO vitssl.engine.logger: finished at step 4; run folder {run}"]
+    assert out.stdout.strip() == f"finished at step 4; run folder {run}"
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]  # the metrics stay in metrics.jsonl
+
+
+def test_train_log_appends_on_resume_and_takes_bar_lines(tmp_path, monkeypatch, caplog):
+    """A resumed run appends; with a progress bar (a terminal) the step lines the bar showed become lines."""
+    from vitssl.engine import logger as logger_module
+
+    train(make_cfg(tmp_path, "train.stop_after_steps=2"))
+    monkeypatch.setattr(logger_module.sys.stderr, "isatty", lambda: True, raising=False)
+    with caplog.at_level("INFO", logger="vitssl"):
+        train(make_cfg(tmp_path))
+    assert not [r for r in caplog.records if "step 3/8" in r.getMessage()]  # the bar showed them, not the log
+    text = (tmp_path / "train.log").read_text()
+    assert text.count("training on shapes") == 2 and "resumed from" in text
+    assert [line.split("step ", 1)[1].split(" ")[0] for line in text.splitlines() if ": step " in line] == [
+        "1/8", "2/8", *(f"{s}/8" for s in range(3, 9))
+    ]  # fmt: skip
+    assert "stopped at step 2" in text and text.rstrip().endswith(f"finished at step 8; run folder {tmp_path}")

@@ -31,7 +31,7 @@ from vitssl.engine.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from vitssl.engine.logger import MetricLogger
+from vitssl.engine.logger import MetricLogger, run_log
 from vitssl.engine.optim import build_optimizer, cosine_schedule, peak_lr
 from vitssl.errors import UserError
 
@@ -684,7 +684,12 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
         NonFiniteLossError: the loss became NaN/inf (the last good checkpoint stays in place).
         CheckpointError: ``resume`` names an unusable checkpoint.
     """
-    return _Trainer(cfg, callbacks).run()
+    dist.init_distributed()
+    with run_log(cfg.output_dir, enabled=dist.get_rank() == 0) as log:  # the run folder's train.log
+        result = _Trainer(cfg, callbacks).run()
+        if log is not None:  # what `vitssl train` prints at the end
+            log.write_only_here(f"{result.status} at step {result.step}; run folder {result.output_dir}")
+    return result
 
 
 __all__ = [
