@@ -253,7 +253,7 @@ class VideoCSV(FileVideoDataset):
             if not found:
                 raise MissingFileError(
                     f"video_csv: folder {str(path)!r} has none of {', '.join(c.name for c in candidates)}; "
-                    f"set data.root to the list file or choose another split"
+                    f"set data.train.root (data.val.root) to the list file or choose another split"
                 )
             path = found[0]
         self.path = path
