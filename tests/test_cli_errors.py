@@ -124,3 +124,53 @@ def test_demo_reports_bad_settings_in_one_line(tmp_path):
         cwd=tmp_path,  # recipes ship inside the package: found from any folder
     )
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "optim.lr" in out.stderr, out.stderr
+
+
+def test_knn_monitor_refuses_a_val_set_of_another_dataset(tmp_path, capsys):
+    """The demo recipe's digits val set with photo folders as data.train: refused before anything is written."""
+    root = image_tree(tmp_path / "images", corrupt=False)
+    args = [f"output_dir={tmp_path / 'run'}", "data.train.name=imagefolder", f"data.train.root={root}"]
+    code, err = run_cli(capsys, "pretrain", "pretrain/mocov3_demo", *args)
+    assert_one_line(code, err, "data.val is 'digits' but data.train is 'imagefolder'", "eval.knn_every_epochs=0")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "needles"),
+    [
+        ("data.train.root=/data/photos", ["data.train.root='/data/photos'", "data.train.kwargs.num_samples"]),
+        ("data.train.kwargs.num_sample=8", ["data.train.kwargs.num_sample", "'num_samples'", "data.train.split"]),
+        ("data.val={name: digits, root: /data/x}", ["data.val.root='/data/x'", "'digits'", "data.val.kwargs.seed"]),
+    ],
+)
+def test_dataset_keys_the_dataset_does_not_take(tmp_path, capsys, override, needles):
+    extra = ["eval.knn_every_epochs=1"] if override.startswith("data.val") else []
+    code, err = run_cli(capsys, "pretrain", TINY, f"output_dir={tmp_path / 'run'}", override, *extra)
+    assert_one_line(code, err, *needles)
+
+
+def test_a_run_folder_is_accepted_where_a_checkpoint_is_expected(tmp_path, capsys):
+    from vitssl.engine import load_objective
+
+    run = tmp_path / "run"
+    assert main(["pretrain", TINY, f"output_dir={run}", "train.epochs=1", "train.batch_size=32"]) == 0
+    _, cfg, state = load_objective(run)
+    assert state["step"] == 2 and cfg.output_dir == str(run)
+    out = tmp_path / "knn.json"
+    spec = [
+        "--train",
+        "shapes:num_samples=16",
+        "--val",
+        "shapes:split=val,num_samples=8",
+        "--out",
+        str(out),
+        "--k",
+        "3",
+    ]
+    assert main(["eval", "knn", str(run), *spec]) == 0
+    assert "checkpoint_last.pth" in out.read_text()
+    code, err = run_cli(capsys, "eval", "knn", str(tmp_path / "nope"), *spec)
+    assert_one_line(code, err, "does not exist: give a checkpoint file or the run folder that holds it")
+    (tmp_path / "empty").mkdir()
+    code, err = run_cli(capsys, "export", "open_clip", str(tmp_path / "empty"), "--out", str(tmp_path / "x"))
+    assert_one_line(code, err, "run folder", "holds no checkpoint (checkpoint_last.pth or checkpoint_<step>.pth)")

@@ -29,12 +29,14 @@ from vitssl.data import (
     blur_kernel_size,
     build_dataset,
     collate_skip_none,
+    dataset_parameters,
     eval_transform,
     expand_braces,
     list_datasets,
     moco_v3_views,
 )
 from vitssl.data import shapes as shapes_module
+from vitssl.errors import DataError
 from vitssl.registry import UnknownNameError
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -84,6 +86,40 @@ def test_registry_lists_all_datasets_and_rejects_unknown_names_and_options():
     ds = build_dataset("shapes", num_samples=16, img_size=None)
     assert ds[0][0].size == (32, 32)
     assert DATASETS.get("shapes") is type(ds)
+
+
+# Generated datasets read nothing from disk: their builders have no root parameter (the one declaration).
+GENERATED = {"digits", "shapes", "shapes_captions", "motion", "motion_frames"}
+
+
+@pytest.mark.parametrize("name", list_datasets())
+def test_every_dataset_refuses_the_keys_it_does_not_take(name, tmp_path):
+    """Checked before anything is read: the key's name and every key the dataset takes are in the message."""
+    params = dataset_parameters(name)
+    assert ("root" not in params) == (name in GENERATED)
+    taken = ", ".join(
+        ["data.train.name"]
+        + [f"data.train.{p}" for p in ("root", "split") if p in params]
+        + [f"data.train.kwargs.{p}" for p in params if p not in ("root", "split")]
+    )
+    with pytest.raises(DataError) as err:
+        build_dataset(name, root=None, key="data.train", no_such_option=1)
+    assert str(err.value).startswith(f"data.train.kwargs.no_such_option: dataset '{name}' has no option")
+    assert str(err.value).endswith(f"Keys '{name}' takes: {taken}")
+    if name in GENERATED:
+        with pytest.raises(DataError) as err:
+            build_dataset(name, root=tmp_path, key="data.train")
+        assert str(err.value).startswith(f"data.train.root='{tmp_path}': dataset '{name}' is generated")
+        assert "set data.train.root=null" in str(err.value) and str(err.value).endswith(taken)
+        with pytest.raises(
+            DataError, match=rf"^root=.*so it takes no root; leave root out .*Keys '{name}' takes: split, "
+        ):
+            build_dataset(name, root=tmp_path)  # outside a config (a data spec): the option names
+
+
+def test_generated_datasets_still_build_without_a_root():
+    assert len(build_dataset("digits", split="val", key="data.val")) == 397
+    assert len(build_dataset("shapes", root="", num_samples=4)) == 4  # an empty root is no root
 
 
 # ------------------------------------------------------------------------------------------- imagefolder
@@ -152,7 +188,7 @@ def test_imagefolder_missing_empty_and_wrong_split_messages(tmp_path: Path, imag
         build_dataset("imagefolder", root=empty)
     with pytest.raises(FileNotFoundError, match=r"split folders train, val but no 'test'"):
         build_dataset("imagefolder", root=image_tree, split="test")
-    with pytest.raises(ValueError, match=r"needs a root folder: set data\.root"):
+    with pytest.raises(ValueError, match=r"needs a root: set data\.train\.root=PATH \(data\.val\.root"):
         build_dataset("imagefolder")
 
 

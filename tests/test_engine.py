@@ -158,6 +158,8 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLossError, match="step 4"):
         train(cfg)
     assert load_checkpoint(tmp_path / LAST_NAME)["step"] == 2  # the good one from before the NaN
+    last = (tmp_path / "train.log").read_text().splitlines()[-1]
+    assert " ERROR " in last and "run ended with NonFiniteLossError: loss is nan (non-finite) at step 4" in last
 
 
 def test_resume_none_refuses_to_overwrite(tmp_path):
@@ -259,3 +261,106 @@ def test_list_backbone_options_reach_the_backbone_as_plain_lists() -> None:
     )
     objective = build_objective(cfg)
     assert objective.backbone.num_features == 40
+
+
+# --------------------------------------------------------------------------------- online k-NN monitor
+
+
+def _class_tree(root: Path, classes: tuple[str, ...], per_class: int = 4) -> Path:
+    from PIL import Image
+
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (32, 32), (60 * c, 30 * i, 100)).save(root / name / f"{i}.png")
+    return root
+
+
+def _monitored_cfg(out: Path, train_root: Path, val_root: Path, *extra: str):
+    return make_cfg(
+        out,
+        "data.train.name=imagefolder",
+        f"data.train.root={train_root}",
+        "~data.train.kwargs",
+        "data.val.name=imagefolder",
+        f"data.val.root={val_root}",
+        "objective.num_classes=2",
+        "train.batch_size=4",
+        "train.epochs=1",
+        "eval.knn_k=3",
+        *extra,
+    )
+
+
+def test_knn_monitor_votes_when_val_shares_the_train_classes(tmp_path, caplog):
+    from vitssl.cli.pretrain import PretrainJob, pretrain_job
+
+    train_root = _class_tree(tmp_path / "train", ("cat", "dog"))
+    val_root = _class_tree(tmp_path / "val", ("cat", "dog"), per_class=2)
+    cfg = _monitored_cfg(tmp_path / "run", train_root, val_root, "eval.knn_every_epochs=1")
+    with caplog.at_level("INFO", logger="vitssl"):
+        pretrain_job(PretrainJob.from_config(cfg))
+    knn = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "knn_top1" in r]
+    assert len(knn) == 1 and 0.0 <= knn[0]["knn_top1"] <= 100.0
+    assert any("online k-NN monitor every 1 epoch(s): 8 bank images" in r.getMessage() for r in caplog.records)
+
+
+def test_knn_monitor_refuses_val_classes_that_differ(tmp_path):
+    from vitssl.eval.monitor import KnnMonitor
+
+    train_root = _class_tree(tmp_path / "train", ("cat", "dog"))
+    for classes, why in ((("cat", "emu"), r"classes data\.train lacks \(emu\)"), (("cat",), "lacks some of them")):
+        val_root = _class_tree(tmp_path / "val" / "-".join(classes), classes)
+        cfg = _monitored_cfg(tmp_path / "run", train_root, val_root, "eval.knn_every_epochs=1")
+        with pytest.raises(ConfigError, match=rf"^data\.val \(imagefolder, .*{why}.*eval\.knn_every_epochs=0$"):
+            KnnMonitor(cfg)
+
+
+def test_knn_monitor_off_says_so(tmp_path, caplog):
+    from vitssl.cli.pretrain import PretrainJob, pretrain_job
+
+    cfg = make_cfg(tmp_path, "train.epochs=1", "train.batch_size=32")  # eval.knn_every_epochs is 0
+    with caplog.at_level("INFO", logger="vitssl"):
+        pretrain_job(PretrainJob.from_config(cfg))
+    assert "online k-NN monitor off: eval.knn_every_epochs=0" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------- train.log
+
+
+def test_train_log_holds_what_the_console_showed(tmp_path):
+    """`vitssl train` in a subprocess (the real console): every line it logged is in train.log, in order."""
+    run = tmp_path / "run"
+    out = subprocess.run(
+        [sys.executable, "-m", "vitssl", "train", "pretrain/test_tiny", f"output_dir={run}", "train.epochs=1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    # console lines are "HH:MM:SS LEVEL name: message"; train.log adds the date in front
+    console = [line.split(" ", 1)[1] for line in out.stderr.splitlines() if " vitssl." in line]
+    logged = [line.split(" ", 2)[2] for line in (run / "train.log").read_text().splitlines()]
+    assert any(line.startswith("INFO vitssl.engine.trainer: training on shapes") for line in console)
+    assert sum("step " in line for line in console) == 4  # no tty here: the steps are plain lines
+    assert logged[: len(console)] == console
+    assert logged[len(console) :] == [f"INFO vitssl.engine.logger: finished at step 4; run folder {run}"]
+    assert out.stdout.strip() == f"finished at step 4; run folder {run}"
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]  # the metrics stay in metrics.jsonl
+
+
+def test_train_log_appends_on_resume_and_takes_bar_lines(tmp_path, monkeypatch, caplog):
+    """A resumed run appends; with a progress bar (a terminal) the step lines the bar showed become lines."""
+    from vitssl.engine import logger as logger_module
+
+    train(make_cfg(tmp_path, "train.stop_after_steps=2"))
+    monkeypatch.setattr(logger_module.sys.stderr, "isatty", lambda: True, raising=False)
+    with caplog.at_level("INFO", logger="vitssl"):
+        train(make_cfg(tmp_path))
+    assert not [r for r in caplog.records if "step 3/8" in r.getMessage()]  # the bar showed them, not the log
+    text = (tmp_path / "train.log").read_text()
+    assert text.count("training on shapes") == 2 and "resumed from" in text
+    assert [line.split("step ", 1)[1].split(" ")[0] for line in text.splitlines() if ": step " in line] == [
+        "1/8", "2/8", *(f"{s}/8" for s in range(3, 9))
+    ]  # fmt: skip
+    assert "stopped at step 2" in text and text.rstrip().endswith(f"finished at step 8; run folder {tmp_path}")

@@ -94,7 +94,7 @@ def test_videofolder_errors(tmp_path: Path, videos: dict[str, Path]) -> None:
         assert "\n" not in text
         return text
 
-    assert "data.root" in message(DataError, None)
+    assert "data.train.root=PATH" in message(DataError, None)
     assert "does not exist" in message(MissingFileError, tmp_path / "nope")
     (tmp_path / "file.mp4").write_bytes(b"x")
     assert "is a file" in message(DataError, tmp_path / "file.mp4")

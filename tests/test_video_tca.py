@@ -362,7 +362,13 @@ def test_pca_buffers_reproduce_the_faiss_whitening(tmp_path: Path) -> None:
 def test_setup_refuses_decoded_clips_and_a_missing_frame_backbone(tmp_path: Path) -> None:
     from vitssl.engine import build_objective
 
-    cfg = _cfg(tmp_path / "run", tmp_path, "data.train.name=motion", "data.train.kwargs={num_samples: 4}")
+    cfg = _cfg(
+        tmp_path / "run",
+        tmp_path,
+        "data.train.name=motion",
+        "data.train.root=null",
+        "data.train.kwargs={num_samples: 4}",
+    )
     with pytest.raises(ConfigError, match=r"data\.train\.name='motion'.*video_files"):
         build_objective(cfg).setup(cfg)
     cfg = _cfg(tmp_path / "run", tmp_path, f"objective.frame_backbone={tmp_path / 'nope.safetensors'}")

@@ -161,12 +161,7 @@ _CHOICES = {
 
 
 def _objective_config_class(name: str) -> type:
-    if not len(OBJECTIVES):
-        raise ConfigError(
-            "no objective is registered: import vitssl.ssl (and vitssl.video) before building a config; "
-            "the vitssl command does so itself"
-        )
-    return OBJECTIVES.get(name).Config
+    return OBJECTIVES.get(name).Config  # the first lookup imports the objective packages
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:

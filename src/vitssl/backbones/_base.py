@@ -215,8 +215,9 @@ class BackboneRegistry(Registry[Callable[..., Backbone]]):
         return f"unknown {self.kind} {name!r}.{hint} Valid names: {', '.join(shown)}{hidden}"
 
 
-# name -> factory(**kwargs) -> Backbone; filled by the family modules when `vitssl.backbones` is imported
-BACKBONES: BackboneRegistry = BackboneRegistry("backbone")
+# name -> factory(**kwargs) -> Backbone; filled by the family modules, which `vitssl.backbones` imports (the first
+# lookup imports it)
+BACKBONES: BackboneRegistry = BackboneRegistry("backbone", providers=("vitssl.backbones",))
 
 
 def _removal_hint(options: list[str]) -> str:

@@ -7,10 +7,11 @@ from typing import Any
 
 
 def register_objectives() -> None:
-    """Import the packages whose import registers objectives and datasets (``vitssl.ssl``, ``vitssl.video``).
+    """Import the packages that register objectives and datasets (``vitssl.ssl``, ``vitssl.video``) now.
 
-    Objectives register by name in :data:`vitssl.registry.OBJECTIVES`; the config and the engine look them up
-    there without importing them, so every entry point calls this before it reads a config or a checkpoint.
+    The registries fill themselves on their first lookup (:class:`vitssl.registry.Registry`), so this is not
+    needed for correctness; the entry points call it to pay the import once, up front, in the process that then
+    forks loader workers or ranks.
     """
     import vitssl.ssl
     import vitssl.video.registered  # noqa: F401

@@ -418,13 +418,11 @@ def _augmented_probe(model: Any, job: LinearJob, train: Any, val: Any, num_class
 
 
 def checkpoint_arg(path: str) -> str:
-    """The absolute path of a checkpoint argument that exists (jobs may start in another folder)."""
-    from vitssl.engine.checkpoint import CheckpointError
+    """The absolute path of a checkpoint argument that exists (jobs may start in another folder); a run folder
+    names its ``checkpoint_last.pth``."""
+    from vitssl.engine.checkpoint import resolve_checkpoint
 
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint {p} does not exist")
-    return str(p.absolute())
+    return str(resolve_checkpoint(path).absolute())
 
 
 def launch_settings(args: argparse.Namespace) -> tuple[Any, str]:
@@ -610,7 +608,11 @@ def _clip_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _clip_checkpoint_arg(path: str) -> str:
     """The absolute path of a CLIP checkpoint argument: a file, or an open_clip export folder."""
-    return str(Path(path).absolute()) if Path(path).is_dir() else checkpoint_arg(path)
+    from vitssl.engine.checkpoint import LAST_NAME, list_step_checkpoints
+
+    p = Path(path)
+    is_run = p.is_dir() and ((p / LAST_NAME).is_file() or list_step_checkpoints(p))
+    return str(p.absolute()) if p.is_dir() and not is_run else checkpoint_arg(path)
 
 
 def _cmd_zeroshot(args: argparse.Namespace) -> int:

@@ -17,33 +17,16 @@ import argparse
 from pathlib import Path
 
 from vitssl.config import ConfigError
-from vitssl.errors import MissingFileError
-
-
-def resolve_checkpoint(path: str) -> Path:
-    """A checkpoint file as given, or a run folder's ``checkpoint_last.pth`` (else its newest step checkpoint)."""
-    from vitssl.engine.checkpoint import list_step_checkpoints
-
-    p = Path(path)
-    if p.is_file():
-        return p
-    if p.is_dir():
-        if (p / "checkpoint_last.pth").is_file():
-            return p / "checkpoint_last.pth"
-        steps = sorted(list_step_checkpoints(p))
-        if steps:
-            return steps[-1][1]
-        raise MissingFileError(f"run folder {p} holds no checkpoint (checkpoint_last.pth or checkpoint_<step>.pth)")
-    raise MissingFileError(f"{p} does not exist: give a run folder or a checkpoint file")
 
 
 def _cmd_open_clip(args: argparse.Namespace) -> int:
     from vitssl.cli._common import register_objectives
+    from vitssl.engine.checkpoint import resolve_checkpoint
     from vitssl.eval.zeroshot import load_clip_checkpoint
     from vitssl.ssl.open_clip_io import CONFIG_FILE, export_open_clip
 
     register_objectives()
-    checkpoint = resolve_checkpoint(args.checkpoint)
+    checkpoint = resolve_checkpoint(args.checkpoint)  # a run folder: its checkpoint_last.pth
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise ConfigError(f"--out {out} already exists and is not empty; pass --force to replace it")
@@ -78,4 +61,4 @@ def register_commands(
     p.set_defaults(func=_cmd_open_clip)
 
 
-__all__ = ["register_commands", "resolve_checkpoint"]
+__all__ = ["register_commands"]

@@ -40,13 +40,18 @@ def pretrain_job(job: PretrainJob) -> Any:
     """Run (or resume) one training run on this rank; returns the engine's ``TrainResult``."""
     from vitssl.cli._common import register_objectives
     from vitssl.config import from_container
+    from vitssl.data import check_dataset_options
     from vitssl.engine import train
     from vitssl.eval.monitor import KnnMonitor
 
     register_objectives()
     cfg = from_container(job.config)
-    callbacks = [KnnMonitor(cfg)] if KnnMonitor.wanted(cfg) else []
-    return train(cfg, callbacks=callbacks)
+    for key in ("train", "val"):  # keys a dataset does not take are refused before anything is built
+        if cfg.data[key] is not None:
+            d = cfg.data[key]
+            check_dataset_options(d.name, d.root, dict(d.kwargs), key=f"data.{key}")
+    monitor = KnnMonitor(cfg)  # refuses a data.val of other classes now; logs when it is off
+    return train(cfg, callbacks=[monitor])
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:

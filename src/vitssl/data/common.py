@@ -17,7 +17,9 @@ from vitssl.registry import Registry
 
 _logger = logging.getLogger(__name__)
 
-DATASETS: Registry[type[Dataset]] = Registry("dataset")
+# Image datasets register in vitssl.data, video ones (clips, tracking pairs, frame features) in vitssl.video; the
+# first lookup imports both.
+DATASETS: Registry[type[Dataset]] = Registry("dataset", providers=("vitssl.data", "vitssl.video"))
 
 # Extensions PIL decodes out of the box; matched case-insensitively (torchvision's list plus webp/tiff).
 IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
@@ -85,7 +87,10 @@ def require_root(name: str, root: str | os.PathLike | None, layout: str) -> Path
         layout: a description of the expected files.
     """
     if root is None or str(root) == "":
-        raise DataError(f"dataset {name!r} needs a root folder: set data.root=PATH, where PATH holds {layout}")
+        raise DataError(
+            f"dataset {name!r} needs a root: set data.train.root=PATH (data.val.root for data.val, root=PATH in a "
+            f"NAME:root=PATH data spec), where PATH holds {layout}"
+        )
     path = Path(os.path.expandvars(str(root))).expanduser()
     if not path.exists():
         raise MissingFileError(f"dataset {name!r}: root {str(path)!r} does not exist; expected {layout}")
@@ -130,35 +135,98 @@ def check_procedural(
     return split, num_samples
 
 
-def _init_options(cls: type) -> list[str]:
-    params = inspect.signature(cls.__init__).parameters
-    return [p for p in params if p not in ("self", "root", "split") and params[p].kind is not params[p].VAR_KEYWORD]
+def dataset_parameters(name: str) -> list[str]:
+    """What dataset ``name``'s builder takes: ``root`` (if it reads files), ``split`` and its options, in order.
+
+    The builder's signature is the one declaration: a generated dataset has no ``root`` parameter at all.
+    """
+    params = inspect.signature(DATASETS.get(name).__init__).parameters
+    return [
+        p for p in params if p != "self" and params[p].kind not in (params[p].VAR_KEYWORD, params[p].VAR_POSITIONAL)
+    ]
 
 
-def build_dataset(name: str, root: str | os.PathLike | None = None, split: str = "train", **kwargs: Any) -> Dataset:
+def _keys_taken(name: str, key: str | None) -> str:
+    """The keys dataset ``name`` takes, as a config block ``key`` (``data.train``) spells them, or as option names."""
+    params = dataset_parameters(name)
+    if key is None:
+        return ", ".join(params) or "(none)"
+    fields = [f"{key}.{p}" for p in ("root", "split") if p in params]
+    options = [f"{key}.kwargs.{p}" for p in params if p not in ("root", "split")]
+    return ", ".join([f"{key}.name", *fields, *options])
+
+
+def check_dataset_options(
+    name: str, root: str | os.PathLike | None = None, options: dict[str, Any] | None = None, key: str | None = None
+) -> None:
+    """Refuse what dataset ``name`` does not take, naming the key and the keys it takes, before anything is read.
+
+    Args:
+        name: registry name.
+        root: the root given (None or "" = none); refused for generated datasets, which read nothing.
+        options: dataset options (a config's ``kwargs``).
+        key: the config block the dataset comes from (``data.train``), for the message; None outside a config.
+
+    Raises:
+        DataError: ``root`` given to a dataset without one, or an option the dataset does not have.
+    """
+    params = dataset_parameters(name)
+    taken = _keys_taken(name, key)
+    if root is not None and str(root) != "" and "root" not in params:
+        where = f"{key}.root" if key else "root"
+        fix = f"set {key}.root=null" if key else "leave root out"
+        raise DataError(
+            f"{where}={str(root)!r}: dataset {name!r} is generated and reads no files, so it takes no root; "
+            f"{fix} (or choose a dataset that reads files). Keys {name!r} takes: {taken}"
+        )
+    valid = [p for p in params if p not in ("root", "split")]
+    for option in options or {}:
+        if option not in valid:
+            close = difflib.get_close_matches(option, valid, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            if key:
+                raise DataError(
+                    f"{key}.kwargs.{option}: dataset {name!r} has no option {option!r}.{hint} "
+                    f"Keys {name!r} takes: {taken}"
+                )
+            raise DataError(
+                f"dataset {name!r} has no option {option!r}.{hint} Valid options: {', '.join(valid) or '(none)'}"
+            )
+
+
+def build_dataset(
+    name: str, root: str | os.PathLike | None = None, split: str = "train", *, key: str | None = None, **kwargs: Any
+) -> Dataset:
     """Build a registered dataset.
 
     Options equal to None are dropped, so ``null`` in a config means the dataset's default.
 
     Args:
         name: registry name, see ``list_datasets()``.
-        root: data location (folder, file or shard pattern, depending on the dataset); unused by generated sets.
+        root: data location (folder, file or shard pattern, depending on the dataset); refused by generated sets.
         split: "train", "val", ... (each dataset lists the ones it has).
+        key: the config block the dataset comes from (``data.train``), named in the error messages.
         **kwargs: dataset options; unknown ones fail with the list of valid ones.
     """
+    check_dataset_options(name, root, kwargs, key)
     cls = DATASETS.get(name)
-    valid = _init_options(cls)
-    for key in kwargs:
-        if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise DataError(
-                f"dataset {name!r} has no option {key!r}.{hint} Valid options: {', '.join(valid) or '(none)'}"
-            )
     options = {k: v for k, v in kwargs.items() if v is not None}
-    dataset = cls(root=root, split=split, **options)
+    if "root" in dataset_parameters(name):
+        options["root"] = root
+    dataset = cls(split=split, **options)
     _logger.debug("built dataset %s split=%s: %d items, %d classes", name, split, len(dataset), len(dataset.classes))
     return dataset
+
+
+def build_dataset_config(dcfg: Any, key: str, **overrides: Any) -> Dataset:
+    """Build the dataset a config block describes (``cfg.data.train``), naming ``key`` in its error messages.
+
+    Args:
+        dcfg: a ``DatasetConfig`` (``name``, ``root``, ``split``, ``kwargs``).
+        key: where it sits in the config: ``data.train`` or ``data.val``.
+        **overrides: options that replace the block's ``kwargs`` entries.
+    """
+    return build_dataset(dcfg.name, root=dcfg.root, split=dcfg.split, key=key, **{**dict(dcfg.kwargs), **overrides})
 
 
 def list_datasets(pattern: str = "*") -> list[str]:

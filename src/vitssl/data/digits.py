@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 
 import numpy as np
 from PIL import Image
@@ -57,7 +56,6 @@ class Digits(ImageDataset):
     """scikit-learn's ``load_digits`` upscaled to ``img_size`` RGB, with a seeded stratified held-out split.
 
     Args:
-        root: unused (the data ships inside scikit-learn).
         split: "train" or "val" ("test" is an alias of "val").
         img_size: output side in pixels; the 8×8 originals are upscaled bilinearly.
         val_fraction: share of the 1797 images held out as "val" (default leaves 397).
@@ -66,7 +64,6 @@ class Digits(ImageDataset):
 
     def __init__(
         self,
-        root: str | os.PathLike | None = None,
         split: str = "train",
         img_size: int = 16,
         val_fraction: float = DIGITS_VAL_FRACTION,

@@ -209,7 +209,7 @@ class WebDataset(ImageDataset):
     ) -> None:
         if root is None or str(root) == "":
             raise DataError(
-                "dataset 'webdataset' needs a root: set data.root to a shard pattern such as "
+                "dataset 'webdataset' needs a root: set data.train.root (data.val.root) to a shard pattern such as "
                 "/data/shard-{000..009}.tar, a glob, or a folder of .tar shards"
             )
         self.shards = resolve_shards(root, split)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,7 +80,6 @@ class Shapes(ImageDataset):
     Labels cycle through the classes (``index % num_classes``), so every class has the same count up to one.
 
     Args:
-        root: unused (nothing is read from disk).
         split: "train", "val" or "test"; each uses its own random stream, so the images differ.
         img_size: image side in pixels.
         num_samples: items in the split (default 10000 for train, 2000 otherwise).
@@ -90,7 +88,6 @@ class Shapes(ImageDataset):
 
     def __init__(
         self,
-        root: str | os.PathLike | None = None,
         split: str = "train",
         img_size: int = 32,
         num_samples: int | None = None,

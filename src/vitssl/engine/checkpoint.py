@@ -89,19 +89,37 @@ def list_step_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     return found
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint file a path names: the file itself, or a run folder's ``checkpoint_last.pth`` (else its
+    newest ``checkpoint_<step>.pth``). Every command that takes a checkpoint resolves it here.
+
+    Raises:
+        CheckpointError: nothing exists there, or the folder holds no checkpoint.
+    """
+    p = Path(path)
+    if p.is_file():
+        return p
+    if p.is_dir():
+        if (p / LAST_NAME).is_file():
+            return p / LAST_NAME
+        steps = sorted(list_step_checkpoints(p))
+        if steps:
+            return steps[-1][1]
+        raise CheckpointError(f"run folder {p} holds no checkpoint ({LAST_NAME} or checkpoint_<step>.pth)")
+    raise CheckpointError(f"checkpoint {p} does not exist: give a checkpoint file or the run folder that holds it")
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and validate a checkpoint (``weights_only=True``).
 
     Args:
-        path: a checkpoint file.
+        path: a checkpoint file, or a run folder (its ``checkpoint_last.pth``).
         map_location: where tensors go.
 
     Raises:
         CheckpointError: naming the file, when it is missing, truncated, corrupt or lacks required keys.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    path = resolve_checkpoint(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises RuntimeError / UnpicklingError / EOFError / zip errors

@@ -31,7 +31,7 @@ from vitssl.engine.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from vitssl.engine.logger import MetricLogger
+from vitssl.engine.logger import MetricLogger, run_log
 from vitssl.engine.optim import build_optimizer, cosine_schedule, peak_lr
 from vitssl.engine.telemetry import Telemetry, forward_flops, peak_flops
 from vitssl.errors import UserError
@@ -300,7 +300,7 @@ def load_objective(
 
 class _Trainer:
     def __init__(self, cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> None:
-        from vitssl.data import TransformedDataset, build_dataset, collate_skip_none, is_stream
+        from vitssl.data import TransformedDataset, build_dataset_config, collate_skip_none, is_stream
         from vitssl.data.transforms import resolve_augment_device
 
         self.cfg = cfg
@@ -331,8 +331,7 @@ class _Trainer:
         self.objective.setup(cfg)  # run-level preparation (e.g. iGPT's palette), before any data is read
         _seed_all(cfg.seed + 1000 * self.rank)  # per-rank randomness (masks, dropout) from here on
 
-        base = build_dataset(cfg.data.train.name, root=cfg.data.train.root, split=cfg.data.train.split,
-                             **dict(cfg.data.train.kwargs))  # fmt: skip
+        base = build_dataset_config(cfg.data.train, "data.train")
         # data.augment_device=auto: on the device when training on CUDA (the saved config says which it was)
         cfg.data.augment_device = resolve_augment_device(cfg.data.augment_device, self.device)
         sample_fn = self.objective.train_sample_fn(cfg.data)
@@ -704,7 +703,12 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
         NonFiniteLossError: the loss became NaN/inf (the last good checkpoint stays in place).
         CheckpointError: ``resume`` names an unusable checkpoint.
     """
-    return _Trainer(cfg, callbacks).run()
+    dist.init_distributed()
+    with run_log(cfg.output_dir, enabled=dist.get_rank() == 0) as log:  # the run folder's train.log
+        result = _Trainer(cfg, callbacks).run()
+        if log is not None:  # what `vitssl train` prints at the end
+            log.write_only_here(f"{result.status} at step {result.step}; run folder {result.output_dir}")
+    return result
 
 
 __all__ = [

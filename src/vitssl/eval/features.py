@@ -408,7 +408,9 @@ def load_for_eval(checkpoint_path: str | os.PathLike, device: torch.device | str
         CheckpointError: the file is missing, truncated or not a vitssl checkpoint.
     """
     from vitssl.engine import CheckpointError, load_objective
+    from vitssl.engine.checkpoint import resolve_checkpoint
 
+    checkpoint_path = resolve_checkpoint(checkpoint_path)  # a run folder: its checkpoint_last.pth (hashed below)
     try:
         objective, cfg, _ = load_objective(checkpoint_path, device)
     except CheckpointError as err:
@@ -520,12 +522,14 @@ class EvalModel:
     """A checkpoint loaded for frozen-feature evaluation: objective, config, content hash, transform.
 
     Args:
-        checkpoint: an engine checkpoint path.
+        checkpoint: an engine checkpoint path, or a run folder (its ``checkpoint_last.pth``).
         device: ``auto`` (this rank's GPU if any), ``cpu``, ``cuda`` or a torch device.
     """
 
     def __init__(self, checkpoint: str | os.PathLike, device: torch.device | str = "auto") -> None:
-        self.path = Path(checkpoint).absolute()
+        from vitssl.engine.checkpoint import resolve_checkpoint
+
+        self.path = resolve_checkpoint(checkpoint).absolute()  # a run folder: its checkpoint_last.pth
         self.device = resolve_device(device)
         self.objective, self.cfg, self.checkpoint_hash = load_for_eval(self.path, self.device)
         self.sample_fn = self.objective.eval_sample_fn(self.cfg.data)

@@ -282,7 +282,7 @@ class OpenClipViT(nn.Module):
     def timm_state_dict(self) -> dict[str, torch.Tensor]:
         raise TypeError(
             f"backbone {self.name!r} is open_clip's VisionTransformer (open_clip's key layout, not timm's); "
-            "export the run with `vitssl export open_clip`"
+            "export the run with `vitssl export open_clip RUN --out DIR`"
         )
 
     def extra_repr(self) -> str:

@@ -267,7 +267,7 @@ class VideoCSV(FileVideoDataset):
             if not found:
                 raise MissingFileError(
                     f"video_csv: folder {str(path)!r} has none of {', '.join(c.name for c in candidates)}; "
-                    f"set data.root to the list file or choose another split"
+                    f"set data.train.root (data.val.root) to the list file or choose another split"
                 )
             path = found[0]
         self.path = path
@@ -369,7 +369,6 @@ class Motion(VideoDataset):
     do. Clips are deterministic in ``(seed, split, index)``; labels cycle through the classes (``index % 4``).
 
     Args:
-        root: unused (nothing is read from disk).
         split: "train", "val" or "test"; each uses its own random stream.
         img_size: frame side in pixels.
         num_frames: frames per clip (T).
@@ -379,7 +378,6 @@ class Motion(VideoDataset):
 
     def __init__(
         self,
-        root: str | os.PathLike | None = None,
         split: str = "train",
         img_size: int = 32,
         num_frames: int = 8,
@@ -416,7 +414,6 @@ class MotionFrames(Dataset):
     torus). Frames are deterministic in ``(seed, split, index)`` and drawn apart from the clips of ``motion``.
 
     Args:
-        root: unused (nothing is read from disk).
         split: "train", "val" or "test".
         img_size: frame side in pixels.
         num_samples: frames in the split (default 5000 for train, 1000 otherwise).
@@ -425,7 +422,6 @@ class MotionFrames(Dataset):
 
     def __init__(
         self,
-        root: str | os.PathLike | None = None,
         split: str = "train",
         img_size: int = 32,
         num_samples: int | None = None,
