@@ -172,7 +172,9 @@ def test_checkpoints_of_every_objective_give_their_evaluation_features(objective
     train(load_config(recipe, [f"output_dir={tmp_path}", "train.stop_after_steps=1", *overrides]))
     model = F.EvalModel(tmp_path / "checkpoint_last.pth", "cpu")
     assert model.objective_name == objective
-    fs = F.extract_cached(model, "shapes:num_samples=12", "val", "pooled", tmp_path / "cache", batch_size=5, dtype="float32")
+    fs = F.extract_cached(
+        model, "shapes:num_samples=12", "val", "pooled", tmp_path / "cache", batch_size=5, dtype="float32"
+    )
     dataset, _, _ = build_eval_dataset("shapes:num_samples=12")
     images = torch.stack([model.sample_fn(dataset[i][0], 0)[0] for i in range(12)])
     with torch.no_grad():  # pooled = the objective's own evaluation features (iGPT: its probe layer)
