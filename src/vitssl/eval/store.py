@@ -211,6 +211,7 @@ def _write_shard(
             "dim": writer.dim,
             "dtype": dtype,
             "skipped_rows": skipped,
+            "rank": dist.get_rank(),  # which process wrote it
         }
         (tmp / SHARD_INFO_FILE).write_text(json.dumps(info) + "\n", encoding="utf-8")
     return info
