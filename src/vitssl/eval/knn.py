@@ -46,7 +46,7 @@ _MAX_INV_TEMPERATURE = 80.0
 # IVF lists hold at least this many bank rows on average (fewer: k-means has too little to place a list).
 _IVF_MIN_ROWS_PER_LIST = 64
 # nprobe = nlist / this (see approx_params).
-_NPROBE_DIVISOR = 8
+_NPROBE_DIVISOR = 16
 # Features whose norms all lie within this of 1 count as already normalised (float32 rounding is ~1e-7).
 _NORM_TOLERANCE = 1e-5
 
@@ -239,15 +239,16 @@ def knn_search(
 
 
 def approx_params(n_train: int) -> dict[str, int]:
-    """IVF parameters from the bank size: ``nlist`` lists (a power of two near sqrt(N), at least 1) and
-    ``nprobe`` = nlist / 8 of them searched, ``train_rows`` = 40 x nlist training rows for k-means.
+    """IVF parameters from the bank size: ``nlist`` lists (a power of two near sqrt(N), at least one list per
+    ``_IVF_MIN_ROWS_PER_LIST`` rows), ``nprobe`` = nlist / ``_NPROBE_DIVISOR`` lists searched per query and
+    ``train_rows`` = 40 x nlist rows for k-means (faiss asks for at least 39 per centroid).
 
-    A query then compares with about nlist + N / 8 vectors instead of N, which is where the speed-up comes from;
-    on clustered features the true neighbours sit in a few nearby lists, so top-1 changes little (see
-    benchmarks/eval_scale.py).
+    A query then compares with about nlist + N x nprobe / nlist vectors instead of N; on clustered features the
+    true neighbours sit in a few nearby lists, so top-1 changes little (benchmarks/eval_scale.py measures both).
     """
-    nlist = 1 << max(0, round(math.log2(max(1.0, math.sqrt(max(1, n_train)) / 2))))
-    nlist = max(1, min(nlist, n_train // _IVF_MIN_ROWS_PER_LIST or 1))
+    nlist = 1 << max(0, round(math.log2(max(1.0, math.sqrt(max(1, n_train))))))
+    cap = max(1, n_train // _IVF_MIN_ROWS_PER_LIST)
+    nlist = min(nlist, 1 << (cap.bit_length() - 1))  # powers of two both
     return {"nlist": nlist, "nprobe": max(1, nlist // _NPROBE_DIVISOR), "train_rows": min(n_train, 40 * nlist)}
 
 
@@ -261,25 +262,31 @@ def knn_search_approx(
     nprobe: int | None = None,
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Approximate cosine top-k through an inverted-file index (faiss IVF-Flat, inner product).
+    """Approximate cosine top-k through an inverted file (IVF-Flat, inner product).
 
-    k-means on ``train_rows`` bank rows picks the lists; the bank is added block by block (normalised); each
-    query searches the ``nprobe`` nearest lists. Similarities of the neighbours found are exact; a query may
-    find fewer than k (index -1, similarity -inf), which then cast no vote. The index holds the bank as float32
-    in memory (N x D x 4 bytes), unlike the exact search.
+    Spherical k-means on ``train_rows`` bank rows places ``nlist`` centroids; every bank row (normalised, read
+    block by block) joins the list of its nearest centroid; a query searches the ``nprobe`` lists nearest to
+    it. Similarities of the neighbours found are exact; a query whose lists hold fewer than k rows gets index
+    -1 and similarity -inf for the rest (no vote). The lists hold the bank as float32 in memory (N x D x 4
+    bytes), unlike the exact search.
+
+    On the CPU the lists are searched list by list, every query that probes a list at once, as one BLAS GEMM
+    (``faiss.knn``): faiss's own IVF scan reads each probed list once per query and runs at memory speed (about
+    2.6 GFLOP/s measured on the development VM at D = 768), a GEMM reuses each list across its queries. On a
+    GPU, faiss's ``GpuIndexIVFFlat`` does the whole search.
 
     Args:
         train_features: (N_train, D) features (array, tensor, memory map or ``ShardedRows``).
         query_features: (N_query, D) features.
         k: neighbours per query (at most N_train).
-        chunk_size: queries per search call.
+        chunk_size: queries per pass (bounds the (chunk, nprobe x k) candidate buffers).
         use_gpu: build and search on the GPU; None = when faiss has GPU support and sees a GPU.
         nlist: inverted lists; None = :func:`approx_params`.
-        nprobe: lists searched per query; None = :func:`approx_params`.
+        nprobe: lists searched per query; None = nlist / ``_NPROBE_DIVISOR``.
         seed: k-means and sampling seed.
 
     Returns:
-        ``(similarities (N_query, k), indices (N_query, k), params)`` with the parameters used.
+        ``(similarities (N_query, k) sorted descending, indices (N_query, k), params)`` with the parameters used.
     """
     bank = _bank_rows(train_features)
     n_train, dim = bank.shape
@@ -288,30 +295,86 @@ def knn_search_approx(
         raise ValueError(f"k must lie in [1, {n_train}] (the number of training features), got {k}")
     params = approx_params(n_train)
     if nlist:
-        params.update(nlist=int(nlist), train_rows=min(n_train, 40 * int(nlist)))
+        params.update(nlist=min(int(nlist), n_train), train_rows=min(n_train, 40 * int(nlist)))
     params["nprobe"] = min(params["nlist"], int(nprobe or max(1, params["nlist"] // _NPROBE_DIVISOR)))
+    gpu = (gpu_available() and k <= _GPU_MAX_K and params["nprobe"] <= _GPU_MAX_K) if use_gpu is None else use_gpu
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(n_train, params["train_rows"], replace=False))
-    sample_rows = normalize_features(np.asarray(bank[sample], dtype=np.float32), "train_features")
+    kmeans = faiss.Kmeans(dim, params["nlist"], niter=10, seed=seed, spherical=True, gpu=bool(gpu))
+    kmeans.train(normalize_features(np.asarray(bank[sample], dtype=np.float32), "train_features"))
+    centroids = np.ascontiguousarray(kmeans.centroids, dtype=np.float32)  # (nlist, D), unit norm
+    block_rows = max(1, _TRAIN_BLOCK_BYTES // (4 * dim))
+    search = _ivf_search_gpu if gpu else _ivf_search_cpu
+    sims, idx = search(bank, queries, centroids, params["nprobe"], k, chunk_size, block_rows)
+    return sims, idx, {**params, "index": "IVF-Flat", "device": "gpu" if gpu else "cpu"}
+
+
+def _ivf_search_gpu(
+    bank: Any, queries: Any, centroids: np.ndarray, nprobe: int, k: int, chunk_size: int, block_rows: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """faiss's GPU IVF-Flat with the given (already trained) centroids."""
+    nlist, dim = centroids.shape
     quantizer = faiss.IndexFlatIP(dim)
-    index = faiss.IndexIVFFlat(quantizer, dim, params["nlist"], faiss.METRIC_INNER_PRODUCT)
-    index.cp.niter = 10  # k-means iterations: list quality saturates early; faiss's default is 25
-    index.cp.seed = seed
-    gpu = (gpu_available() and k <= _GPU_MAX_K) if use_gpu is None else use_gpu
-    if gpu:
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-    index.train(sample_rows)
-    for _, block in _unit_blocks(bank, max(1, _TRAIN_BLOCK_BYTES // (4 * dim))):
+    quantizer.add(centroids)
+    cpu_index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    cpu_index.is_trained = True
+    index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, cpu_index)
+    for _, block in _unit_blocks(bank, block_rows):
         index.add(block)
-    index.nprobe = params["nprobe"]
-    n_query = queries.shape[0]
-    sims = np.empty((n_query, k), dtype=np.float32)
-    idx = np.empty((n_query, k), dtype=np.int64)
-    for start in range(0, n_query, chunk_size):
+    index.nprobe = nprobe
+    sims = np.empty((queries.shape[0], k), dtype=np.float32)
+    idx = np.empty((queries.shape[0], k), dtype=np.int64)
+    for start in range(0, queries.shape[0], chunk_size):
         q = normalize_features(queries[start : start + chunk_size], "query_features")
         sims[start : start + len(q)], idx[start : start + len(q)] = index.search(q, k)
     sims[idx < 0] = -np.inf
-    return sims, idx, {**params, "index": "IVF-Flat", "device": "gpu" if gpu else "cpu"}
+    return sims, idx
+
+
+def _ivf_search_cpu(
+    bank: Any, queries: Any, centroids: np.ndarray, nprobe: int, k: int, chunk_size: int, block_rows: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """IVF search list by list, each list against all the queries that probe it (one GEMM per list)."""
+    nlist, dim = centroids.shape
+    n_train = bank.shape[0]
+    # Normalise and assign every bank row to its nearest centroid, then lay the rows out list by list.
+    unit = np.empty((n_train, dim), dtype=np.float32)
+    assign = np.empty(n_train, dtype=np.int64)
+    for start, block in _unit_blocks(bank, block_rows):
+        unit[start : start + len(block)] = block
+        assign[start : start + len(block)] = faiss.knn(block, centroids, 1, metric=faiss.METRIC_INNER_PRODUCT)[1][:, 0]
+    order = np.argsort(assign, kind="stable")  # bank rows, list by list, ascending within a list
+    bounds = np.searchsorted(assign[order], np.arange(nlist + 1))
+    lists = unit[order]  # (N, D): list l is lists[bounds[l]:bounds[l + 1]]
+    del unit
+    n_query = queries.shape[0]
+    sims = np.full((n_query, k), -np.inf, dtype=np.float32)
+    idx = np.full((n_query, k), -1, dtype=np.int64)
+    for qstart in range(0, n_query, chunk_size):
+        q = normalize_features(queries[qstart : qstart + chunk_size], "query_features")
+        nq = len(q)
+        probes = faiss.knn(q, centroids, nprobe, metric=faiss.METRIC_INNER_PRODUCT)[1]  # (nq, nprobe)
+        cand_s = np.full((nq, nprobe * k), -np.inf, dtype=np.float32)
+        cand_i = np.full((nq, nprobe * k), -1, dtype=np.int64)
+        pairs = np.argsort(probes.ravel(), kind="stable")  # (query, slot) pairs, grouped by list
+        starts = np.searchsorted(probes.ravel()[pairs], np.arange(nlist + 1))
+        for lst in range(nlist):
+            a, b = bounds[lst], bounds[lst + 1]
+            pa, pb = starts[lst], starts[lst + 1]
+            if a == b or pa == pb:
+                continue
+            qi, slot = np.divmod(pairs[pa:pb], nprobe)
+            kk = min(k, b - a)
+            s, i = faiss.knn(q[qi], lists[a:b], kk, metric=faiss.METRIC_INNER_PRODUCT)  # (m, kk)
+            cols = slot[:, None] * k + np.arange(kk)  # (m, kk): this probe's slots of the candidate row
+            cand_s[qi[:, None], cols] = s
+            cand_i[qi[:, None], cols] = order[a + i]
+        top = np.argsort(-cand_s, axis=1, kind="stable")[:, :k]  # (nq, k); lists are disjoint: no row twice
+        sims[qstart : qstart + nq] = np.take_along_axis(cand_s, top, axis=1)
+        idx[qstart : qstart + nq] = np.where(
+            np.isneginf(sims[qstart : qstart + nq]), -1, np.take_along_axis(cand_i, top, axis=1)
+        )
+    return sims, idx
 
 
 # Query rows voted at once: bounds the float64 vote buffer to _VOTE_CHUNK x num_classes.
