@@ -364,7 +364,7 @@ def _ivf_search_cpu(
             if a == b or pa == pb:
                 continue
             qi, slot = np.divmod(pairs[pa:pb], nprobe)
-            kk = min(k, b - a)
+            kk = int(min(k, b - a))
             s, i = faiss.knn(q[qi], lists[a:b], kk, metric=faiss.METRIC_INNER_PRODUCT)  # (m, kk)
             cols = slot[:, None] * k + np.arange(kk)  # (m, kk): this probe's slots of the candidate row
             cand_s[qi[:, None], cols] = s
