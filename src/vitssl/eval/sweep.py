@@ -241,7 +241,8 @@ def train_linear_sweep(
         dict: ``method`` "linear_sweep", ``table`` (per head: ``variant``, ``lr``, ``wd``, ``holdout_top1``,
         ``val_top1``, ``final_loss``, ``diverged``), ``best`` (the chosen head's row), ``top1``, ``top5``,
         ``mean_per_class_top1``, ``per_class_top1``, ``confusion_matrix`` (val, the chosen head), counts,
-        settings, ``streamed``, ``train_seconds`` and ``seconds``.
+        settings, ``streamed``, ``train_seconds``, ``seconds`` and ``head_state`` (the chosen head's feature
+        columns, BatchNorm statistics, weight and bias; dropped by :func:`vitssl.eval.linear.result_to_json`).
     """
     t0 = time.perf_counter()
     y_all = torch.as_tensor(np.asarray(train_labels), dtype=torch.long)
@@ -340,6 +341,15 @@ def train_linear_sweep(
         float(hold_acc[best]),
         report["top1"],
     )
+    variant = grid.heads[best][0]
+    index = best - sum(1 for h in grid.heads[:best] if h[0] != variant)
+    head_state = {
+        "columns": grid.cols[variant].cpu().clone(),
+        "bn.running_mean": bn.running_mean.detach().cpu().clone(),
+        "bn.running_var": bn.running_var.detach().cpu().clone(),
+        "weight": grid.weight[variant][index].detach().cpu().clone(),
+        "bias": grid.bias[variant][index].detach().cpu().clone(),
+    }
     return {
         "method": "linear_sweep",
         "table": table,
@@ -359,6 +369,7 @@ def train_linear_sweep(
         "streamed": streamed,
         "train_seconds": train_s,
         "seconds": time.perf_counter() - t0,
+        "head_state": head_state,
     }
 
 
