@@ -69,6 +69,12 @@ def test_layers_give_dino_options_with_their_widths(model):
     torch.testing.assert_close(out["mean"], tokens[:, 1:].mean(1))
     torch.testing.assert_close(out["last2"][:, :width], blocks[0][:, 0])  # oldest block first (DINO's order)
     torch.testing.assert_close(out["last2"][:, width:], out["cls"])  # the last block's normed class token
+    with torch.no_grad():
+        dinov2 = F.layer_features(model.objective, images, "last2avg")
+    assert dinov2.shape == (4, 3 * width)  # DINOv2's linear input: class tokens, then the mean patch token
+    torch.testing.assert_close(dinov2[:, : 2 * width], out["last2"])
+    torch.testing.assert_close(dinov2[:, 2 * width :], out["mean"])
+    assert F.parse_layer("last4avg") == "last4avg"
 
 
 def test_layer_names_and_backbones_without_class_token_fail_clearly():

@@ -179,9 +179,13 @@ def layer_features(objective: Any, images: torch.Tensor, layer: str) -> torch.Te
     if layer == "mean":
         tokens = bb.forward_tokens(images)  # (B, P + N, C)
         return tokens[:, prefix:].mean(dim=1)  # (B, C)
-    n = int(layer[4:])
+    avg = layer.endswith("avg")
+    n = int(layer[4:-3] if avg else layer[4:])
     outs = bb.forward_intermediate(images, n)  # n x (B, P + N, C), oldest first
-    return torch.cat([t[:, 0] for t in outs], dim=-1)  # (B, n * C)
+    parts = [t[:, 0] for t in outs]  # n x (B, C)
+    if avg:  # DINOv2: the mean of the last block's patch tokens after the class tokens
+        parts.append(outs[-1][:, prefix:].mean(dim=1))  # (B, C)
+    return torch.cat(parts, dim=-1)  # (B, (n + avg) * C)
 
 
 _ADDRESS_RE = re.compile(r" at 0x[0-9a-fA-F]+")
