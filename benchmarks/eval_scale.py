@@ -117,27 +117,34 @@ def knn_bench(n: int, queries: int, dim: int, classes: int, folder: Path) -> dic
     write_store(folder, {"bench": "knn"}, train, tl, np.arange(n), [str(i) for i in range(n)], (0, n), {}, "float16")
     write_s = time.perf_counter() - t0
     store = FeatureStore(folder)
-    t0 = time.perf_counter()
-    exact = knn.knn_evaluate(store.features, store.labels, val, vl, ks=[20])
-    exact_s = time.perf_counter() - t0
     bank = knn.normalize_features(np.asarray(store.features, dtype=np.float32))
     q = knn.normalize_features(val)
-    t0 = time.perf_counter()
-    index = faiss.IndexFlatIP(dim)
-    index.add(bank)
-    index.search(q, 20)
-    faiss_s = time.perf_counter() - t0
-    del bank, index
-    t0 = time.perf_counter()
-    approx = knn.knn_evaluate(store.features, store.labels, val, vl, ks=[20], approx=True)
-    approx_s = time.perf_counter() - t0
+
+    def bare_faiss() -> None:
+        index = faiss.IndexFlatIP(dim)
+        index.add(bank)
+        index.search(q, 20)
+
+    # Interleaved, best of 2: this 2-core machine is shared, so single timings move by 2-4x.
+    times: dict[str, list[float]] = {"exact": [], "faiss": [], "approx": []}
+    for _ in range(2):
+        t0 = time.perf_counter()
+        exact = knn.knn_evaluate(store.features, store.labels, val, vl, ks=[20])
+        times["exact"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        bare_faiss()
+        times["faiss"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        approx = knn.knn_evaluate(store.features, store.labels, val, vl, ks=[20], approx=True)
+        times["approx"].append(time.perf_counter() - t0)
+    exact_s, faiss_s, approx_s = (min(times[k]) for k in ("exact", "faiss", "approx"))
     e1, a1 = exact["results"]["20"]["top1"], approx["results"]["20"]["top1"]
     print(f"k-NN {n} x {dim} fp16 store, {queries} queries, k=20: exact {exact_s:.2f} s (bare faiss {faiss_s:.2f} s, "
           f"{exact_s / faiss_s:.2f}x), approx {approx['search']} {approx_s:.2f} s ({exact_s / approx_s:.1f}x faster), "
           f"top-1 {e1:.2f} -> {a1:.2f}", flush=True)  # fmt: skip
     return {"n": n, "queries": queries, "dim": dim, "store_write_s": write_s, "exact_s": exact_s, "faiss_s": faiss_s,
             "exact_over_faiss": exact_s / faiss_s, "approx_s": approx_s, "approx_speedup": exact_s / approx_s,
-            "approx_params": approx["search"], "exact_top1": e1, "approx_top1": a1}  # fmt: skip
+            "approx_params": approx["search"], "exact_top1": e1, "approx_top1": a1, "all_times": times}  # fmt: skip
 
 
 def sweep_bench(n: int, dim: int, classes: int, lrs: int, wds: int, epochs: int) -> dict:
@@ -181,7 +188,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smaller sizes (seconds)")
     p.add_argument("--rows", type=int, default=20_000, help="extraction rows (and 3x as many)")
     p.add_argument("--bank", type=int, default=100_000, help="k-NN bank rows (the issue's 200k at a fraction)")
-    p.add_argument("--queries", type=int, default=10_000)
+    p.add_argument("--queries", type=int, default=5_000)
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--json", default=str(Path(__file__).parent / "results" / "eval_scale.json"))
     args = p.parse_args()
