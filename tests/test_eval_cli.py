@@ -305,3 +305,48 @@ def test_unknown_trailing_arguments_are_still_rejected(ckpt):
     with pytest.raises(SystemExit) as exc:
         main(["eval", "features", str(ckpt), "--data", VAL, "--bogus"])
     assert exc.value.code == 2
+
+
+def test_default_outputs_name_their_inputs_and_results_of_other_inputs_are_not_overwritten(ckpt, tmp_path, capsys):
+    base = ["eval", "knn", ckpt, "--train", TRAIN, "--num-workers", 0, "--k", 5]
+    assert _run(*base, "--val", VAL) == 0
+    assert _run(*base, "--val", "shapes:num_samples=16") == 0
+    written = sorted((ckpt.parent / "eval").glob("knn-shapes-shapes-val-pooled-*.json"))
+    assert len(written) == 2  # two evaluations, two files
+    assert {json.loads(p.read_text())["val"] for p in written} == {VAL, "shapes:num_samples=16"}
+    capsys.readouterr()
+    assert _run(*base, "--val", VAL, "--out", written[0] if VAL in written[0].read_text() else written[1]) == 0
+    other = written[1] if VAL in written[0].read_text() else written[0]
+    assert _run(*base, "--val", VAL, "--out", other) == 2  # holds the result of other inputs
+    err = capsys.readouterr().err.strip()
+    assert "holds the result of other inputs" in err and "\n" not in err
+
+
+def test_probes_reuse_existing_feature_stores(ckpt, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    common = ["--num-workers", 0, "--cache-dir", cache]
+    for spec, split in ((TRAIN, "train"), (VAL, "val")):
+        assert _run("eval", "features", ckpt, "--data", spec, "--split", split, *common) == 0
+    printed = capsys.readouterr().out
+    assert "reuse it: vitssl eval knn|linear" in printed and "--train-features" in printed
+    train_dir, val_dir = (F.extract_cached(ckpt, s, sp, cache_dir=cache, device="cpu").path for s, sp in
+                          ((TRAIN, "train"), (VAL, "val")))  # fmt: skip
+    by_spec, by_store = tmp_path / "spec.json", tmp_path / "store.json"
+    assert _run("eval", "knn", ckpt, "--train", TRAIN, "--val", VAL, *common, "--k", 5, "--out", by_spec) == 0
+    argv = ["eval", "knn", ckpt, "--train-features", train_dir, "--val-features", val_dir, "--k", 5]
+    assert _run(*argv, "--out", by_store) == 0
+    a, b = json.loads(by_spec.read_text()), json.loads(by_store.read_text())
+    assert a["results"] == b["results"] and b["train_features"] == str(train_dir)
+    capsys.readouterr()
+    assert _run(*argv, "--layer", "mean", "--out", tmp_path / "x.json") == 2  # the stores hold layer pooled
+    err = capsys.readouterr().err.strip()
+    assert "layer 'pooled' (wanted 'mean')" in err and "\n" not in err
+    assert _run("eval", "knn", ckpt, "--val", VAL, "--out", tmp_path / "y.json") == 2  # neither --train nor a store
+    approx = tmp_path / "approx.json"
+    assert _run(*argv, "--approx", "--out", approx) == 0
+    assert json.loads(approx.read_text())["search"]["index"] == "IVF-Flat"
+    sweep = tmp_path / "sweep.json"
+    linear_argv = ["eval", "linear", ckpt, "--train-features", train_dir, "--val-features", val_dir, "--epochs", 2]
+    assert _run(*linear_argv, "--method", "sweep", "--lrs", 0.1, 1.0, "--wds", 0, 0.001, "--out", sweep) == 0
+    table = json.loads(sweep.read_text())["results"]["linear_sweep"]["table"]
+    assert len(table) == 4 and "linear sweep: 4 heads" in capsys.readouterr().out

@@ -61,7 +61,8 @@ def test_knn_command_builds_its_payload_and_launch_settings(tmp_path, launched):
     assert main([str(a) for a in [*argv, "launch=local", 200, "launch.tasks_per_node=2", "--device", "cpu"]]) == 0
     ((launch_cfg, payload, output_dir),) = launched
     assert isinstance(launch_cfg, LaunchConfig) and launch_cfg.backend == "local" and launch_cfg.tasks_per_node == 2
-    out = ckpt.parent / "eval" / "knn-digits-val-pooled.json"
+    (out,) = [Path(payload.out)]  # the default name says what was evaluated, with a digest of every input
+    assert out.parent == ckpt.parent / "eval" and out.name.startswith("knn-digits-digits-val-pooled-")
     assert payload == cli_eval.KnnJob(
         checkpoint=str(ckpt), device="cpu", **PROBE, out=str(out), ks=(10, 20, 100, 200), num_workers=None
     )

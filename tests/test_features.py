@@ -14,6 +14,7 @@ from vitssl.config import ConfigError, load_config
 from vitssl.data.common import SKIP_HINT
 from vitssl.errors import UserError
 from vitssl.eval import features as F
+from vitssl.eval import model as M
 from vitssl.eval.spec import build_eval_dataset, canonical_options, parse_data_spec
 
 DATA = "shapes:num_samples=20"
@@ -68,6 +69,12 @@ def test_layers_give_dino_options_with_their_widths(model):
     torch.testing.assert_close(out["mean"], tokens[:, 1:].mean(1))
     torch.testing.assert_close(out["last2"][:, :width], blocks[0][:, 0])  # oldest block first (DINO's order)
     torch.testing.assert_close(out["last2"][:, width:], out["cls"])  # the last block's normed class token
+    with torch.no_grad():
+        dinov2 = F.layer_features(model.objective, images, "last2avg")
+    assert dinov2.shape == (4, 3 * width)  # DINOv2's linear input: class tokens, then the mean patch token
+    torch.testing.assert_close(dinov2[:, : 2 * width], out["last2"])
+    torch.testing.assert_close(dinov2[:, 2 * width :], out["mean"])
+    assert F.parse_layer("last4avg") == "last4avg"
 
 
 def test_layer_names_and_backbones_without_class_token_fail_clearly():
@@ -90,18 +97,21 @@ def test_layer_names_and_backbones_without_class_token_fail_clearly():
 
 def test_features_are_cached_and_reused_without_a_forward(model, tmp_path, monkeypatch):
     first = F.extract_cached(model, DATA, "val", "pooled", tmp_path)
-    assert not first.meta["cache_hit"] and len(first) == 20 and first.features.dtype == np.float32
-    assert sorted(p.name for p in first.path.iterdir()) == ["features.npy", "ids.json", "labels.npy", "meta.json"]
+    assert not first.meta["cache_hit"] and len(first) == 20 and first.features.dtype == np.float16  # the default
+    assert sorted(p.name for p in first.path.iterdir()) == ["manifest.json", "shard-00000"]  # a feature store
     assert first.labels.tolist() == [i % 8 for i in range(20)] and first.sample_ids[3] == "shapes/val/3"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
     with torch.no_grad():  # the cached features are the model's features of the evaluation images
         direct = model.objective.eval_features(_images(model)).numpy()
-    np.testing.assert_allclose(first.features[:4], direct, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(first.features[:4], direct, rtol=1e-3, atol=1e-3)
+    full = F.extract_cached(model, DATA, "val", "pooled", tmp_path, dtype="float32")  # the float32 option
+    assert not full.meta["cache_hit"] and full.features.dtype == np.float32 and full.path != first.path
+    np.testing.assert_allclose(full.features[:4], direct, rtol=1e-5, atol=1e-6)
 
     def no_forward(*args, **kwargs):
         raise AssertionError("the cache was not used")
 
-    monkeypatch.setattr(F, "extract_rows", no_forward)
+    monkeypatch.setattr(F, "extract_to_store", no_forward)
     again = F.extract_cached(model, DATA, "val", "pooled", tmp_path)
     assert again.meta["cache_hit"] and again.path == first.path
     np.testing.assert_array_equal(again.features, first.features)
@@ -168,7 +178,9 @@ def test_checkpoints_of_every_objective_give_their_evaluation_features(objective
     train(load_config(recipe, [f"output_dir={tmp_path}", "train.stop_after_steps=1", *overrides]))
     model = F.EvalModel(tmp_path / "checkpoint_last.pth", "cpu")
     assert model.objective_name == objective
-    fs = F.extract_cached(model, "shapes:num_samples=12", "val", "pooled", tmp_path / "cache", batch_size=5)
+    fs = F.extract_cached(
+        model, "shapes:num_samples=12", "val", "pooled", tmp_path / "cache", batch_size=5, dtype="float32"
+    )
     dataset, _, _ = build_eval_dataset("shapes:num_samples=12")
     images = torch.stack([model.sample_fn(dataset[i][0], 0)[0] for i in range(12)])
     with torch.no_grad():  # pooled = the objective's own evaluation features (iGPT: its probe layer)
@@ -189,7 +201,7 @@ def test_checkpoint_hash_is_remembered_next_to_the_file(tmp_path):
     assert digest == hashlib.sha256(b"a" * 1000).hexdigest()
     sidecar = json.loads((tmp_path / ".weights.pth.sha256.json").read_text())
     assert sidecar["sha256"] == digest and sidecar["size"] == 1000
-    F._HASHES.clear()
+    M._HASHES.clear()
     assert F.checkpoint_sha256(path) == digest  # from the sidecar
     path.write_bytes(b"b" * 1000)  # same size, new mtime
     os.utime(path, ns=(1, 1))
@@ -198,7 +210,7 @@ def test_checkpoint_hash_is_remembered_next_to_the_file(tmp_path):
 
 def test_row_ranges_are_sliced_from_the_cached_whole_set(model, tmp_path, monkeypatch):
     whole = F.extract_cached(model, DATA, "val", "pooled", tmp_path)
-    monkeypatch.setattr(F, "extract_rows", lambda *a, **k: pytest.fail("the whole set's features were cached"))
+    monkeypatch.setattr(F, "extract_to_store", lambda *a, **k: pytest.fail("the whole set's features were cached"))
     part = F.extract_cached(model, DATA, "val", "pooled", tmp_path, rows=(5, 12))
     assert part.meta["cache_hit"] and part.path != whole.path
     np.testing.assert_array_equal(part.features, whole.features[5:12])
@@ -234,17 +246,19 @@ def test_extract_rows_skips_corrupt_items_only_when_asked(model):
 
 
 def test_progress_logs_every_tenth_without_a_terminal(monkeypatch, caplog):
+    from vitssl.eval import progress as P
+
     monkeypatch.setattr(F.Progress, "QUIET_S", 0.0)  # log from the start (short loops stay quiet otherwise)
     monkeypatch.setattr(F.Progress, "LOG_EVERY_S", 1e9)  # only the 10 % steps, however slow the machine
-    monkeypatch.setattr(F.sys.stderr, "isatty", lambda: False)
-    with caplog.at_level("INFO", logger="vitssl.eval.features"), F.Progress(50, "features of x", "img") as progress:
+    monkeypatch.setattr(P.sys.stderr, "isatty", lambda: False)
+    with caplog.at_level("INFO", logger="vitssl.eval.progress"), F.Progress(50, "features of x", "img") as progress:
         for _ in range(50):
             progress.update(1)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 10 and lines[0].startswith("features of x: 5/50 img (10%)")
     assert lines[-1].startswith("features of x: 50/50 img (100%)")
     caplog.clear()
-    with caplog.at_level("INFO", logger="vitssl.eval.features"), F.Progress(50, "quiet", enabled=False) as progress:
+    with caplog.at_level("INFO", logger="vitssl.eval.progress"), F.Progress(50, "quiet", enabled=False) as progress:
         progress.update(50)  # other ranks say nothing
     assert not caplog.records
 
@@ -253,9 +267,11 @@ def test_one_extraction_loop_serves_transformed_datasets(model, monkeypatch):
     from vitssl.data import TransformedDataset
 
     dataset, _, _ = build_eval_dataset(DATA)
+    from vitssl.eval import extract as E
+
     calls = []
-    real = F._embed
-    monkeypatch.setattr(F, "_embed", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    real = E._embed
+    monkeypatch.setattr(E, "_embed", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     F.extract_features(model.objective.eval_features, TransformedDataset(dataset, model.sample_fn, seed=0), 8)
     F.extract_rows(model.feature_fn("pooled"), dataset, model.sample_fn, [2, 5], batch_size=8)
     assert calls == [None, [2, 5]]  # both entry points run the same loop

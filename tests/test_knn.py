@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import itertools
 import json
 import os
 import platform
@@ -15,6 +16,7 @@ import torch
 
 from vitssl import _faiss
 from vitssl.eval import knn
+from vitssl.eval.store import ShardedRows
 
 NUM_CLASSES = 7
 
@@ -167,6 +169,106 @@ def test_knn_evaluate_reports_every_k_and_per_class(data):
     assert row["per_class_top1"][6] is None and len(row["per_class_top1"]) == NUM_CLASSES
     table = knn.format_knn_table(result)
     assert "top-1" in table and len(table.splitlines()) == 4
+
+
+def _store_view(features: np.ndarray, tmp_path, cuts=(0, 130, 131, 400)) -> ShardedRows:
+    """``features`` written as memory-mapped shards (as a feature store holds them), read back as one view."""
+    bounds = [*cuts, len(features)]
+    tmp_path = tmp_path / f"store{len(list(tmp_path.iterdir()))}"  # never over files another view maps
+    tmp_path.mkdir()
+    parts = []
+    for i, (a, b) in enumerate(itertools.pairwise(bounds)):
+        np.save(tmp_path / f"part{i}.npy", features[a:b])
+        parts.append(np.load(tmp_path / f"part{i}.npy", mmap_mode="r"))
+    return ShardedRows(parts)
+
+
+class _NoWholeCopy(ShardedRows):
+    def __array__(self, dtype=None, copy=None):
+        raise AssertionError("the bank was read whole")
+
+
+@pytest.mark.parametrize("unit", [False, True])
+def test_in_memory_and_store_banks_give_identical_results(data, tmp_path, monkeypatch, unit):
+    train, labels, query, query_labels = data
+    train = knn.normalize_features(train) if unit else train
+    monkeypatch.setattr(knn, "_TRAIN_BLOCK_BYTES", 97 * 24 * 4)  # blocks of 97 rows straddle the shard cuts
+    view = _store_view(train, tmp_path)
+    streamed = _NoWholeCopy(view.parts)
+    for k in (1, 20, 200):
+        got, want = knn.knn_search(streamed, query, k, chunk_size=33), knn.knn_search(train, query, k, chunk_size=33)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+    in_memory = knn.knn_evaluate(train, labels, query, query_labels, ks=[5, 20], num_classes=NUM_CLASSES)
+    stored = knn.knn_evaluate(streamed, labels, _store_view(query, tmp_path, (0, 50)), query_labels, ks=[5, 20])
+    assert stored["results"] == in_memory["results"]
+
+
+def test_float16_store_searches_its_own_values(data, tmp_path):
+    train, _labels, query, _ = data
+    half = train.astype(np.float16)
+    got = knn.knn_search(_store_view(half, tmp_path), query, 20)
+    want = knn.knn_search(half.astype(np.float32), query, 20)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+
+
+def test_k_above_the_bank_is_clamped_once_never_duplicated(data, tmp_path, caplog):
+    _, _, query, query_labels = data
+    train, labels = _clustered(12, 24, seed=3)
+    for bank in (train, _store_view(train, tmp_path, (0, 5))):  # in memory and streamed from shards
+        caplog.clear()
+        result = knn.knn_evaluate(bank, labels, query, query_labels, ks=[5, 20, 100], num_classes=NUM_CLASSES)
+        assert list(result["results"]) == ["5", "12"] and [r["k"] for r in result["results"].values()] == [5, 12]
+        assert caplog.text.count("exceeds the 12 training features") == 1 and "k=20, 100" in caplog.text
+        assert len(knn.format_knn_table(result).splitlines()) == 4  # two rows, not three
+        scores = knn.knn_predict_multi_k(bank, labels, query, (20, 100, 5), num_classes=NUM_CLASSES)
+        assert sorted(scores) == [5, 12]
+        ref, _ = _reference(train, labels, query, 12, 0.07, NUM_CLASSES)
+        np.testing.assert_allclose(scores[12], ref, rtol=1e-5)
+    _sims, idx = knn.knn_search(train, query, 12)
+    assert all(len(set(row)) == 12 for row in idx.tolist())  # every training row once per query
+
+
+def test_approximate_search_finds_the_exact_neighbours_of_clustered_features():
+    train, labels = _clustered(4000, 24, seed=1)
+    query, query_labels = _clustered(300, 24, seed=2)
+    params = knn.approx_params(len(train))
+    assert params == {"nlist": 32, "nprobe": 2, "train_rows": 1280}
+    assert knn.approx_params(100)["nlist"] == 1 and knn.approx_params(1_281_167)["nlist"] == 1024
+    exact = knn.knn_evaluate(train, labels, query, query_labels, ks=[20], num_classes=NUM_CLASSES)
+    approx = knn.knn_evaluate(train, labels, query, query_labels, ks=[20], num_classes=NUM_CLASSES, approx=True)
+    assert approx["search"]["index"] == "IVF-Flat" and approx["search"]["nprobe"] == 2
+    assert abs(approx["results"]["20"]["top1"] - exact["results"]["20"]["top1"]) <= 2.0
+    sims, idx, _ = knn.knn_search_approx(train, query, 20)
+    exact_sims, exact_idx = knn.knn_search(train, query, 20)
+    recall = np.mean([len(set(a) & set(b)) / 20 for a, b in zip(idx.tolist(), exact_idx.tolist())])
+    assert recall > 0.5
+    every, every_idx, _ = knn.knn_search_approx(train, query, 20, nlist=32, nprobe=32)  # all lists: exact
+    np.testing.assert_allclose(every, exact_sims, rtol=1e-5, atol=1e-6)
+    assert (np.sort(every_idx, axis=1) == np.sort(exact_idx, axis=1)).mean() > 0.99  # (ties may swap)
+    found = idx >= 0
+    np.testing.assert_allclose(sims[found], (knn.normalize_features(query) @ knn.normalize_features(train).T)[
+        np.nonzero(found)[0], idx[found]], rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+def test_neighbours_an_approximate_search_did_not_find_cast_no_vote():
+    train, labels = _clustered(300, 8, seed=5)
+    query, _ = _clustered(40, 8, seed=6)
+    sims, idx, params = knn.knn_search_approx(train, query, 250, nlist=4, nprobe=1)
+    assert params["nlist"] == 4 and (idx < 0).any()  # one list of ~75 rows cannot give 250 neighbours
+    assert np.isneginf(sims[idx < 0]).all()
+    for row in idx.tolist():
+        kept = [i for i in row if i >= 0]
+        assert len(kept) == len(set(kept))  # never a row twice
+    scores = knn.knn_scores_from_neighbours(sims, idx, labels, num_classes=NUM_CLASSES)
+    found = np.where(idx >= 0, idx, 0)
+    expected = np.zeros_like(scores, dtype=np.float64)
+    for i in range(len(query)):
+        for j in range(idx.shape[1]):
+            if idx[i, j] >= 0:
+                expected[i, labels[found[i, j]]] += np.exp(sims[i, j] / 0.07)
+    np.testing.assert_allclose(scores, expected, rtol=1e-5)
 
 
 class _RecordingFaissFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):

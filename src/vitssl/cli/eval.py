@@ -63,6 +63,7 @@ class FeaturesJob(EvalJob):
 
     data: str  # data spec, NAME[:key=value,...]
     split: str  # the split used (from --split or the spec)
+    feature_dtype: str = "float16"  # stored precision of the feature store: float16 | float32
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,6 +75,9 @@ class ProbeJob(EvalJob):
     train_split: str  # split of --train (default train)
     val_split: str  # split of --val (default val)
     out: str  # result JSON (absolute)
+    train_features: str | None = None  # an existing feature store to use instead of extracting --train
+    val_features: str | None = None  # an existing feature store to use instead of extracting --val
+    feature_dtype: str = "float16"  # stored precision of extracted feature stores: float16 | float32
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,13 +86,15 @@ class KnnJob(ProbeJob):
 
     ks: tuple[int, ...] = DEFAULT_KS  # neighbour counts
     temperature: float = 0.07  # vote temperature T: a neighbour votes exp(similarity / T)
+    approx: bool = False  # search an IVF index (parameters from the bank size) instead of exactly
 
 
 @dataclass(frozen=True, kw_only=True)
 class LinearJob(ProbeJob):
     """``vitssl eval linear``: SGD linear probe (on cached or augmented features) and/or logistic regression."""
 
-    method: str = "sgd"  # sgd | logreg | both
+    method: str = "sgd"  # sgd | logreg | both | sweep (lrs x wds x feature variants of the layer)
+    wds: tuple[float, ...] = (0.0,)  # sweep: weight decays
     epochs: int = 90  # SGD epochs
     lrs: tuple[float, ...] | None = None  # SGD learning rates, one head each; None: 0.01..3.0 x batch / 256
     cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)  # logistic-regression inverse regularisations
@@ -234,6 +240,7 @@ def job_features(
         skip_corrupt=job.skip_corrupt,
         rows=rows,
         option=option,
+        dtype=getattr(job, "feature_dtype", "float32"),  # index jobs keep full precision
     )
 
 
@@ -265,6 +272,10 @@ def _job_features(job: FeaturesJob) -> dict[str, Any]:
     how = "read from the cache" if fs.meta["cache_hit"] else f"extracted in {fs.meta['seconds']:.1f} s"
     print(f"{len(fs)} x {fs.dim} features of {job.data} ({fs.meta['key']['split']}, layer {job.layer}) {how}")
     print(f"  folder: {fs.path}")
+    print(
+        f"  reuse it: vitssl eval knn|linear {job.checkpoint} --train-features {fs.path} --val-features <DIR> "
+        "(or --train/--val with the same data: the cache finds it)"
+    )
     hit = fs.meta["cache_hit"]
     return {"task": "features", "folder": str(fs.path), "count": len(fs), "dim": fs.dim, "cache_hit": hit}
 
@@ -290,11 +301,49 @@ def _num_classes(train: Any, val: Any) -> int:
     return max(len(train.classes), observed)
 
 
+def _stored_features(model: Any, job: ProbeJob, folder: str, option: str) -> Any:
+    """An existing feature store given by ``option``, refused unless it holds this checkpoint's ``--layer``."""
+    from vitssl.eval.features import FeatureSet
+    from vitssl.eval.store import FeatureStore
+
+    store = FeatureStore(folder)
+    store.check({"checkpoint_sha256": model.checkpoint_hash, "layer": job.layer}, option)
+    fs = FeatureSet.load(folder)
+    fs.meta["cache_hit"] = True
+    return fs
+
+
 def _probe_features(job: ProbeJob) -> tuple[Any, Any, Any]:
-    """The evaluation model and the ``--train`` / ``--val`` feature sets of a probe job (extracted on every rank)."""
+    """The evaluation model and the ``--train`` / ``--val`` feature sets of a probe job: existing stores
+    (``--train-features`` / ``--val-features``), or extracted on every rank (each its own shards)."""
     model = eval_model(job)
-    train = job_features(model, job, job.train, job.train_split, "--train")
+    if job.train_features:
+        train = _stored_features(model, job, job.train_features, "--train-features")
+    else:
+        train = job_features(model, job, job.train, job.train_split, "--train")
+    if job.val_features:
+        return model, train, _stored_features(model, job, job.val_features, "--val-features")
     return model, train, job_features(model, job, job.val, job.val_split, "--val")
+
+
+def _check_overwrite(path: str, record: dict[str, Any]) -> None:
+    """Refuse to replace a result of other inputs (checkpoint, data, layer) at ``path``."""
+    import json
+
+    target = Path(path)
+    if not target.is_file():
+        return
+    try:
+        old = json.loads(target.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # not a result of ours: an unreadable file is replaced like any output
+    keys = ("checkpoint_sha256", "train", "val", "layer", "train_features", "val_features")
+    differs = [k for k in keys if isinstance(old, dict) and k in old and old.get(k) != record.get(k)]
+    if differs:
+        raise ConfigError(
+            f"--out {target} holds the result of other inputs ({', '.join(f'{k} {old.get(k)!r}' for k in differs)}); "
+            "pass another --out or delete it"
+        )
 
 
 def _probe_record(task: str, model: Any, job: ProbeJob, train: Any, val: Any) -> dict[str, Any]:
@@ -319,9 +368,13 @@ def _job_knn(job: KnnJob) -> dict[str, Any]:
     if not is_main():
         return {}
     num_classes = _num_classes(train, val)
-    result = knn_evaluate(train.features, train.labels, val.features, val.labels, job.ks, job.temperature, num_classes)
+    record = _probe_record("knn", model, job, train, val)
+    _check_overwrite(job.out, record)
+    result = knn_evaluate(
+        train.features, train.labels, val.features, val.labels, job.ks, job.temperature, num_classes, approx=job.approx
+    )
     out = {
-        **_probe_record("knn", model, job, train, val),
+        **record,
         **result,
         "seconds": round(time.perf_counter() - t0, 3),
         "output": job.out,
@@ -351,6 +404,8 @@ def _job_linear(job: LinearJob) -> dict[str, Any]:
     t0 = time.perf_counter()
     model, train, val = _probe_features(job)
     num_classes = _num_classes(train, val)
+    if is_main():
+        _check_overwrite(job.out, _probe_record("linear", model, job, train, val))
     data = (train.features, train.labels, val.features, val.labels, num_classes)
     methods = ["sgd", "logreg"] if job.method == "both" else [job.method]
     results: dict[str, dict[str, Any]] = {}
@@ -361,6 +416,8 @@ def _job_linear(job: LinearJob) -> dict[str, Any]:
             continue
         elif method == "sgd":
             results["linear_sgd"] = linear.train_linear_probe(*data, **_sgd_options(model, job))
+        elif method == "sweep":
+            results["linear_sweep"] = _sweep(model, job, train, val, num_classes)
         else:
             results["logistic_regression"] = linear.logistic_regression_probe(
                 *data, Cs=job.cs, max_iter=job.max_iter, holdout_fraction=job.holdout_fraction, seed=job.seed
@@ -374,7 +431,12 @@ def _job_linear(job: LinearJob) -> dict[str, Any]:
         png = out_path.with_name(f"{out_path.stem}-confusion-{name}.png")
         linear.save_confusion_matrix_png(r["confusion_matrix"], names, png)
         pictures[name] = str(png)
-        print(linear.format_probe_table(r))
+        if name == "linear_sweep":
+            from vitssl.eval.sweep import format_sweep_table
+
+            print(format_sweep_table(r))
+        else:
+            print(linear.format_probe_table(r))
     out = {
         **_probe_record("linear", model, job, train, val),
         "results": {name: linear.result_to_json(r) for name, r in results.items()},
@@ -385,6 +447,28 @@ def _job_linear(job: LinearJob) -> dict[str, Any]:
     write_result(out, out_path)
     print(f"written to {out_path} (confusion matrices: {', '.join(pictures.values())})")
     return out
+
+
+def _sweep(model: Any, job: LinearJob, train: Any, val: Any, num_classes: int) -> dict[str, Any]:
+    """lrs x wds x the layer's feature variants, in one pass over the (memory-mapped) features."""
+    from vitssl.eval.linear import default_lrs
+    from vitssl.eval.sweep import layer_variants, train_linear_sweep
+
+    return train_linear_sweep(
+        train.features,
+        train.labels,
+        val.features,
+        val.labels,
+        num_classes,
+        lrs=job.lrs or default_lrs(job.probe_batch_size),
+        wds=job.wds,
+        variants=layer_variants(job.layer, train.dim),
+        epochs=job.epochs,
+        batch_size=job.probe_batch_size,
+        holdout_fraction=job.holdout_fraction,
+        seed=job.seed,
+        device=model.device,
+    )
 
 
 def _augmented_probe(model: Any, job: LinearJob, train: Any, val: Any, num_classes: int) -> dict[str, Any]:
@@ -500,11 +584,22 @@ def split_of(spec: str, default: str, split: str | None = None, option: str = "-
         raise ConfigError(f"{option}: {err}") from None
 
 
-def _default_out(checkpoint: str, task: str, spec: str, split: str, layer: str) -> Path:
+def _default_out(checkpoint: str, task: str, what: dict[str, Any]) -> Path:
+    """``<checkpoint folder>/eval/<task>-<train data>-<val data>-<layer>-<digest>.json``: the name says what was
+    evaluated, and the digest of every input (checkpoint file, both data specs with their options and splits or
+    feature stores, layer) keeps two evaluations from writing to one file."""
+    import hashlib
+    import json
+
     from vitssl.eval.spec import parse_data_spec
 
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", parse_data_spec(spec)[0])
-    return Path(checkpoint).parent / "eval" / f"{task}-{name}-{split}-{layer}.json"
+    def name(spec: str | None, store: str | None) -> str:
+        text = Path(store).name.split("-")[0] if store else parse_data_spec(spec or "data")[0]
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:40]
+
+    digest = hashlib.sha256(json.dumps({"checkpoint": checkpoint, **what}, sort_keys=True).encode()).hexdigest()[:10]
+    train, val = name(what["train"], what["train_features"]), name(what["val"], what["val_features"])
+    return Path(checkpoint).parent / "eval" / f"{task}-{train}-{val}-{what['val_split']}-{what['layer']}-{digest}.json"
 
 
 def _cmd_features(args: argparse.Namespace) -> int:
@@ -512,23 +607,47 @@ def _cmd_features(args: argparse.Namespace) -> int:
 
     split = split_of(args.data, "val", args.split)
     launch_cfg, device = launch_settings(args)
-    job = FeaturesJob(**extraction_fields(args, device), data=args.data, split=split)
+    job = FeaturesJob(**extraction_fields(args, device), data=args.data, split=split, feature_dtype=args.feature_dtype)
     launch_job(launch_cfg, job, Path(job.cache_dir) if job.cache_dir else default_cache_dir(job.checkpoint))
     return 0
 
 
 def _probe_fields(args: argparse.Namespace, task: str, device: str) -> dict[str, Any]:
     """The :class:`ProbeJob` fields of ``eval knn`` / ``eval linear``."""
+    from vitssl.eval.store import DTYPES
+
     fields = extraction_fields(args, device)
-    train_split = split_of(args.train, "train", option="--train")
-    val_split = split_of(args.val, "val", option="--val")
-    out = Path(args.out) if args.out else _default_out(fields["checkpoint"], task, args.val, val_split, args.layer)
-    return {
-        **fields,
+    stores = {}
+    for option, spec, folder in (("--train", args.train, args.train_features), ("--val", args.val, args.val_features)):
+        if (spec is None) == (folder is None):
+            raise ConfigError(f"give {option} SPEC (data to embed) or {option}-features DIR (a feature store), one")
+        if folder is not None:
+            if not (Path(folder) / "manifest.json").is_file():
+                raise ConfigError(f"{option}-features {folder}: not a feature store (vitssl eval features makes one)")
+            stores[option] = str(Path(folder).absolute())
+    if args.feature_dtype not in DTYPES:
+        raise ConfigError(f"--feature-dtype {args.feature_dtype}: choose {' or '.join(DTYPES)}")
+    train_split = split_of(args.train, "train", option="--train") if args.train else "train"
+    val_split = split_of(args.val, "val", option="--val") if args.val else "val"
+    what = {
         "train": args.train,
         "val": args.val,
         "train_split": train_split,
         "val_split": val_split,
+        "train_features": stores.get("--train"),
+        "val_features": stores.get("--val"),
+        "layer": args.layer,
+    }
+    out = Path(args.out) if args.out else _default_out(fields["checkpoint"], task, what)
+    return {
+        **fields,
+        "train": args.train or "",
+        "val": args.val or "",
+        "train_split": train_split,
+        "val_split": val_split,
+        "train_features": what["train_features"],
+        "val_features": what["val_features"],
+        "feature_dtype": args.feature_dtype,
         "out": str(out.absolute()),
     }
 
@@ -544,7 +663,9 @@ def _cmd_knn(args: argparse.Namespace) -> int:
         raise ConfigError(f"--temperature {args.temperature}: {err}") from None
     launch_cfg, device = launch_settings(args)
     fields = _probe_fields(args, "knn", device)
-    job = KnnJob(**fields, ks=tuple(int(k) for k in args.k), temperature=float(args.temperature))
+    job = KnnJob(
+        **fields, ks=tuple(int(k) for k in args.k), temperature=float(args.temperature), approx=bool(args.approx)
+    )
     launch_job(launch_cfg, job, Path(job.out).parent)
     return 0
 
@@ -580,6 +701,7 @@ def _cmd_linear(args: argparse.Namespace) -> int:
     job = LinearJob(
         **_probe_fields(args, "linear", device),
         method=args.method,
+        wds=tuple(float(x) for x in args.wds),
         finetune_aug=bool(args.finetune_aug),
         aug_scale_min=float(args.aug_scale_min),
         epochs=int(args.epochs),
@@ -679,12 +801,21 @@ def add_data_options(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--split", help="split (default: the spec's, else val)")
 
 
-def _add_probe_data(p: argparse.ArgumentParser) -> None:
+def _add_feature_dtype(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--train", required=True, metavar="SPEC", help=f"training data, split train by default: {SPEC_SYNTAX}"
+        "--feature-dtype", default="float16", help="precision of the feature store: float16 (default) or float32"
     )
-    p.add_argument("--val", required=True, metavar="SPEC", help="evaluation data (split val by default)")
-    p.add_argument("--out", metavar="FILE", help="result JSON (default <checkpoint folder>/eval/<task>-...json)")
+
+
+def _add_probe_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--train", metavar="SPEC", help=f"training data, split train by default: {SPEC_SYNTAX}")
+    p.add_argument("--val", metavar="SPEC", help="evaluation data (split val by default)")
+    p.add_argument("--train-features", metavar="DIR", help="an existing feature store instead of --train")
+    p.add_argument("--val-features", metavar="DIR", help="an existing feature store instead of --val")
+    p.add_argument(
+        "--out", metavar="FILE", help="result JSON (default <checkpoint folder>/eval/<task>-<train>-<val>-...json)"
+    )
+    _add_feature_dtype(p)
 
 
 def _add_clip_options(p: argparse.ArgumentParser, data_help: str) -> None:
@@ -724,6 +855,7 @@ def register_commands(
     )
     add_extraction_options(p)
     add_data_options(p, "dataset")
+    _add_feature_dtype(p)
     p.set_defaults(func=_cmd_features)
 
     p = add_parser(
@@ -743,6 +875,9 @@ def register_commands(
         help="neighbour counts (default 10 20 100 200)",
     )
     p.add_argument("--temperature", type=float, default=0.07, help="vote temperature T (default 0.07)")
+    p.add_argument(
+        "--approx", action="store_true", help="approximate search (IVF, lists and probes chosen from the bank size)"
+    )
     p.set_defaults(func=_cmd_knn)
 
     p = add_parser(
@@ -755,7 +890,21 @@ def register_commands(
     )
     add_extraction_options(p)
     _add_probe_data(p)
-    p.add_argument("--method", choices=("sgd", "logreg", "both"), default="sgd", help="probe(s) to train (default sgd)")
+    p.add_argument(
+        "--method",
+        choices=("sgd", "logreg", "both", "sweep"),
+        default="sgd",
+        help="probe(s) to train (default sgd); sweep: --lrs x --wds x the layer's feature variants in one pass "
+        "(--layer last4avg gives DINOv2's four)",
+    )
+    p.add_argument(
+        "--wds",
+        nargs="+",
+        type=number_or_override(float),
+        action=ListWithOverrides,
+        default=[0.0],
+        help="with --method sweep: weight decays (default 0)",
+    )
     p.add_argument("--epochs", type=int, default=90, help="SGD epochs (default 90)")
     p.add_argument(
         "--lrs",

@@ -82,8 +82,10 @@ class MultiHeadLinear(nn.Module):
 
 
 def _as_tensor(x: np.ndarray | torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
+    if not isinstance(x, (np.ndarray, torch.Tensor)) and hasattr(x, "__array__"):  # a feature store's view
+        x = np.asarray(x)
     if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
+        x = torch.from_numpy(x if x.flags.writeable else np.array(x))  # memory maps of stores are read-only
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
     return x.detach().to(dtype)

@@ -2,7 +2,8 @@
 
 The corpus is read as it is stored: rank ``r`` with loader worker ``w`` reads its own shards sequentially (see
 :meth:`vitssl.data.shards.ShardStream.eval_items`), nothing is indexed or seeked. The parts are gathered on every
-rank and put in (shard, position in shard) order, so the result does not depend on the number of ranks or
+rank and put in (shard, position in shard) order (this one path still gathers: a stream has no row order to
+shard by before it is read), so the result does not depend on the number of ranks or
 workers. :func:`vitssl.eval.features.extract_cached` uses this for streamed corpora (feature cache, ``vitssl index
 build``); rows of such a set are positions in that order.
 """
@@ -17,7 +18,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from vitssl import distributed as dist
-from vitssl.eval.features import CorruptSampleError, Progress, corrupt_sample_error
+from vitssl.eval.extract import CorruptSampleError, corrupt_sample_error
+from vitssl.eval.progress import Progress
 
 
 @torch.no_grad()

@@ -38,8 +38,11 @@ DEFAULT_SPLIT = "val"
 SPEC_SYNTAX = "NAME[:key=value,key=value,...], e.g. shapes:split=val,num_samples=500"
 # A comma ends an option only where the next one starts ("key="), so "root=/a,b/c" keeps its comma.
 _SPEC_SPLIT = re.compile(r",(?=\s*[A-Za-z_][A-Za-z0-9_]*\s*=)")
-_LAYER_RE = re.compile(r"^(?:pooled|cls|mean|last([1-9][0-9]*))$")
-LAYER_HELP = "pooled | cls | mean | lastN (e.g. last4: class tokens of the last 4 blocks, concatenated)"
+_LAYER_RE = re.compile(r"^(?:pooled|cls|mean|last([1-9][0-9]*)(?:avg)?)$")
+LAYER_HELP = (
+    "pooled | cls | mean | lastN (e.g. last4: class tokens of the last 4 blocks, concatenated) | lastNavg "
+    "(lastN then the mean patch token: DINOv2's linear-probe input)"
+)
 
 
 def parse_data_spec(spec: str) -> tuple[str, dict[str, Any]]:
