@@ -164,8 +164,9 @@ def register_commands(subparsers: argparse._SubParsersAction, groups: dict[str, 
         description="Probe video files: the frame count is verified by decoding the last GOP (container headers "
         "and decord's len() can over-count); a file whose decoding stops before the end its header states is "
         "reported DAMAGED with the frame where it stops. Sizes are as displayed (a phone video's rotation "
-        "applied). 'decoder' is the reader that reads the file (auto: torchcodec where FFmpeg's libraries load, "
-        "else PyAV). Exit status 1 when every file is damaged, 2 for a missing file.",
+        "applied). 'decoder' is the reader that reads the file (auto: the one this machine's measurement chose, "
+        "'auto' until the first read measures; probe never measures). Exit status 1 when every file is damaged, "
+        "2 for a missing file.",
     )
     p.add_argument("files", nargs="+", metavar="FILE", help="video files (mp4, mkv, avi, ...)")
     p.add_argument("--json", action="store_true", help="print a JSON list of objects instead of one line per file")

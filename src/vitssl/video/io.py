@@ -569,8 +569,8 @@ def read_frames(
     Args:
         path: a video file.
         indices: frame indices in ``[0, num_frames)``, any order.
-        decoder: "auto" (the faster of torchcodec and PyAV here: measured on the first call of a process on a
-            machine not measured before, about a second, then cached; torchcodec for a CUDA device),
+        decoder: "auto" (the faster of torchcodec and PyAV here: measured on the first read on a machine not
+            measured before, about a second, then cached per machine; torchcodec for a CUDA device),
             "torchcodec", "decord" or "pyav".
         device: where torchcodec decodes and returns the frames ("cuda" for NVDEC); other readers: "cpu" only.
 
