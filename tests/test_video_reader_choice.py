@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -182,3 +184,25 @@ def test_the_measurement_times_each_reader_and_leaves_out_one_that_fails():
     assert set(figures) == {"fast", "slow"} and all(v > 0 for v in figures.values())
     assert len(resets) == 2 * 3 * 2  # a reset (decoders closed) before each timed clip: 2 readers x 3 clips x 2 rounds
     assert ("fast", 8) in reads and ("broken", 1) in reads and ("broken", 8) not in reads
+
+
+def test_readers_starting_together_measure_once(cache):
+    # DataLoader workers resolving auto at once: one measures under the lock, the others then read its result
+    started, release, calls, results = threading.Event(), threading.Event(), [], {}
+
+    def slow(candidates):
+        calls.append(list(candidates))
+        started.set()
+        release.wait(10)
+        return {"torchcodec": 10.0, "pyav": 20.0}
+
+    first = threading.Thread(target=lambda: results.setdefault("first", choose_reader(BOTH, slow)))
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(target=lambda: results.setdefault("second", choose_reader(BOTH, slow)))
+    second.start()
+    time.sleep(0.2)  # the second is waiting for the lock (or, if slower, finds the first's result)
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert calls == [BOTH] and results["first"].reader == results["second"].reader == "pyav"

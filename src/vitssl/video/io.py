@@ -116,6 +116,7 @@ _DECORD_OK: dict[tuple[str, int, int], bool] = {}  # whether decord gives 3-chan
 _TC_DECODERS: OrderedDict[tuple[Any, ...], Any] = OrderedDict()  # open torchcodec decoders of this process
 _TC_PID: list[int] = [os.getpid()]  # decoders opened in a parent are never used in a forked worker
 _AVAILABLE: dict[str, str | None] = {}  # reader -> None when it works, else why not (checked once a process)
+_TC_LIKELY: list[bool] = []  # whether torchcodec looks loadable, without importing it (probe's guess)
 
 
 def _corrupt(path: str, what: str) -> CorruptVideoError:
@@ -462,12 +463,15 @@ def _auto_name_fast() -> str:
     if "torchcodec" in _AVAILABLE:
         torchcodec = _AVAILABLE["torchcodec"] is None
     else:
-        import ctypes.util
-        import importlib.util
+        if not _TC_LIKELY:  # once a process: probe asks for every file of a dataset
+            import ctypes.util
+            import importlib.util
 
-        torchcodec = (
-            importlib.util.find_spec("torchcodec") is not None and ctypes.util.find_library("avutil") is not None
-        )
+            likely = (
+                importlib.util.find_spec("torchcodec") is not None and ctypes.util.find_library("avutil") is not None
+            )
+            _TC_LIKELY.append(likely)
+        torchcodec = _TC_LIKELY[0]
     candidates = [
         name for name in AUTO_READERS if (torchcodec if name == "torchcodec" else reader_problem(name) is None)
     ]

@@ -79,6 +79,7 @@ class ReaderChoice:
 
 _MEMO: dict[str, ReaderChoice | None] = {}  # key (JSON) -> choice of this process; None: not measured yet
 _FACTS: dict[str, Any] = {}
+_VERSIONS: dict[str, str | None] = {}  # package versions, read once a process (probe asks per file)
 
 
 def cache_path() -> Path:
@@ -117,13 +118,13 @@ def _machine_facts() -> dict[str, Any]:
 
 def machine_key(candidates: Sequence[str]) -> dict[str, Any]:
     """What a measurement holds for: the candidates' versions, FFmpeg, CPU model and cores, the method."""
-    versions = {}
     for name in candidates:
-        try:
-            versions[name] = importlib.metadata.version(_PACKAGES.get(name, name))
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return {"method": METHOD, "readers": versions, **_machine_facts()}
+        if name not in _VERSIONS:
+            try:
+                _VERSIONS[name] = importlib.metadata.version(_PACKAGES.get(name, name))
+            except importlib.metadata.PackageNotFoundError:
+                _VERSIONS[name] = None
+    return {"method": METHOD, "readers": {name: _VERSIONS[name] for name in candidates}, **_machine_facts()}
 
 
 def _key_text(key: Mapping[str, Any]) -> str:
@@ -347,8 +348,9 @@ def measure_clip_speeds(
 
 
 def forget() -> None:
-    """Forget this process's choices (tests; after installing a reader in a running process)."""
+    """Forget this process's choices and reader versions (tests; after installing a reader in a running process)."""
     _MEMO.clear()
+    _VERSIONS.clear()
 
 
 __all__ = [
