@@ -180,7 +180,9 @@ def test_the_measurement_times_each_reader_and_leaves_out_one_that_fails():
         assert Path(path).is_file()
         return indices
 
-    figures = reader_choice.measure_clip_speeds(["fast", "broken", "slow"], read, lambda: resets.append(1), clips=3)
+    figures = reader_choice.measure_clip_speeds(
+        ["fast", "broken", "slow"], read, lambda: resets.append(1), clips=3, rounds=2
+    )
     assert set(figures) == {"fast", "slow"} and all(v > 0 for v in figures.values())
     assert len(resets) == 2 * 3 * 2  # a reset (decoders closed) before each timed clip: 2 readers x 3 clips x 2 rounds
     assert ("fast", 8) in reads and ("broken", 1) in reads and ("broken", 8) not in reads

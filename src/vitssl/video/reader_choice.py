@@ -47,6 +47,7 @@ CACHE_NAME = "video_readers.json"
 METHOD = 1  # version of the measurement below: part of the key, so changing it measures again
 MARGIN = 1.10  # a reader must be this much faster than an earlier-preferred one to be chosen over it
 _MAX_ENTRIES = 64  # machine keys kept in one cache file (most recent last)
+_SAMPLE_FRAMES = 150  # 5 s at 30 fps: an exact-mode open scans every packet, so the sample is not too short
 _PACKAGES = {"torchcodec": "torchcodec", "pyav": "av", "decord": "decord"}
 
 Measure = Callable[[Sequence[str]], Mapping[str, float]]  # candidates -> clips/s of those that read (others left out)
@@ -272,7 +273,9 @@ def _measure_and_store(candidates: Sequence[str], measure: Measure, key: dict[st
 # --------------------------------------------------------------------------------------------------------------
 
 
-def write_sample_video(path: Path, frames: int = 64, width: int = 320, height: int = 240, gop: int = 32) -> Path:
+def write_sample_video(
+    path: Path, frames: int = _SAMPLE_FRAMES, width: int = 320, height: int = 240, gop: int = 32
+) -> Path:
     """A textured h264 mp4 (a grain that pans 2 pixels a frame: a bitrate like camera footage), for timing."""
     import av
 
@@ -299,7 +302,7 @@ def measure_clip_speeds(
     reset: Callable[[], None],
     clips: int = 4,
     clip_len: int = 8,
-    rounds: int = 2,
+    rounds: int = 3,
 ) -> dict[str, float]:
     """Clips/s of each candidate on :func:`write_sample_video`'s video: the median of ``clips x rounds`` timings.
 
@@ -320,7 +323,7 @@ def measure_clip_speeds(
     timings: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="vitssl-readers-") as folder:
         path = str(write_sample_video(Path(folder) / "sample.mp4"))
-        frames = 64
+        frames = _SAMPLE_FRAMES
         starts = np.random.default_rng(0).integers(0, frames - clip_len + 1, size=clips).tolist()
         working = []
         for name in candidates:
