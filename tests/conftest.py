@@ -84,3 +84,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# video: decoder="auto" caches its per-machine measurement (owner: video/io, vitssl.video.reader_choice)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _video_reader_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Tests (and the commands they start) cache ``auto``'s reader measurement in a session folder, never in the
+    user's ~/.cache: it is measured once a test session."""
+    saved = os.environ.get("VITSSL_CACHE_DIR")
+    os.environ["VITSSL_CACHE_DIR"] = str(tmp_path_factory.mktemp("vitssl_cache"))
+    yield
+    if saved is None:
+        os.environ.pop("VITSSL_CACHE_DIR", None)
+    else:
+        os.environ["VITSSL_CACHE_DIR"] = saved
+
+
+# ------------------------------------------------------------------------------------------- end of video

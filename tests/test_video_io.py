@@ -25,7 +25,6 @@ from vitssl.video.io import CorruptVideoError, ReaderUnavailableError, VideoInfo
 
 # every reader that loads here (torchcodec needs FFmpeg's libraries: .ci/run installs them)
 READERS = [r for r in ("torchcodec", "pyav", "decord") if video_io.reader_problem(r) is None]
-AUTO = video_io.resolve_decoder("auto")
 
 FRAMES = 40
 KINDS = {"h264.mp4": ("h264", ".mp4"), "mpeg4.mp4": ("mpeg4", ".mp4"), "h264.mkv": ("h264", ".mkv")}
@@ -44,18 +43,24 @@ def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
+@pytest.fixture(scope="module")
+def auto() -> str:
+    """What decoder="auto" reads with: measured once a test session (in conftest's cache folder)."""
+    return video_io.resolve_decoder("auto")
+
+
 def indices_of(frames: torch.Tensor) -> list[int]:
     assert frames.dtype == torch.uint8 and frames.ndim == 4 and frames.shape[-1] == 3
     return [decode_index(f) for f in frames.numpy()]
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_probe_reports_the_stream(videos, kind):
+def test_probe_reports_the_stream(videos, kind, auto):
     info = probe(videos[kind])
     codec = KINDS[kind][0]
-    # auto reads with torchcodec where FFmpeg's libraries load, else PyAV; decord reads these files too
+    # auto: the reader this machine's measurement chose (probe reports it, never measures); decord reads these too
     # the fields older code knows come first, in their order: positional construction still works
-    assert info == VideoInfo(str(videos[kind]), FRAMES, 25.0, 64, 48, FRAMES / 25.0, codec, AUTO, header_frames=FRAMES)
+    assert info == VideoInfo(str(videos[kind]), FRAMES, 25.0, 64, 48, FRAMES / 25.0, codec, auto, header_frames=FRAMES)
     assert (info.damaged, info.decoded_frames, info.error, info.rotation) == (False, FRAMES, None, 0)
     assert probe(videos[kind], decoder="decord").decoder == "decord"
     assert probe(videos[kind], full=True).damaged is False
@@ -81,9 +86,9 @@ def test_indices_past_the_end_and_negative_ones_are_rejected(videos):
     assert read_frames(videos["h264.mp4"], []).shape == (0, 48, 64, 3)
 
 
-def test_a_width_decord_misdecodes_is_read_by_the_others(videos):
+def test_a_width_decord_misdecodes_is_read_by_the_others(videos, auto):
     info = probe(videos["w48"])
-    assert (info.decoder, info.width, info.num_frames) == (AUTO, 48, FRAMES)
+    assert (info.decoder, info.width, info.num_frames) == (auto, 48, FRAMES)
     wanted = [30, 3, 17, 3, 39, 0, 12, 11]
     assert indices_of(read_frames(videos["w48"], wanted)) == wanted
     with pytest.raises(CorruptVideoError, match="3-channel"):
@@ -147,12 +152,12 @@ def test_reads_inside_dataloader_workers(videos):
         assert indices_of(frames) == [i, i + 7, i + 3]
 
 
-def test_cli_probe_prints_a_line_per_file(videos, capsys):
+def test_cli_probe_prints_a_line_per_file(videos, capsys, auto):
     assert main(["video", "probe", str(videos["h264.mp4"]), str(videos["w48"])]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines == [
-        f"{videos['h264.mp4']}: 40 frames, 25.00 fps, 64x48, 1.60 s, h264, {AUTO}",
-        f"{videos['w48']}: 40 frames, 25.00 fps, 48x48, 1.60 s, h264, {AUTO}",
+        f"{videos['h264.mp4']}: 40 frames, 25.00 fps, 64x48, 1.60 s, h264, {auto}",
+        f"{videos['w48']}: 40 frames, 25.00 fps, 48x48, 1.60 s, h264, {auto}",
     ]
 
 
@@ -163,7 +168,7 @@ def test_cli_probe_with_decord_names_a_file_it_misdecodes(videos, capsys):
     assert "decoder='pyav'" in capsys.readouterr().err
 
 
-def test_cli_probe_json(videos, capsys):
+def test_cli_probe_json(videos, capsys, auto):
     assert main(["video", "probe", "--json", str(videos["mpeg4.mp4"])]) == 0
     (entry,) = json.loads(capsys.readouterr().out)
     assert entry == {
@@ -174,7 +179,7 @@ def test_cli_probe_json(videos, capsys):
         "height": 48,
         "duration": 1.6,
         "codec": "mpeg4",
-        "decoder": AUTO,
+        "decoder": auto,
         "damaged": False,
         "decoded_frames": 40,
         "header_frames": 40,
@@ -346,16 +351,108 @@ def test_vitssl_works_without_ffmpeg_libraries(videos):
     assert first == "pyav 1" and second.startswith("torchcodec does not load")
 
 
-def test_cli_readers_lists_and_measures(videos, capsys):
+def test_cli_readers_lists_and_measures(videos, capsys, auto):
     assert main(["video", "readers"]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0].startswith("torchcodec") and f"decoder=auto reads with {AUTO}" in out
+    assert out.splitlines()[0].startswith("torchcodec") and f"decoder=auto reads with {auto}" in out
     assert main(["video", "readers", "--json", "--seconds", "0.2", str(videos["h264.mp4"])]) == 0
     report = json.loads(capsys.readouterr().out)
     rows = {row["name"]: row for row in report["readers"]}
-    assert set(rows) == {"torchcodec", "pyav", "decord"} and report["auto"] == AUTO
+    assert set(rows) == {"torchcodec", "pyav", "decord"} and report["auto"] == auto
     for name in READERS:
         assert rows[name]["sequential_fps"] > 0 and rows[name]["random_fps"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# decoder="auto": chosen by a measurement cached per machine (the figures are injected: no timing in a test)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def measured(tmp_path, monkeypatch):
+    """Both auto readers load, an empty cache folder, nothing memoised; ``measured(figures)`` sets what the
+    measurement returns and gives the list of its calls."""
+    from vitssl.video import reader_choice
+
+    monkeypatch.setitem(video_io._AVAILABLE, "torchcodec", None)
+    monkeypatch.setitem(video_io._AVAILABLE, "pyav", None)
+    monkeypatch.setenv("VITSSL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(reader_choice, "_MEMO", {})
+    calls: list[list[str]] = []
+
+    def set_figures(figures: dict[str, float] | None) -> list[list[str]]:
+        def measure(candidates):
+            if figures is None:
+                raise AssertionError("measured although it must not")
+            calls.append(list(candidates))
+            return {k: v for k, v in figures.items() if k in candidates}
+
+        monkeypatch.setattr(video_io, "_measure_here", measure)
+        return calls
+
+    return set_figures
+
+
+def test_auto_reads_with_the_faster_reader_and_remembers_it(measured, videos):
+    from vitssl.video import reader_choice
+
+    calls = measured({"torchcodec": 12.0, "pyav": 30.0})
+    assert probe(videos["h264.mp4"]).decoder == "auto"  # not measured yet: probe never measures
+    assert calls == [] and not (reader_choice.cache_path()).exists()
+    assert video_io.resolve_decoder("auto") == "pyav"
+    assert calls == [["torchcodec", "pyav"]]
+    assert probe(videos["h264.mp4"]).decoder == "pyav"
+    reader_choice.forget()  # another process on this machine: the cache answers, nothing is measured
+    measured(None)
+    assert video_io.auto_choice().source == "cache" and probe(videos["h264.mp4"]).decoder == "pyav"
+    # remeasured (vitssl video readers --remeasure): the entry is rewritten
+    calls = measured({"torchcodec": 40.0, "pyav": 30.0})
+    assert video_io.auto_choice(refresh=True).reader == "torchcodec" and len(calls) == 2
+    (entry,) = json.loads(reader_choice.cache_path().read_text())["entries"]
+    assert entry["reader"] == "torchcodec" and entry["key"]["readers"].keys() == {"torchcodec", "pyav"}
+
+
+def test_auto_never_chooses_a_reader_that_does_not_load(measured, monkeypatch, videos):
+    calls = measured({"torchcodec": 100.0, "pyav": 1.0})
+    monkeypatch.setitem(video_io._AVAILABLE, "torchcodec", "torchcodec does not load: no FFmpeg")
+    choice = video_io.auto_choice()
+    assert (choice.reader, choice.source, calls) == ("pyav", "only", [])
+    assert "only reader that loads" in choice.describe()
+    assert indices_of(read_frames(videos["h264.mp4"], [5, 1])) == [5, 1]
+
+
+def test_auto_on_a_cuda_device_is_torchcodec_unmeasured(measured):
+    measured(None)
+    assert video_io.resolve_decoder("auto", device="cuda") == "torchcodec"
+    assert video_io.resolve_decoder("auto", device="cuda:1") == "torchcodec"
+
+
+def test_the_real_measurement_times_each_reader_that_loads():
+    candidates = [r for r in video_io.AUTO_READERS if r in READERS]
+    figures = video_io._measure_here(candidates)
+    assert set(figures) == set(candidates) and all(v > 0 for v in figures.values())
+
+
+def test_cli_readers_says_why_auto_chose(measured, capsys):
+    from vitssl.video import reader_choice
+
+    measured({"torchcodec": 10.0, "pyav": 20.0})
+    assert main(["video", "readers"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    path = reader_choice.cache_path()
+    assert (
+        last
+        == f"decoder=auto reads with pyav (measured now: pyav 20.0 clips/s, torchcodec 10.0 clips/s; cached in {path})"
+    )
+    reader_choice.forget()
+    measured(None)
+    assert main(["video", "readers", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["auto"] == "pyav" and report["auto_choice"]["source"] == "cache"
+    assert report["auto_choice"]["figures"] == {"pyav": 20.0, "torchcodec": 10.0}
+    measured({"torchcodec": 30.0, "pyav": 20.0})
+    assert main(["video", "readers", "--remeasure"]) == 0
+    assert "decoder=auto reads with torchcodec (measured now: torchcodec 30.0" in capsys.readouterr().out
 
 
 def test_probe_imports_no_model_library(videos):

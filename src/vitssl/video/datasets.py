@@ -192,8 +192,8 @@ class VideoFolder(FileVideoDataset):
         clip_index: which of ``num_clips`` evenly spaced test views this dataset returns.
         num_clips: number of test views (build one dataset per ``clip_index`` and average their predictions).
         extensions: accepted video file extensions (case-insensitive).
-        decoder: the video reader: "auto" (torchcodec where FFmpeg's libraries load, else PyAV), "torchcodec",
-            "pyav" or "decord" (``data.train.kwargs.decoder``).
+        decoder: the video reader: "auto" (the faster of torchcodec and PyAV on this machine, measured once and
+            cached), "torchcodec", "pyav" or "decord" (``data.train.kwargs.decoder``).
     """
 
     name = "videofolder"

@@ -5,9 +5,9 @@ its packets, then the last GOP decoded) and says whether it is **damaged**: deco
 container's header states (a download cut short, a broken packet). :func:`read_frames` returns exactly the frames
 asked for, upright, through one of three readers (``decoder=``):
 
-* ``torchcodec`` (the default where it works): ``VideoDecoder(path, seek_mode="exact").get_frames_at(indices)``,
-  frame-exact, rotation honoured, ``device="cuda"`` decodes with NVDEC. It needs FFmpeg's shared libraries
-  (``apt-get install ffmpeg``); without them it is reported unavailable and ``auto`` reads with PyAV.
+* ``torchcodec``: ``VideoDecoder(path, seek_mode="exact").get_frames_at(indices)``, frame-exact, rotation
+  honoured, ``device="cuda"`` decodes with NVDEC. It needs FFmpeg's shared libraries (``apt-get install
+  ffmpeg``); without them it is reported unavailable and ``auto`` reads with PyAV.
 * ``pyav``: seek to the keyframe before a wanted frame, decode forward, convert only the wanted frames to RGB;
   frames are turned upright by the display matrix's rotation here (FFmpeg's decoder does not).
 * ``decord`` (only on request: unmaintained since 2022). A ``VideoReader`` is opened inside each call with
@@ -17,9 +17,12 @@ asked for, upright, through one of three readers (``decoder=``):
   ``from_size == to_size``: such a file raises (read it with ``pyav``). decord's ``len()`` can over-count, so
   the frame count always comes from the PyAV index. decord 0.6 applies the rotation itself.
 
-``auto`` picks torchcodec when it imports and FFmpeg loads, else PyAV (``vitssl video readers FILE`` measures
-them). No reader ever pads: an index past the end raises ``ValueError``; a frame of a damaged file past where
-decoding stops raises :class:`CorruptVideoError` naming the file and that frame, in every reader alike.
+``auto`` reads with the faster of torchcodec and PyAV on this machine, among those that load: the first ``auto``
+read on a machine not measured before times both on a small generated video (about a second) and caches the
+winner per machine (:mod:`vitssl.video.reader_choice`; ``vitssl video readers`` says which and why); decord is
+never chosen by ``auto``. A CUDA ``device`` reads with torchcodec wherever it loads, unmeasured. No reader ever
+pads: an index past the end raises ``ValueError``; a frame of a damaged file past where decoding stops raises
+:class:`CorruptVideoError` naming the file and that frame, in every reader alike.
 
 Frames are never resized here (decord's ``width``/``height`` resample differently from torch): the caller crops
 and resizes the uint8 ``(T, H, W, 3)`` tensor. This module imports neither torch nor a reader at import time, so
@@ -39,12 +42,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vitssl.errors import SKIP_HINT, CorruptImageError, MissingFileError, UserError
+from vitssl.video import reader_choice
+from vitssl.video.reader_choice import ReaderChoice
 
 if TYPE_CHECKING:
     import torch
 
 DECODERS: tuple[str, ...] = ("auto", "torchcodec", "decord", "pyav")
-READERS: tuple[str, ...] = ("torchcodec", "pyav", "decord")  # auto's order of preference (decord never by auto)
+READERS: tuple[str, ...] = ("torchcodec", "pyav", "decord")
+AUTO_READERS: tuple[str, ...] = ("torchcodec", "pyav")  # what auto measures, preferred first (never decord)
 _CACHE_SIZE = 4096  # per-process memo of verified indexes (a few KB each), keyed by path, size and mtime
 _OPEN_DECODERS = 8  # torchcodec decoders kept open per process (an exact-mode open scans the whole file)
 _DURATION_SLACK = 1  # frames a header's duration may overstate a healthy file by (rounding of the last frame)
@@ -61,7 +67,7 @@ class VideoInfo:
     height: int
     duration: float  # seconds: num_frames / fps
     codec: str  # e.g. "h264", "mpeg4"
-    decoder: str  # "torchcodec", "pyav" or "decord": what read_frames(decoder=<the one asked>) uses
+    decoder: str  # "torchcodec", "pyav", "decord": what read_frames(decoder=<as asked>) uses; "auto": unmeasured
     damaged: bool = False  # decoding stops before the end the header (or the demuxed packets) states
     decoded_frames: int = -1  # == num_frames; named for readers of the JSON next to header_frames
     header_frames: int | None = None  # frames the container header states (count, else duration x fps)
@@ -110,6 +116,7 @@ _DECORD_OK: dict[tuple[str, int, int], bool] = {}  # whether decord gives 3-chan
 _TC_DECODERS: OrderedDict[tuple[Any, ...], Any] = OrderedDict()  # open torchcodec decoders of this process
 _TC_PID: list[int] = [os.getpid()]  # decoders opened in a parent are never used in a forked worker
 _AVAILABLE: dict[str, str | None] = {}  # reader -> None when it works, else why not (checked once a process)
+_TC_LIKELY: list[bool] = []  # whether torchcodec looks loadable, without importing it (probe's guess)
 
 
 def _corrupt(path: str, what: str) -> CorruptVideoError:
@@ -405,8 +412,12 @@ def reader_version(name: str) -> str | None:
         return None
 
 
-def resolve_decoder(decoder: str) -> str:
-    """The reader ``decoder`` names: ``auto`` is torchcodec where it loads, else PyAV.
+def resolve_decoder(decoder: str, device: str = "cpu") -> str:
+    """The reader ``decoder`` names; ``auto`` is :func:`auto_choice`'s (measured once per machine, then cached).
+
+    Args:
+        decoder: "auto", "torchcodec", "pyav" or "decord".
+        device: where frames are decoded; for a CUDA device ``auto`` is torchcodec wherever it loads.
 
     Raises:
         ValueError: an unknown name.
@@ -415,23 +426,59 @@ def resolve_decoder(decoder: str) -> str:
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, not {decoder!r}")
     if decoder == "auto":
-        return "torchcodec" if reader_problem("torchcodec") is None else "pyav"
+        if str(device) != "cpu":  # NVDEC: only torchcodec decodes on the GPU
+            return "torchcodec" if reader_problem("torchcodec") is None else "pyav"
+        return auto_choice().reader
     problem = reader_problem(decoder)
     if problem is not None:
         raise ReaderUnavailableError(f"{problem}; or read with decoder=auto / decoder=pyav")
     return decoder
 
 
-def _auto_name_fast() -> str:
-    """What ``auto`` resolves to, without importing torchcodec (and torch) when that is not decided yet."""
-    if "torchcodec" in _AVAILABLE:
-        return "torchcodec" if _AVAILABLE["torchcodec"] is None else "pyav"
-    import ctypes.util
-    import importlib.util
+def _measure_here(candidates: Sequence[str]) -> dict[str, float]:
+    """Clips/s of each candidate on a generated video, read through :func:`read_frames` with no decoder kept open."""
+    return reader_choice.measure_clip_speeds(
+        candidates,
+        read=lambda path, indices, name: read_frames(path, indices, decoder=name),
+        reset=lambda: clear_cache(indexes=False),
+    )
 
-    if importlib.util.find_spec("torchcodec") is None or ctypes.util.find_library("avutil") is None:
-        return "pyav"
-    return "torchcodec"
+
+def auto_choice(refresh: bool = False, measure: reader_choice.Measure | None = None) -> ReaderChoice:
+    """The reader ``decoder="auto"`` reads with on the CPU here, and why (measured, cached, or the only one).
+
+    Args:
+        refresh: measure again and rewrite the cache entry of this machine.
+        measure: the measurement (candidates -> clips/s); default: random clips of a generated video.
+    """
+    candidates = [name for name in AUTO_READERS if reader_problem(name) is None]
+    return reader_choice.choose_reader(candidates, measure or _measure_here, refresh=refresh)
+
+
+def _auto_name_fast() -> str:
+    """What ``auto`` resolves to, without importing torchcodec (and torch) and without measuring.
+
+    "auto" while this machine has two readers and no measurement yet (the first read measures).
+    """
+    if "torchcodec" in _AVAILABLE:
+        torchcodec = _AVAILABLE["torchcodec"] is None
+    else:
+        if not _TC_LIKELY:  # once a process: probe asks for every file of a dataset
+            import ctypes.util
+            import importlib.util
+
+            likely = (
+                importlib.util.find_spec("torchcodec") is not None and ctypes.util.find_library("avutil") is not None
+            )
+            _TC_LIKELY.append(likely)
+        torchcodec = _TC_LIKELY[0]
+    candidates = [
+        name for name in AUTO_READERS if (torchcodec if name == "torchcodec" else reader_problem(name) is None)
+    ]
+    if not candidates:
+        return "pyav"  # probe has read the file with PyAV: it loads
+    found = reader_choice.cached_choice(candidates)
+    return "auto" if found is None else found.reader
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -468,8 +515,9 @@ def probe(path: str | os.PathLike, decoder: str = "auto", full: bool = False) ->
 
     Args:
         path: a video file.
-        decoder: "auto" (torchcodec where it loads, else PyAV), or "torchcodec" / "pyav" / "decord" to check
-            that this reader reads it ("decord" fails where decord mis-decodes the file).
+        decoder: "auto" (reported as the reader this machine's measurement chose, "auto" before the first
+            measurement: probe never measures), or "torchcodec" / "pyav" / "decord" to check that this reader
+            reads it ("decord" fails where decord mis-decodes the file).
         full: also decode every frame (slow: the whole file), to find damage in the middle of a file.
 
     Raises:
@@ -525,7 +573,9 @@ def read_frames(
     Args:
         path: a video file.
         indices: frame indices in ``[0, num_frames)``, any order.
-        decoder: "auto" (torchcodec where it loads, else PyAV), "torchcodec", "decord" or "pyav".
+        decoder: "auto" (the faster of torchcodec and PyAV here: measured on the first read on a machine not
+            measured before, about a second, then cached per machine; torchcodec for a CUDA device),
+            "torchcodec", "decord" or "pyav".
         device: where torchcodec decodes and returns the frames ("cuda" for NVDEC); other readers: "cpu" only.
 
     Raises:
@@ -537,7 +587,7 @@ def read_frames(
     """
     import torch
 
-    reader = resolve_decoder(decoder)
+    reader = resolve_decoder(decoder, str(device))
     if reader != "torchcodec" and str(device) != "cpu":
         raise ValueError(f"decoder {reader!r} decodes on the CPU only; use decoder=torchcodec for device={device}")
     path = str(path)
@@ -620,11 +670,14 @@ def clear_cache(indexes: bool = True) -> None:
 
 
 __all__ = [
+    "AUTO_READERS",
     "DECODERS",
     "READERS",
     "CorruptVideoError",
+    "ReaderChoice",
     "ReaderUnavailableError",
     "VideoInfo",
+    "auto_choice",
     "clear_cache",
     "measure_readers",
     "probe",
