@@ -4,6 +4,8 @@ Layout of a run folder::
 
     checkpoint_00001200.pth   step checkpoints (the newest ``keep_last`` are kept)
     checkpoint_last.pth       the newest checkpoint (a hard link to the newest step file, or a copy)
+    checkpoint_00001200.dcp/  a sharded step checkpoint (``train.strategy=fsdp``; ``vitssl.engine.sharded``), kept
+                              and pruned with the step files; the newest step of either kind is resumed
 
 Every file is written to a temporary name, flushed and fsynced, then renamed, so a crash or a full disk
 never leaves a half-written file under a real name. Files load with ``torch.load(weights_only=True)``:
@@ -20,6 +22,14 @@ from typing import Any
 
 import torch
 
+from vitssl import distributed as dist
+from vitssl.engine.sharded import (
+    is_sharded_checkpoint,
+    load_sharded_full,
+    read_trainer_state,
+    remove_checkpoint,
+    save_sharded_checkpoint,
+)
 from vitssl.errors import UserError
 from vitssl.io import atomic_open, atomic_path
 
@@ -27,7 +37,7 @@ _logger = logging.getLogger(__name__)
 
 LAST_NAME = "checkpoint_last.pth"
 REQUIRED_KEYS = ("model", "optimizer", "step", "epoch", "config")
-_STEP_RE = re.compile(r"^checkpoint_(\d+)\.pth$")
+_STEP_RE = re.compile(r"^checkpoint_(\d+)\.(?:pth|dcp)$")
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -70,36 +80,67 @@ def save_checkpoint(state: dict[str, Any], output_dir: str | Path, keep_last: in
     return step_path
 
 
+def save_sharded(
+    app_state: dict[str, Any], trainer_state: dict[str, Any], output_dir: str | Path, keep_last: int = 2
+) -> Path:
+    """The sharded twin of :func:`save_checkpoint`, a collective: every rank writes its shards of ``app_state``.
+
+    Args:
+        app_state: ``{"model": ..., "optimizer": ...}`` by parameter name (``vitssl.engine.parallel``).
+        trainer_state: the rest; must hold ``step``, ``epoch``, ``config``.
+        output_dir: the run folder.
+        keep_last: step checkpoints kept, of either kind; at least 1.
+
+    Returns:
+        The checkpoint folder ``checkpoint_<step>.dcp``.
+    """
+    missing = [k for k in REQUIRED_KEYS if k not in trainer_state and k not in app_state]
+    if missing:
+        raise ValueError(f"checkpoint state lacks {missing}")
+    path = save_sharded_checkpoint(app_state, trainer_state, output_dir)
+    if dist.get_rank() == 0:
+        _prune(Path(output_dir), max(1, keep_last))
+    dist.barrier()
+    return path
+
+
 def _prune(output_dir: Path, keep_last: int) -> None:
     steps = sorted(list_step_checkpoints(output_dir), reverse=True)
     for _, path in steps[keep_last:]:
-        path.unlink(missing_ok=True)
+        remove_checkpoint(path)
 
 
 def list_step_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of every step checkpoint in a run folder, unsorted."""
+    """``(step, path)`` of every step checkpoint in a run folder (files and complete sharded folders), unsorted."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
     found = []
     for path in output_dir.iterdir():
         match = _STEP_RE.match(path.name)
-        if match:
+        if match and (path.is_file() or is_sharded_checkpoint(path)):
             found.append((int(match.group(1)), path))
     return found
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and validate a checkpoint (``weights_only=True``).
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", tensors: bool = True) -> dict[str, Any]:
+    """Load and validate a checkpoint (``weights_only=True``): a file, or a sharded checkpoint folder.
+
+    A sharded folder loads as a whole in this process: ``model`` holds whole tensors, ``optimizer`` the state by
+    parameter name (``"state": {name: ...}``), and ``sharded`` is True.
 
     Args:
-        path: a checkpoint file.
+        path: a checkpoint file or sharded folder.
         map_location: where tensors go.
+        tensors: False reads a sharded folder's ``trainer.pt`` only (no ``model`` / ``optimizer``): what resuming
+            needs before the ranks read their own shards.
 
     Raises:
         CheckpointError: naming the file, when it is missing, truncated, corrupt or lacks required keys.
     """
     path = Path(path)
+    if path.is_dir() and is_sharded_checkpoint(path):
+        return _load_sharded(path, map_location, tensors)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -117,19 +158,39 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
+def _load_sharded(path: Path, map_location: str | torch.device, tensors: bool) -> dict[str, Any]:
+    try:
+        state = read_trainer_state(path)
+        if tensors:
+            state.update(load_sharded_full(path))
+    except Exception as err:  # torch / DCP raise RuntimeError, CheckpointException, UnpicklingError, OSError
+        raise CheckpointError(
+            f"sharded checkpoint {path} is truncated or corrupt ({type(err).__name__}: {str(err).splitlines()[0]}); "
+            "use an older checkpoint_<step> from the same folder, or resume=auto to pick the newest good one"
+        ) from None
+    required = REQUIRED_KEYS if tensors else tuple(k for k in REQUIRED_KEYS if k not in ("model", "optimizer"))
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise CheckpointError(f"sharded checkpoint {path} lacks {missing}: it was not written by the vitssl engine")
+    if tensors and str(map_location) != "cpu":
+        state["model"] = {k: v.to(map_location) for k, v in state["model"].items()}
+    return state
+
+
 def find_resume_checkpoint(output_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint in ``output_dir`` that loads, trying ``checkpoint_last.pth`` first.
 
-    Corrupt files are skipped with a warning, so a run falls back to its previous good checkpoint.
+    Corrupt files are skipped with a warning, so a run falls back to its previous good checkpoint. A sharded
+    checkpoint comes back without its tensors (``sharded`` True): each rank reads its own shards from the path.
     """
     output_dir = Path(output_dir)
     candidates = [output_dir / LAST_NAME] + [p for _, p in sorted(list_step_checkpoints(output_dir), reverse=True)]
     best: tuple[Path, dict[str, Any]] | None = None
     for path in candidates:
-        if not path.is_file():
+        if not path.exists():
             continue
         try:
-            state = load_checkpoint(path)
+            state = load_checkpoint(path, tensors=False)
         except CheckpointError as err:
             _logger.warning("skipping unusable checkpoint: %s", err)
             continue
