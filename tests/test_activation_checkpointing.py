@@ -88,7 +88,7 @@ def test_clip_towers_and_momentum_encoders_are_all_found() -> None:
 
 
 def test_a_module_without_towers_is_refused() -> None:
-    with pytest.raises(ConfigError, match="activation_checkpointing=true.*no transformer tower"):
+    with pytest.raises(ConfigError, match=r"activation_checkpointing=true.*no transformer tower"):
         apply_activation_checkpointing(nn.Linear(2, 2))
 
 
