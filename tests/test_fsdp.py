@@ -139,3 +139,26 @@ def test_moco_momentum_encoder_under_fsdp(runs: Path) -> None:
 def test_unknown_strategy_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"train\.strategy.*valid values: ddp, fsdp"):
         load_config("pretrain/test_tiny", [f"output_dir={tmp_path}", "train.strategy=zero3"])
+
+
+def test_export_from_a_sharded_checkpoint(runs: Path, tmp_path: Path) -> None:
+    """`vitssl export checkpoint` gives a single file a run resumes from; `export backbone` timm's layout."""
+    from vitssl.cli import main
+
+    single = tmp_path / "step3.pth"
+    assert main(["export", "checkpoint", str(runs / "fsdp" / "checkpoint_00000003.dcp"), "--out", str(single)]) == 0
+    state = load_checkpoint(single)
+    assert state["step"] == 3 and isinstance(next(iter(state["optimizer"]["state"])), int)  # by slot, as torch's
+    train(_tiny(tmp_path / "from_file", f"resume={single}"))  # one rank, DDP strategy, optimizer state restored
+    resumed, uninterrupted = _losses(tmp_path / "from_file"), _losses(runs / "fsdp")
+    assert list(resumed) == [4, 5]
+    for step in (4, 5):
+        assert resumed[step] == pytest.approx(uninterrupted[step], abs=1e-5)
+
+    exported = tmp_path / "backbone.safetensors"
+    assert main(["export", "backbone", str(runs / "fsdp"), "--out", str(exported)]) == 0  # the run's newest step
+    written = load_file(runs / "fsdp" / "backbone.safetensors")
+    for key, value in load_file(exported).items():
+        assert torch.equal(value, written[key]), key
+    assert main(["export", "backbone", str(runs / "fsdp"), "--out", str(exported)]) == 2  # exists: --force
+    assert main(["export", "checkpoint", str(single), "--out", str(tmp_path / "again.pth")]) == 2  # not sharded

@@ -26,6 +26,7 @@ from vitssl import distributed as dist
 from vitssl.engine.sharded import (
     is_sharded_checkpoint,
     load_sharded_full,
+    optimizer_by_slot,
     read_trainer_state,
     remove_checkpoint,
     save_sharded_checkpoint,
@@ -200,3 +201,31 @@ def find_resume_checkpoint(output_dir: str | Path) -> tuple[Path, dict[str, Any]
             continue  # a step file could still be newer if the last link failed; keep looking once
         break
     return best
+
+
+def consolidate_checkpoint(path: str | Path, out: str | Path) -> Path:
+    """Write a sharded checkpoint as one single-file checkpoint (whole tensors, optimizer by slot), atomically.
+
+    The file is an ordinary engine checkpoint: ``resume=FILE`` continues the run from it on any number of ranks
+    with either strategy, and everything that reads checkpoints (evaluation, export) takes it.
+
+    Args:
+        path: a sharded checkpoint folder (``checkpoint_<step>.dcp``).
+        out: the file to write (``.pth``).
+
+    Raises:
+        CheckpointError: ``path`` is not a readable sharded checkpoint.
+    """
+    path, out = Path(path), Path(out)
+    if not is_sharded_checkpoint(path):
+        raise CheckpointError(
+            f"{path} is not a sharded checkpoint folder (checkpoint_<step>.dcp with trainer.pt and .metadata); "
+            "a single-file checkpoint needs no consolidation"
+        )
+    state = load_checkpoint(path)
+    state["optimizer"] = optimizer_by_slot(state["optimizer"])
+    for key in ("sharded", "world_size"):
+        state.pop(key, None)
+    with atomic_open(out, "wb") as f:
+        torch.save(state, f)
+    return out

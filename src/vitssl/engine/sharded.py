@@ -140,6 +140,23 @@ def load_sharded_full(path: str | Path, keys: tuple[str, ...] = APP_KEYS) -> dic
     return state
 
 
+def optimizer_by_slot(state: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state keyed by parameter name (DCP's form) in ``torch.optim.Optimizer.state_dict()``'s form.
+
+    The optimizer numbers its parameters in group order, so the names listed in ``param_groups`` give the slots:
+    the result loads with ``optimizer.load_state_dict`` into an optimizer built as the saved one was.
+
+    Args:
+        state: ``{"state": {name: {...}}, "param_groups": [{..., "params": [name, ...]}]}``.
+    """
+    slots: dict[str, int] = {}
+    groups = []
+    for group in state["param_groups"]:
+        ids = [slots.setdefault(name, len(slots)) for name in group["params"]]
+        groups.append({**group, "params": ids})
+    return {"state": {slots[name]: value for name, value in state["state"].items()}, "param_groups": groups}
+
+
 def remove_checkpoint(path: Path) -> None:
     """Delete a step checkpoint, a file or a sharded folder."""
     if path.is_dir():
@@ -154,6 +171,7 @@ __all__ = [
     "is_sharded_checkpoint",
     "load_sharded_full",
     "load_sharded_into",
+    "optimizer_by_slot",
     "read_trainer_state",
     "remove_checkpoint",
     "save_sharded_checkpoint",
