@@ -73,6 +73,15 @@ class TrainConfig:
     stop_after_steps: int | None = None  # stop exactly as a preemption would (schedules unchanged)
     log_every_steps: int = 10  # optimizer steps between metrics lines
     compile: bool = False  # torch.compile the objective (opt-in)
+    # ddp: every rank holds the whole model, optimizer state and gradients | fsdp: PyTorch FSDP2 shards them over
+    # the ranks, block by block (vitssl.engine.parallel), and checkpoints are sharded (torch.distributed.checkpoint)
+    strategy: str = "ddp"
+    # recompute each transformer block's activations in the backward pass instead of storing them: about one
+    # block's activations per sample kept instead of all of them, for about a third more compute
+    activation_checkpointing: bool = False
+    # train.strategy=fsdp: dtype the sharded fp32 weights are gathered in (auto: bf16 when the run autocasts to
+    # bf16, else fp32); gradients are always reduced in fp32
+    fsdp_param_dtype: str = "auto"
 
 
 @dataclass
@@ -157,6 +166,8 @@ _CHOICES = {
     "optim.name": ("adamw", "adam", "sgd", "lars"),
     "optim.lr_scaling": ("linear", "none"),
     "launch.backend": ("local", "slurm"),
+    "train.strategy": ("ddp", "fsdp"),
+    "train.fsdp_param_dtype": ("auto", "fp32", "bf16"),
 }
 
 

@@ -156,8 +156,15 @@ class Backbone(nn.Module, metaclass=abc.ABCMeta):
         return names & params  # timm lists names a model may lack (e.g. ViT's dist_token)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute block activations in the backward pass to save memory."""
+        """Recompute each transformer block's activations in the backward pass instead of keeping them (activation
+        checkpointing, non-reentrant: ``torch.utils.checkpoint(..., use_reentrant=False)``), saving memory for
+        one more forward; outputs and gradients are the same."""
         self.model.set_grad_checkpointing(enable)
+
+    @abc.abstractmethod
+    def transformer_blocks(self) -> list[nn.Module]:
+        """The transformer blocks in forward order: the units activation checkpointing recomputes and FSDP shards
+        one by one (``vitssl.engine.parallel``)."""
 
     def convert_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Weights in another layout -> this model's timm layout (``load_backbone_state`` runs it on every load).

@@ -624,6 +624,10 @@ class PVTBackbone(Backbone):
         self._check(x)
         return self.model.forward_intermediates(x, norm=True, intermediates_only=True)
 
+    def transformer_blocks(self) -> list[nn.Module]:
+        """Every stage's SRA blocks, first stage first."""
+        return [block for stage in self.model.stages for block in stage.blocks]
+
     def forward_intermediate(self, x: torch.Tensor, n: int) -> list[torch.Tensor]:
         """Tokens (B, 1 + N, C) of the last ``n`` blocks of the last stage, each through the final norm."""
         model = self.model

@@ -74,6 +74,10 @@ class PVTv2Backbone(Backbone):
         self._check(x)
         return self.model.forward_intermediates(x, intermediates_only=True)
 
+    def transformer_blocks(self) -> list[torch.nn.Module]:
+        """Every stage's blocks, first stage first."""
+        return [block for stage in self.model.stages for block in stage.blocks]
+
     def forward_intermediate(self, x: torch.Tensor, n: int) -> list[torch.Tensor]:
         """Tokens (B, N, C) of the last ``n`` blocks of the last stage, each through that stage's norm."""
         last = self.model.stages[-1]

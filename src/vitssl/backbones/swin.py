@@ -78,6 +78,10 @@ class SwinBackbone(Backbone):
         self._check_input(x, self.patch_size)
         return self.model.forward_intermediates(x, norm=True, intermediates_only=True)
 
+    def transformer_blocks(self) -> list[torch.nn.Module]:
+        """Every stage's Swin blocks, first stage first (patch merging stays with the root)."""
+        return [block for stage in self.model.layers for block in stage.blocks]
+
     def forward_intermediate(self, x: torch.Tensor, n: int) -> list[torch.Tensor]:
         """Tokens (B, N, C) of the last ``n`` blocks of the last stage, each through the final norm."""
         last = self.model.layers[-1]

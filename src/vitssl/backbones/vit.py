@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vitssl.backbones._base import (
     Backbone,
@@ -158,7 +159,23 @@ class VisionTransformerBackbone(Backbone):
             is_causal: causal attention over the token sequence (prefix tokens first), e.g. for iGPT.
         """
         self._check(x)
+        if (attn_mask is not None or is_causal) and self.model.grad_checkpointing and torch.is_grad_enabled():
+            return self._masked_features_checkpointed(x, attn_mask, is_causal)  # (B, P + N, C)
         return self.model.forward_features(x, **_mask_kwargs(attn_mask, is_causal))  # (B, P + N, C)
+
+    def _masked_features_checkpointed(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool
+    ) -> torch.Tensor:
+        """timm's ``forward_features`` with a mask, each block checkpointed (timm runs masked blocks without it)."""
+        model = self.model
+        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))  # (B, P + N, C)
+        for block in model.blocks:
+            x = checkpoint(block, x, use_reentrant=False, **_mask_kwargs(attn_mask, is_causal))  # (B, P + N, C)
+        return model.norm(x)  # (B, P + N, C)
+
+    def transformer_blocks(self) -> list[nn.Module]:
+        """The encoder blocks, first to last."""
+        return list(self.model.blocks)
 
     def forward_pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
         """One map (B, C, H / p, W / p) of the final-normed patch tokens."""

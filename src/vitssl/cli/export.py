@@ -1,4 +1,8 @@
-"""``vitssl export open_clip RUN_OR_CHECKPOINT --out DIR``: a CLIP run as an open_clip model folder.
+"""``vitssl export open_clip|checkpoint|backbone RUN_OR_CHECKPOINT --out PATH``: a run's weights for other tools.
+
+``export checkpoint`` writes a sharded checkpoint (``train.strategy=fsdp``) as one single-file ``.pth``
+checkpoint; ``export backbone`` writes the backbone of any checkpoint, sharded or not, in timm's safetensors
+layout. ``export open_clip`` writes a CLIP run as an open_clip model folder:
 
 The folder holds ``open_clip_config.json`` (model and preprocessing config) and ``open_clip_model.safetensors``;
 open_clip loads it by itself::
@@ -38,10 +42,41 @@ def _cmd_open_clip(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_existing(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise ConfigError(f"--out {out} already exists; pass --force to replace it")
+
+
+def _cmd_checkpoint(args: argparse.Namespace) -> int:
+    from vitssl.cli._common import register_objectives
+    from vitssl.engine.checkpoint import resolve_checkpoint
+    from vitssl.engine.export import consolidate_checkpoint
+
+    register_objectives()
+    checkpoint, out = resolve_checkpoint(args.checkpoint), Path(args.out)
+    _refuse_existing(out, args.force)
+    consolidate_checkpoint(checkpoint, out)
+    print(f"wrote {checkpoint} as the single-file checkpoint {out}")
+    return 0
+
+
+def _cmd_backbone(args: argparse.Namespace) -> int:
+    from vitssl.cli._common import register_objectives
+    from vitssl.engine.checkpoint import resolve_checkpoint
+    from vitssl.engine.export import export_backbone
+
+    register_objectives()
+    checkpoint, out = resolve_checkpoint(args.checkpoint), Path(args.out)
+    _refuse_existing(out, args.force)
+    export_backbone(checkpoint, out)
+    print(f"wrote the backbone of {checkpoint} to {out} (timm's layout; vitssl.backbones.load_backbone reads it)")
+    return 0
+
+
 def register_commands(
     subparsers: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction] | None = None
 ) -> None:
-    """Add ``export open_clip``.
+    """Add ``export open_clip``, ``export checkpoint`` and ``export backbone``.
 
     Args:
         subparsers: the top-level commands (nothing is added there).
@@ -59,6 +94,17 @@ def register_commands(
     p.add_argument("--out", required=True, metavar="DIR", help="the folder to write (replaced as a whole)")
     p.add_argument("--force", action="store_true", help="replace --out when it already holds files")
     p.set_defaults(func=_cmd_open_clip)
+    for name, func, text, out_help in (
+        ("checkpoint", _cmd_checkpoint, "a sharded checkpoint (train.strategy=fsdp) as one single-file checkpoint",
+         "the .pth file to write"),
+        ("backbone", _cmd_backbone, "the backbone of any checkpoint (sharded or not) as timm-layout safetensors",
+         "the .safetensors file to write"),
+    ):  # fmt: skip
+        p = groups["export"].add_parser(name, help=text, description=text)
+        p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="a run folder or one of its checkpoints")
+        p.add_argument("--out", required=True, metavar="FILE", help=out_help)
+        p.add_argument("--force", action="store_true", help="replace --out when it exists")
+        p.set_defaults(func=func)
 
 
 __all__ = ["register_commands"]

@@ -58,11 +58,24 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from vitssl.cli._common import load_run_config
     from vitssl.launch import launch
 
+    if args.plan:
+        return _print_plan(args)
     cfg = load_run_config(args.config, [*args.overrides, *(["launch.dry_run=true"] if args.dry_run else [])])
     job = PretrainJob.from_config(cfg)
     result = launch(PRETRAIN_TARGET, job, cfg.launch, cfg.output_dir, kind="train")
     if cfg.launch.backend == "local" and not cfg.launch.dry_run:
         print(f"{result.status} at step {result.step}; run folder {result.output_dir}")
+    return 0
+
+
+def _print_plan(args: argparse.Namespace) -> int:
+    """``--plan``: the memory plan of the recipe (nothing is trained)."""
+    from vitssl.cli._common import load_run_config
+    from vitssl.engine.plan import format_plan, plan_memory
+
+    cfg = load_run_config(args.config, list(args.overrides))
+    world = args.world_size or max(1, cfg.launch.nodes * (cfg.launch.tasks_per_node or cfg.launch.gpus_per_node or 1))
+    print(format_plan(plan_memory(cfg, world, args.config), args.gpu_memory_gb, args.overhead_gb))
     return 0
 
 
@@ -84,4 +97,12 @@ def register_commands(subparsers: argparse._SubParsersAction, groups: dict[str, 
         p.add_argument(
             "--dry-run", action="store_true", help="with launch=slurm: print the sbatch script, submit nothing"
         )
+        p.add_argument(
+            "--plan", action="store_true",
+            help="print parameters, activation memory per sample (with/without checkpointing) and the largest batch "
+            "per GPU for DDP and FSDP, from an analytic model; trains nothing (reads one sample of data.train)",
+        )  # fmt: skip
+        p.add_argument("--world-size", type=int, default=None, help="with --plan: GPUs (default: the launch.* ones)")
+        p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="with --plan: memory per GPU in GiB")
+        p.add_argument("--overhead-gb", type=float, default=2.0, help="with --plan: GiB kept for CUDA and allocator")
         p.set_defaults(func=_cmd_pretrain)

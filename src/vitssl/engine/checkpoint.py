@@ -4,6 +4,8 @@ Layout of a run folder::
 
     checkpoint_00001200.pth   step checkpoints (the newest ``keep_last`` are kept)
     checkpoint_last.pth       the newest checkpoint (a hard link to the newest step file, or a copy)
+    checkpoint_00001200.dcp/  a sharded step checkpoint (``train.strategy=fsdp``; ``vitssl.engine.sharded``), kept
+                              and pruned with the step files; the newest step of either kind is resumed
 
 Every file is written to a temporary name, flushed and fsynced, then renamed, so a crash or a full disk
 never leaves a half-written file under a real name. Files load with ``torch.load(weights_only=True)``:
@@ -20,6 +22,15 @@ from typing import Any
 
 import torch
 
+from vitssl import distributed as dist
+from vitssl.engine.sharded import (
+    is_sharded_checkpoint,
+    load_sharded_full,
+    optimizer_by_slot,
+    read_trainer_state,
+    remove_checkpoint,
+    save_sharded_checkpoint,
+)
 from vitssl.errors import UserError
 from vitssl.io import atomic_open, atomic_path
 
@@ -27,7 +38,7 @@ _logger = logging.getLogger(__name__)
 
 LAST_NAME = "checkpoint_last.pth"
 REQUIRED_KEYS = ("model", "optimizer", "step", "epoch", "config")
-_STEP_RE = re.compile(r"^checkpoint_(\d+)\.pth$")
+_STEP_RE = re.compile(r"^checkpoint_(\d+)\.(?:pth|dcp)$")
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -70,34 +81,59 @@ def save_checkpoint(state: dict[str, Any], output_dir: str | Path, keep_last: in
     return step_path
 
 
+def save_sharded(
+    app_state: dict[str, Any], trainer_state: dict[str, Any], output_dir: str | Path, keep_last: int = 2
+) -> Path:
+    """The sharded twin of :func:`save_checkpoint`, a collective: every rank writes its shards of ``app_state``.
+
+    Args:
+        app_state: ``{"model": ..., "optimizer": ...}`` by parameter name (``vitssl.engine.parallel``).
+        trainer_state: the rest; must hold ``step``, ``epoch``, ``config``.
+        output_dir: the run folder.
+        keep_last: step checkpoints kept, of either kind; at least 1.
+
+    Returns:
+        The checkpoint folder ``checkpoint_<step>.dcp``.
+    """
+    missing = [k for k in REQUIRED_KEYS if k not in trainer_state and k not in app_state]
+    if missing:
+        raise ValueError(f"checkpoint state lacks {missing}")
+    path = save_sharded_checkpoint(app_state, trainer_state, output_dir)
+    if dist.get_rank() == 0:
+        _prune(Path(output_dir), max(1, keep_last))
+    dist.barrier()
+    return path
+
+
 def _prune(output_dir: Path, keep_last: int) -> None:
     steps = sorted(list_step_checkpoints(output_dir), reverse=True)
     for _, path in steps[keep_last:]:
-        path.unlink(missing_ok=True)
+        remove_checkpoint(path)
 
 
 def list_step_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of every step checkpoint in a run folder, unsorted."""
+    """``(step, path)`` of every step checkpoint in a run folder (files and complete sharded folders), unsorted."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
     found = []
     for path in output_dir.iterdir():
         match = _STEP_RE.match(path.name)
-        if match:
+        if match and (path.is_file() or is_sharded_checkpoint(path)):
             found.append((int(match.group(1)), path))
     return found
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """The checkpoint file a path names: the file itself, or a run folder's ``checkpoint_last.pth`` (else its
-    newest ``checkpoint_<step>.pth``). Every command that takes a checkpoint resolves it here.
+    newest ``checkpoint_<step>.pth`` or sharded ``checkpoint_<step>.dcp``). Every command that takes a checkpoint
+    resolves it here.
 
     Raises:
         CheckpointError: nothing exists there, or the folder holds no checkpoint.
     """
     p = Path(path)
-    if p.is_file():
+    if p.is_file() or is_sharded_checkpoint(p):
         return p
     if p.is_dir():
         if (p / LAST_NAME).is_file():
@@ -105,21 +141,30 @@ def resolve_checkpoint(path: str | Path) -> Path:
         steps = sorted(list_step_checkpoints(p))
         if steps:
             return steps[-1][1]
-        raise CheckpointError(f"run folder {p} holds no checkpoint ({LAST_NAME} or checkpoint_<step>.pth)")
+        raise CheckpointError(
+            f"run folder {p} holds no checkpoint ({LAST_NAME}, checkpoint_<step>.pth or checkpoint_<step>.dcp)"
+        )
     raise CheckpointError(f"checkpoint {p} does not exist: give a checkpoint file or the run folder that holds it")
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and validate a checkpoint (``weights_only=True``).
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", tensors: bool = True) -> dict[str, Any]:
+    """Load and validate a checkpoint (``weights_only=True``): a file, or a sharded checkpoint folder.
+
+    A sharded folder loads as a whole in this process: ``model`` holds whole tensors, ``optimizer`` the state by
+    parameter name (``"state": {name: ...}``), and ``sharded`` is True.
 
     Args:
-        path: a checkpoint file, or a run folder (its ``checkpoint_last.pth``).
+        path: a checkpoint file, a sharded folder, or a run folder (its ``checkpoint_last.pth``).
         map_location: where tensors go.
+        tensors: False reads a sharded folder's ``trainer.pt`` only (no ``model`` / ``optimizer``): what resuming
+            needs before the ranks read their own shards.
 
     Raises:
         CheckpointError: naming the file, when it is missing, truncated, corrupt or lacks required keys.
     """
     path = resolve_checkpoint(path)
+    if path.is_dir():  # resolve_checkpoint returns folders only when they are complete sharded checkpoints
+        return _load_sharded(path, map_location, tensors)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises RuntimeError / UnpicklingError / EOFError / zip errors
@@ -135,19 +180,39 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
+def _load_sharded(path: Path, map_location: str | torch.device, tensors: bool) -> dict[str, Any]:
+    try:
+        state = read_trainer_state(path)
+        if tensors:
+            state.update(load_sharded_full(path))
+    except Exception as err:  # torch / DCP raise RuntimeError, CheckpointException, UnpicklingError, OSError
+        raise CheckpointError(
+            f"sharded checkpoint {path} is truncated or corrupt ({type(err).__name__}: {str(err).splitlines()[0]}); "
+            "use an older checkpoint_<step> from the same folder, or resume=auto to pick the newest good one"
+        ) from None
+    required = REQUIRED_KEYS if tensors else tuple(k for k in REQUIRED_KEYS if k not in ("model", "optimizer"))
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise CheckpointError(f"sharded checkpoint {path} lacks {missing}: it was not written by the vitssl engine")
+    if tensors and str(map_location) != "cpu":
+        state["model"] = {k: v.to(map_location) for k, v in state["model"].items()}
+    return state
+
+
 def find_resume_checkpoint(output_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint in ``output_dir`` that loads, trying ``checkpoint_last.pth`` first.
 
-    Corrupt files are skipped with a warning, so a run falls back to its previous good checkpoint.
+    Corrupt files are skipped with a warning, so a run falls back to its previous good checkpoint. A sharded
+    checkpoint comes back without its tensors (``sharded`` True): each rank reads its own shards from the path.
     """
     output_dir = Path(output_dir)
     candidates = [output_dir / LAST_NAME] + [p for _, p in sorted(list_step_checkpoints(output_dir), reverse=True)]
     best: tuple[Path, dict[str, Any]] | None = None
     for path in candidates:
-        if not path.is_file():
+        if not path.exists():
             continue
         try:
-            state = load_checkpoint(path)
+            state = load_checkpoint(path, tensors=False)
         except CheckpointError as err:
             _logger.warning("skipping unusable checkpoint: %s", err)
             continue
@@ -157,3 +222,31 @@ def find_resume_checkpoint(output_dir: str | Path) -> tuple[Path, dict[str, Any]
             continue  # a step file could still be newer if the last link failed; keep looking once
         break
     return best
+
+
+def consolidate_checkpoint(path: str | Path, out: str | Path) -> Path:
+    """Write a sharded checkpoint as one single-file checkpoint (whole tensors, optimizer by slot), atomically.
+
+    The file is an ordinary engine checkpoint: ``resume=FILE`` continues the run from it on any number of ranks
+    with either strategy, and everything that reads checkpoints (evaluation, export) takes it.
+
+    Args:
+        path: a sharded checkpoint folder (``checkpoint_<step>.dcp``).
+        out: the file to write (``.pth``).
+
+    Raises:
+        CheckpointError: ``path`` is not a readable sharded checkpoint.
+    """
+    path, out = Path(path), Path(out)
+    if not is_sharded_checkpoint(path):
+        raise CheckpointError(
+            f"{path} is not a sharded checkpoint folder (checkpoint_<step>.dcp with trainer.pt and .metadata); "
+            "a single-file checkpoint needs no consolidation"
+        )
+    state = load_checkpoint(path)
+    state["optimizer"] = optimizer_by_slot(state["optimizer"])
+    for key in ("sharded", "world_size"):
+        state.pop(key, None)
+    with atomic_open(out, "wb") as f:
+        torch.save(state, f)
+    return out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
@@ -18,7 +17,6 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
 import vitssl
@@ -30,9 +28,11 @@ from vitssl.engine.checkpoint import (
     list_step_checkpoints,
     load_checkpoint,
     save_checkpoint,
+    save_sharded,
 )
 from vitssl.engine.logger import MetricLogger, run_log
 from vitssl.engine.optim import build_optimizer, cosine_schedule, peak_lr
+from vitssl.engine.parallel import parallelize
 from vitssl.engine.telemetry import Telemetry, forward_flops, peak_flops
 from vitssl.errors import UserError
 
@@ -201,6 +201,8 @@ RESUMABLE_CHANGES = (
     "train.checkpoint_every_steps",
     "train.keep_last",
     "train.compile",
+    "train.strategy",
+    "train.activation_checkpointing",
     "data.num_workers",
     "data.augment_device",
     "eval.",
@@ -329,6 +331,9 @@ class _Trainer:
                 "the batch with more processes (launch.*) or lower train.batch_size, and set train.accum_steps=1"
             )
         self.objective.setup(cfg)  # run-level preparation (e.g. iGPT's palette), before any data is read
+        # activation checkpointing, then DDP or FSDP (which shards the parameters: before the optimizer sees them)
+        self.parallel = parallelize(self.objective, tcfg.strategy, tcfg.activation_checkpointing, self.device,
+                                    tcfg.fsdp_param_dtype, _autocast_dtype(cfg.precision, self.device))  # fmt: skip
         _seed_all(cfg.seed + 1000 * self.rank)  # per-rank randomness (masks, dropout) from here on
 
         base = build_dataset_config(cfg.data.train, "data.train")
@@ -394,11 +399,7 @@ class _Trainer:
         self.amp_dtype = _autocast_dtype(cfg.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
-        self.model: torch.nn.Module = self.objective
-        if self.world > 1:
-            self.model = DistributedDataParallel(
-                self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
+        self.model: torch.nn.Module = self.parallel.model
         self.forward = torch.compile(self.model) if tcfg.compile else self.model
 
         self.step, self.epoch, self.step_in_epoch = 0, 0, 0
@@ -407,16 +408,22 @@ class _Trainer:
         self.last_checkpoint: str | None = None
 
     # ----------------------------------------------------------------------------------------- state
-    def _state(self) -> dict[str, Any]:
+    def _state(self, weights: bool = True) -> dict[str, Any]:
         rng = dist.all_gather_object(_rng_state())  # every rank's generators, for exact resume
+        tensors = {"model": self.objective.state_dict(), "optimizer": self.optimizer.state_dict()} if weights else {}
         return {
-            "model": self.objective.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **tensors,
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
-            "sampler": {"seed": self.cfg.seed, "world_size": self.world, "micro_batch": self.micro_batch},
+            # the data position as a global sample count: any world size continues the same global batches
+            "sampler": {
+                "seed": self.cfg.seed,
+                "world_size": self.world,
+                "micro_batch": self.micro_batch,
+                "samples_in_epoch": self.step_in_epoch * self.cfg.train.batch_size,
+            },
             "rng": rng,
             **({"data_stream": self._stream_position()} if self.stream is not None else {}),
             "skipped_corrupt": sum(self.skipped_by_rank),
@@ -426,6 +433,11 @@ class _Trainer:
         }
 
     def save(self) -> str:
+        if self.parallel.sharded_checkpoints:  # every rank writes its shards
+            state = self._state(weights=False)
+            path = save_sharded(self.parallel.state_dicts(self.optimizer), state, self.out, self.cfg.train.keep_last)
+            self.last_checkpoint = str(path)
+            return str(path)
         state = self._state()
         path = None
         if self.rank == 0:
@@ -455,7 +467,7 @@ class _Trainer:
                     "checkpoints and use resume=none to start over"
                 )
             return str(found[0]), found[1]
-        return resume, load_checkpoint(resume)
+        return resume, load_checkpoint(resume, tensors=False)
 
     def restore(self) -> None:
         found = self._resume_state()
@@ -463,20 +475,25 @@ class _Trainer:
             return
         path, state = found
         try:
-            self.objective.load_state_dict(state["model"])
-        except RuntimeError as err:
+            if state.get("sharded"):  # each rank reads the pieces of its own shards, at any world size
+                self.parallel.load_sharded(path, self.optimizer)
+            else:
+                self.parallel.load_full(state["model"], state["optimizer"], self.optimizer)
+        except (RuntimeError, ValueError, KeyError) as err:  # DCP's CheckpointException is a RuntimeError
             first = str(err).strip().splitlines()[0:2]
             raise CheckpointError(
                 f"checkpoint {path} does not fit the configured model ({' '.join(first)}); it was written by another "
                 "model.backbone/objective: use another output_dir, or resume=none in an empty one"
             ) from None
-        self.optimizer.load_state_dict(state["optimizer"])
         for group in self.optimizer.param_groups:  # restore the flag the saved groups may lack
             group.setdefault("apply_wd", group.get("weight_decay", 0.0) > 0)
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.step_in_epoch = int(state.get("step_in_epoch", 0))
+        sampler = state.get("sampler", {})
+        if "samples_in_epoch" in sampler:
+            self.step_in_epoch = int(sampler["samples_in_epoch"]) // self.cfg.train.batch_size
         by_rank = state.get("skipped_corrupt_by_rank")
         if by_rank and len(by_rank) == self.world:
             self.skipped_by_rank = [int(x) for x in by_rank]
@@ -484,13 +501,13 @@ class _Trainer:
         else:  # another world size, or an older checkpoint: the total carries on in rank 0's count
             self.skipped = int(state.get("skipped_corrupt", 0)) if self.rank == 0 else 0
             self.skipped_by_rank = [self.skipped if r == 0 else 0 for r in range(self.world)]
-        sampler = state.get("sampler", {})
         rngs = state.get("rng")
         same_layout = sampler.get("world_size") == self.world and sampler.get("micro_batch") == self.micro_batch
         if rngs and same_layout and len(rngs) == self.world:
             _set_rng_state(rngs[self.rank])
-        elif self.step_in_epoch:
-            _logger.warning("resuming with another world size or batch layout: the data order changes mid-epoch")
+        elif self.step_in_epoch:  # map-style data: ResumableSampler gives the same global batches at any world size
+            _logger.warning("resuming with another world size or batch layout: model randomness (dropout, masks) "
+                            "continues from other generators")  # fmt: skip
         saved_stream = state.get("data_stream")
         moved = saved_stream is not None and saved_stream.get("num_workers") != max(1, self.cfg.data.num_workers)
         if self.stream is not None and self.step_in_epoch and moved:
@@ -571,7 +588,7 @@ class _Trainer:
             last = micro_step == accum - 1
             # DDP all-reduces gradients in backward; micro-steps before the last skip it. The one no_sync()
             # context must hold forward AND backward (a context manager cannot be entered twice).
-            sync = contextlib.nullcontext() if last or self.world == 1 else self.model.no_sync()
+            sync = self.parallel.no_sync(last)
             autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
             with sync:
                 with autocast:
@@ -601,8 +618,7 @@ class _Trainer:
         if self.cfg.optim.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
             params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad)
-            metrics["grad_norm"] = float(grad_norm)
+            metrics["grad_norm"] = self.parallel.clip_grad_norm(params, self.cfg.optim.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -661,7 +677,7 @@ class _Trainer:
         finally:
             logger.close()
             _STOP.clear()
-        if status == "finished" and self.rank == 0:
+        if status == "finished":
             self._export_backbone()
         return TrainResult(
             status, self.step, self.epoch, str(self.out), self.last_checkpoint, last_metrics, stop_requested
@@ -682,8 +698,18 @@ class _Trainer:
     def _export_backbone(self) -> None:
         from vitssl.backbones import save_backbone
 
+        backbone = self.objective.backbone
+        if self.parallel.sharded:  # gather the shards (a collective), into a copy of the backbone on rank 0
+            full = self.parallel.full_state(backbone)
+            if self.rank != 0:
+                return
+            with torch.device("meta"):
+                backbone = build_objective(self.cfg).backbone
+            backbone.load_state_dict(full, assign=True)
+        if self.rank != 0:
+            return
         try:
-            save_backbone(self.objective.backbone, self.out / "backbone.safetensors")
+            save_backbone(backbone, self.out / "backbone.safetensors")
         except (TypeError, ValueError) as err:  # a backbone without a timm layout (e.g. iGPT token input)
             _logger.warning("backbone not exported in timm's layout: %s", err)
 

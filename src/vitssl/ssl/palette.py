@@ -149,7 +149,8 @@ def quantize(images: torch.Tensor, palette: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"quantize takes (B, 3, H, W) RGB images, got shape {tuple(images.shape)}")
     b, _, h, w = images.shape
     # fp32 even under autocast: bf16 distances would tie neighbouring colours
-    with torch.autocast(images.device.type, enabled=False):
+    # (meta tensors, for vitssl.engine.plan, have no autocast of their own: turning off the CPU's is the same no-op)
+    with torch.autocast("cpu" if images.device.type == "meta" else images.device.type, enabled=False):
         pal = palette.float().to(images.device)  # (K, 3)
         pixels = _as_unit_float(images).permute(0, 2, 3, 1).reshape(-1, 3)  # (B*H*W, 3)
         pal_sq = (pal * pal).sum(1)  # (K,)
