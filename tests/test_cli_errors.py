@@ -173,4 +173,9 @@ def test_a_run_folder_is_accepted_where_a_checkpoint_is_expected(tmp_path, capsy
     assert_one_line(code, err, "does not exist: give a checkpoint file or the run folder that holds it")
     (tmp_path / "empty").mkdir()
     code, err = run_cli(capsys, "export", "open_clip", str(tmp_path / "empty"), "--out", str(tmp_path / "x"))
-    assert_one_line(code, err, "run folder", "holds no checkpoint (checkpoint_last.pth or checkpoint_<step>.pth)")
+    assert_one_line(
+        code,
+        err,
+        "run folder",
+        "holds no checkpoint (checkpoint_last.pth, checkpoint_<step>.pth or checkpoint_<step>.dcp)",
+    )

@@ -140,7 +140,7 @@ def test_index_build_query_and_eval(ckpt, image_folder, tmp_path, capsys):
         assert manifest["count"] == 24 and manifest["factory"] == factory
         assert manifest["checkpoint"] == F.checkpoint_sha256(ckpt)
         assert manifest["source"]["checkpoint_path"] == str(ckpt) and manifest["source"]["layer"] == "pooled"
-    corpus = F.extract_cached(ckpt, data, "val", "pooled", device="cpu")
+    corpus = F.extract_cached(ckpt, data, "val", "pooled", device="cpu", dtype="float32")  # index builds keep float32
     assert corpus.meta["cache_hit"] and corpus.sample_ids[0].startswith(str(image_folder))  # absolute paths
 
     queries = [corpus.sample_ids[3], corpus.sample_ids[17]]

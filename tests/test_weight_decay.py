@@ -138,7 +138,7 @@ def test_split_decay_uses_only_shape_and_the_names_given() -> None:
 # --- recipes -----------------------------------------------------------------------------------------------------
 
 RECIPES = sorted(p.stem for p in (CONFIG_DIR / "pretrain").glob("*.yaml"))
-OFFICIAL_ALL_DECAY = {"mocov3_vit_small", "mocov3_vit_base"}
+OFFICIAL_ALL_DECAY = {"mocov3_vit_small", "mocov3_vit_base", "mocov3_vit_large", "mocov3_vit_huge"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

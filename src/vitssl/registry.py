@@ -104,4 +104,4 @@ class Registry(Generic[T]):
 # Objectives (image and video) register here by name, so that the config can type an ``objective`` block and the
 # engine can build one, neither importing the modules that define them: the first lookup imports the packages
 # that define them.
-OBJECTIVES: Registry[type] = Registry("objective", providers=("vitssl.ssl", "vitssl.video"))
+OBJECTIVES: Registry[type] = Registry("objective", providers=("vitssl.ssl", "vitssl.video.registered"))

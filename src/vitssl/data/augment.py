@@ -16,6 +16,7 @@ torchvision/PIL pipeline's distribution (tests/test_transforms_pipeline.py compa
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -309,9 +310,17 @@ def prepare_view(view: Any, mean: Sequence[float], std: Sequence[float]) -> torc
         std: normalisation std.
     """
     if isinstance(view, dict):
-        with torch.no_grad(), torch.autocast(view["image"].device.type, enabled=False):
+        with torch.no_grad(), _full_precision(view["image"].device.type):
             return normalize_batch(augment_batch(view["image"], view["params"]), mean, std)
     if view.dtype == torch.uint8:
-        with torch.autocast(view.device.type, enabled=False):
+        with _full_precision(view.device.type):
             return normalize_batch(view, mean, std)
     return view
+
+
+def _full_precision(device_type: str) -> Any:
+    """Autocast off on ``device_type``: pixel arithmetic stays float32 under a bf16 step. The meta device (the
+    memory planner's dry run) has no autocast, so nothing to turn off there."""
+    if device_type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)

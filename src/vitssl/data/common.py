@@ -19,7 +19,7 @@ _logger = logging.getLogger(__name__)
 
 # Image datasets register in vitssl.data, video ones (clips, tracking pairs, frame features) in vitssl.video; the
 # first lookup imports both.
-DATASETS: Registry[type[Dataset]] = Registry("dataset", providers=("vitssl.data", "vitssl.video"))
+DATASETS: Registry[type[Dataset]] = Registry("dataset", providers=("vitssl.data", "vitssl.video.registered"))
 
 # Extensions PIL decodes out of the box; matched case-insensitively (torchvision's list plus webp/tiff).
 IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
