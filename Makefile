@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint format clean
+.PHONY: install system-packages demo test lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,13 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# FFmpeg's shared libraries for TorchCodec, where this user may install Debian/Ubuntu packages (root); elsewhere
+# vitssl reads video with PyAV and reports TorchCodec unavailable (`vitssl video readers`).
+system-packages:
+	@if ! command -v ffmpeg >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = "0" ]; then \
+		export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && \
+		apt-get install -y -qq --no-install-recommends ffmpeg >/dev/null; fi
+
 # `make demo ARGS="seed=1 train.epochs=5"` passes key=value overrides to the demo recipe.
 demo: $(STAMP)
 	$(BIN)/python -m vitssl.demo $(ARGS)
@@ -25,7 +32,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
-test: lint
+test: system-packages lint
 	$(BIN)/python -m pytest -q tests
 
 format: $(STAMP)
