@@ -35,7 +35,7 @@ import importlib.metadata
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -252,17 +252,20 @@ def _damage(decoded: int, packets: int, header: int | None, errors: list[str]) -
     return f"decoding stops at frame {decoded} of {expected} ({cause})"
 
 
-def _index(path: str) -> _Index:
-    key = _key(path)
-    found = _INDEX_CACHE.get(key)
+def _lru_get(cache: OrderedDict, key: Any, size: int, make: Callable[[], Any]) -> Any:
+    """``cache[key]``, made by ``make()`` on a miss; the least recently used entry goes past ``size``."""
+    found = cache.get(key)
     if found is None:
-        found = _build_index(path)
-        _INDEX_CACHE[key] = found
-        if len(_INDEX_CACHE) > _CACHE_SIZE:
-            _INDEX_CACHE.popitem(last=False)
+        found = cache[key] = make()
+        if len(cache) > size:
+            cache.popitem(last=False)
     else:
-        _INDEX_CACHE.move_to_end(key)
+        cache.move_to_end(key)
     return found
+
+
+def _index(path: str) -> _Index:
+    return _lru_get(_INDEX_CACHE, _key(path), _CACHE_SIZE, lambda: _build_index(path))
 
 
 def _upright(batch: np.ndarray, rotation: int) -> np.ndarray:
@@ -354,19 +357,14 @@ def _torchcodec_decoder(path: str, key: tuple[str, int, int], device: str) -> An
     if _TC_PID[0] != os.getpid():  # a forked worker: the parent's decoders are not ours to use
         _TC_DECODERS.clear()
         _TC_PID[0] = os.getpid()
-    cache_key = (*key, device)
-    decoder = _TC_DECODERS.get(cache_key)
-    if decoder is None:
+
+    def open_decoder() -> Any:
         try:
-            decoder = VideoDecoder(path, seek_mode="exact", dimension_order="NHWC", device=device)
+            return VideoDecoder(path, seek_mode="exact", dimension_order="NHWC", device=device)
         except (RuntimeError, ValueError) as exc:
             raise _corrupt(path, f"torchcodec cannot open it ({_last_line(exc)})") from exc
-        _TC_DECODERS[cache_key] = decoder
-        if len(_TC_DECODERS) > _OPEN_DECODERS:
-            _TC_DECODERS.popitem(last=False)
-    else:
-        _TC_DECODERS.move_to_end(cache_key)
-    return decoder
+
+    return _lru_get(_TC_DECODERS, (*key, device), _OPEN_DECODERS, open_decoder)
 
 
 def _read_torchcodec(path: str, key: tuple[str, int, int], wanted: np.ndarray, device: str = "cpu") -> torch.Tensor:
