@@ -30,7 +30,7 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
     Skipped (with the reason) where SLURM is not installed or cannot start; with ``VITSSL_REQUIRE_SLURM=1``
     (set by ``.ci/run``, which installs SLURM) each of those is a failure instead, so a broken setup cannot hide.
     """
-    from slurm_cluster import ClusterStartError, SlurmCluster, missing_binaries
+    from tests.slurm_cluster import ClusterStartError, SlurmCluster, missing_binaries
 
     missing = missing_binaries()
     if missing:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed.nn.functional as dist_fn
 
-from _dist import run_distributed
+from tests._dist import run_distributed
 from vitssl import distributed as D
 
 _N, _D = 3, 4  # rows per rank, feature width

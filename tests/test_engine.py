@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _dist import run_distributed
+from tests._dist import run_distributed
 from vitssl.config import ConfigError, load_config
 from vitssl.engine import CheckpointError, NonFiniteLossError, load_checkpoint, train
 from vitssl.engine.checkpoint import LAST_NAME, find_resume_checkpoint, list_step_checkpoints

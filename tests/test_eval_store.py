@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from _dist import run_distributed
+from tests._dist import run_distributed
 from vitssl.eval.store import (
     FeatureStore,
     FeatureStoreError,

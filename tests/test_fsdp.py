@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import vitssl.ssl  # noqa: F401  (registers the objectives, in the spawned ranks too)
-from _dist import run_distributed
+from tests._dist import run_distributed
 from vitssl.config import ConfigError, load_config
 from vitssl.engine import load_checkpoint, train
 from vitssl.engine.checkpoint import find_resume_checkpoint, list_step_checkpoints

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from _videos import truncated_copy, write_video
+from tests._videos import truncated_copy, write_video
 from vitssl.cli import main
 
 

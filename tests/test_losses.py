@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from _dist import run_distributed
+from tests._dist import run_distributed
 from vitssl.distributed import get_rank, get_world_size
 from vitssl.ssl.losses import clip_loss, contrastive_loss
 

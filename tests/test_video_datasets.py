@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from _videos import copy_video, damaged_copy, decode_index, write_video
+from tests._videos import copy_video, damaged_copy, decode_index, write_video
 from vitssl.data.common import CorruptImageError, build_dataset
 from vitssl.data.wrappers import SingleView, TransformedDataset, collate_skip_none
 from vitssl.errors import DataError, MissingFileError

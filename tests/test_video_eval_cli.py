@@ -9,7 +9,7 @@ import pytest
 
 import vitssl.ssl
 import vitssl.video.registered  # noqa: F401  (registers video_action, blob_position, motion, motion_frames)
-from _videos import write_video
+from tests._videos import write_video
 from vitssl.cli import main
 from vitssl.config import load_config
 

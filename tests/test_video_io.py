@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from _videos import damaged_copy, decode_index, truncated_copy, write_video
+from tests._videos import damaged_copy, decode_index, truncated_copy, write_video
 from vitssl.cli import main
 from vitssl.data.common import CorruptImageError
 from vitssl.errors import MissingFileError

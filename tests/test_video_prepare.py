@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from _videos import damaged_copy, decode_index, write_video
+from tests._videos import damaged_copy, decode_index, write_video
 from vitssl.cli import main
 from vitssl.video.io import CorruptVideoError, probe, read_frames
 from vitssl.video.prepare import prepare_videos

@@ -158,7 +158,7 @@ def test_pca_whitening_whitens_and_round_trips(tmp_path):
 
 
 def test_sample_frames_at_a_rate_and_a_count(tmp_path):
-    from _videos import decode_index, write_video
+    from tests._videos import decode_index, write_video
 
     path = write_video(tmp_path / "v.mp4", num_frames=40, fps=20)  # 2 s
     frames, stamps = Fr.sample_frames(path, fps=5)
@@ -169,7 +169,7 @@ def test_sample_frames_at_a_rate_and_a_count(tmp_path):
 
 
 def test_frame_features_are_cached_per_video(tmp_path, monkeypatch):
-    from _videos import write_video
+    from tests._videos import write_video
 
     paths = [write_video(tmp_path / f"v{i}.mp4", num_frames=20, fps=10) for i in range(2)]
     model = Fr.ThumbnailModel(4)

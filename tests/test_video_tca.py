@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from _dist import run_distributed
+from tests._dist import run_distributed
 from vitssl.backbones import create_backbone
 from vitssl.config import ConfigError
 from vitssl.distributed import get_rank
@@ -230,7 +230,7 @@ def test_bad_config_values_name_the_key(overrides: dict, key: str) -> None:
 
 # ------------------------------------------------------------------------------------ through the engine
 def _corpus(root: Path) -> Path:
-    from _videos import write_video
+    from tests._videos import write_video
 
     root.mkdir(parents=True, exist_ok=True)
     for i in range(6):

@@ -66,3 +66,30 @@ def add_parser(group: argparse._SubParsersAction, name: str, **kwargs: Any) -> a
     # The group creates plain ArgumentParsers; this one only adds the override collection above.
     parser.__class__ = OverridesParser
     return parser
+
+
+class _DeprecatedSpelling(argparse.Action):
+    """Stores into the current option's ``dest`` and warns that this spelling goes away."""
+
+    def __init__(self, option_strings: Any, dest: str, new: str = "", **kwargs: Any) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: Any = None) -> None:
+        import warnings
+
+        warnings.warn(
+            f"{option_string} is deprecated and will be removed in the next release; use {self.new}",
+            FutureWarning,
+            stacklevel=2,
+        )
+        setattr(namespace, self.dest, values)
+
+
+def add_deprecated_spelling(parser: argparse.ArgumentParser, old: str, new: str, dest: str, **kwargs: Any) -> None:
+    """Accept ``old`` (e.g. ``--output``) for one release as a hidden spelling of ``new`` (e.g. ``--out``).
+
+    ``dest`` is the destination of ``new``; ``kwargs`` (``type``, ``nargs`` ...) must parse the value as ``new``
+    does. The old spelling is left out of ``--help`` and prints a ``FutureWarning`` naming the new one.
+    """
+    parser.add_argument(old, dest=dest, action=_DeprecatedSpelling, new=new, help=argparse.SUPPRESS, **kwargs)

@@ -45,7 +45,7 @@ from vitssl.config import ConfigError
 from vitssl.errors import DataError, MissingFileError, UserError
 from vitssl.index import core
 from vitssl.io import atomic_dir, write_json
-from vitssl.video.datasets import VIDEO_EXTENSIONS
+from vitssl.video.files import VIDEO_EXTENSIONS, list_videos
 
 _logger = logging.getLogger(__name__)
 
@@ -128,15 +128,6 @@ def is_video_spec(spec: str) -> bool:
         return parse_data_spec(spec)[0] in VIDEO_DATASETS
     except ConfigError:
         return False
-
-
-def list_videos(root: str | os.PathLike, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> list[str]:
-    """Every video file under ``root`` (recursive, sorted, absolute paths)."""
-    base = Path(root).expanduser().absolute()
-    if not base.is_dir():
-        raise MissingFileError(f"video folder {base} does not exist; pass root=<a folder of video files>")
-    exts = {e.lower() for e in extensions}
-    return sorted(str(p) for p in base.rglob("*") if p.suffix.lower() in exts and p.is_file())
 
 
 def read_video_list(path: str | os.PathLike) -> list[str]:

@@ -33,10 +33,10 @@ from torch.utils.data import Dataset
 from vitssl.data.common import DATASETS, SKIP_HINT, check_procedural, require_root
 from vitssl.data.folder import scan_class_tree
 from vitssl.errors import DataError, MissingFileError
+from vitssl.video.files import VIDEO_EXTENSIONS
 from vitssl.video.io import DECODERS, CorruptVideoError, probe, read_frames
 from vitssl.video.samplers import dense_indices, segment_indices
 
-VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".mkv", ".avi", ".webm", ".mov")
 SAMPLERS: tuple[str, ...] = ("segment", "dense")
 
 _FOLDER_LAYOUT = (

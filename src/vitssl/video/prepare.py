@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from vitssl.errors import SKIP_HINT, DataError, MissingFileError
+from vitssl.video.files import VIDEO_EXTENSIONS, list_videos
 from vitssl.video.io import CorruptVideoError, _open_av, _upright, probe
 
 _logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 PREPARE_FORMAT = 1
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi", ".webm", ".mov")  # vitssl.video.datasets.VIDEO_EXTENSIONS (no torch here)
 
 
 def _sources(src: Path) -> list[Path]:
@@ -40,9 +40,9 @@ def _sources(src: Path) -> list[Path]:
         return [src]
     if not src.is_dir():
         raise MissingFileError(f"video source {src} does not exist; name a video file or a folder of videos")
-    found = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+    found = [src / rel for rel in list_videos(src, relative=True)]
     if not found:
-        raise MissingFileError(f"no videos ({', '.join(VIDEO_SUFFIXES)}) under {src}; name a folder that holds some")
+        raise MissingFileError(f"no videos ({', '.join(VIDEO_EXTENSIONS)}) under {src}; name a folder that holds some")
     return found
 
 

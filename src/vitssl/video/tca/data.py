@@ -15,11 +15,7 @@ from torch.utils.data import Dataset
 
 from vitssl.data.common import DATASETS
 from vitssl.errors import DataError, MissingFileError
-from vitssl.video.datasets import VIDEO_EXTENSIONS
-
-
-def _list_videos(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS)
+from vitssl.video.files import VIDEO_EXTENSIONS, list_videos
 
 
 @DATASETS.register("video_files")
@@ -51,7 +47,7 @@ class VideoFiles(Dataset):
         found = next((p for p in lists if p.is_file()), None)
         rows: list[tuple[str, str | None]] = []
         if found is None:
-            rows = [(rel, None) for rel in _list_videos(self.root)]
+            rows = [(rel, None) for rel in list_videos(self.root, relative=True)]
         else:
             for number, line in enumerate(found.read_text().splitlines(), 1):
                 parts = line.replace(",", " ").split()

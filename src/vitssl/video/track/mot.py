@@ -30,7 +30,7 @@ import numpy as np
 
 from vitssl.errors import DataError, MissingFileError
 from vitssl.io import PathLike, atomic_write
-from vitssl.video.datasets import VIDEO_EXTENSIONS
+from vitssl.video.files import VIDEO_EXTENSIONS, is_video_file
 
 MOT_COLUMNS = ("frame", "id", "left", "top", "width", "height", "conf", "x", "y", "z")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -326,7 +326,7 @@ def is_sequence(path: PathLike) -> bool:
     path = Path(path)
     if path.is_dir():
         return (path / "seqinfo.ini").is_file() or (path / "img1").is_dir()
-    return path.is_file() and path.suffix.lower() in VIDEO_EXTENSIONS
+    return is_video_file(path)
 
 
 def load_sequence(path: PathLike) -> Sequence:
