@@ -61,7 +61,7 @@ def test_one_process_runs_in_this_process(tmp_path):
 def test_rank_exception_reaches_the_caller_with_its_traceback(tmp_path):
     start = time.monotonic()
     with pytest.raises(ValueError, match=r"bad value on rank 1 \(32 px\)") as excinfo:
-        run_local("test_launch:raise_on_rank_one", PretrainJob.from_config(tiny_cfg(tmp_path)), nprocs=2, grace_s=1.0)
+        run_local(f"{__name__}:raise_on_rank_one", PretrainJob.from_config(tiny_cfg(tmp_path)), nprocs=2, grace_s=1.0)
     assert time.monotonic() - start < 60  # the stuck rank 0 was terminated, not waited for
     cause = excinfo.value.__cause__
     assert isinstance(cause, RemoteTraceback)
