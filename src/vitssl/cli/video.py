@@ -120,14 +120,10 @@ def _format_scores(scores: dict[str, Any], png: str) -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from vitssl.eval.metrics import save_confusion_png
-    from vitssl.io import write_json
-    from vitssl.video.evaluate import evaluate_checkpoint, parse_views
+    from vitssl.video.evaluate import evaluate_to_files, parse_views
 
     views = parse_views(args.views)  # a bad --views fails before the checkpoint is read
-    scores = evaluate_checkpoint(
+    scores = evaluate_to_files(
         args.checkpoint,
         args.data,
         split=args.split,
@@ -135,19 +131,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         num_workers=args.num_workers,
+        out=args.out,
+        confusion=args.confusion,
     )
-    if args.confusion:
-        png = Path(args.confusion)
-    elif args.out:
-        png = Path(args.out).with_suffix(".png")
-    else:
-        png = Path(args.checkpoint).absolute().parent / f"confusion_{scores['split']}.png"
-    names = list(scores["classes"]) + [str(i) for i in range(len(scores["classes"]), len(scores["per_class"]))]
-    save_confusion_png(scores["confusion"], names, png)
-    scores["confusion_png"] = str(png)
-    if args.out:
-        write_json(scores, args.out)
-    print(_format_scores(scores, str(png)))
+    print(_format_scores(scores, scores["confusion_png"]))
     return 0
 
 
