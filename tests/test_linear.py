@@ -11,6 +11,7 @@ from PIL import Image
 
 from vitssl.errors import UserError
 from vitssl.eval import linear
+from vitssl.eval.metrics import save_confusion_png
 
 C, D = 6, 32
 
@@ -102,14 +103,14 @@ def test_confusion_matrix_and_png(tmp_path, sgd_result, blobs):
     np.add.at(expected, (yv, pred), 1)
     np.testing.assert_array_equal(cm, expected)
     assert cm.trace() / cm.sum() * 100 == pytest.approx(sgd_result["top1"])
-    out = linear.save_confusion_matrix_png(cm, [f"class {i}" for i in range(C)], tmp_path / "cm" / "confusion.png")
+    out = save_confusion_png(cm, [f"class {i}" for i in range(C)], tmp_path / "cm" / "confusion.png")
     with Image.open(out) as img:
         assert img.format == "PNG" and img.size[0] > 100
     as_json = linear.result_to_json(sgd_result)
     assert "head_state" not in as_json and as_json["confusion_matrix"] == cm.tolist()
     json.dumps(as_json)
     with pytest.raises(ValueError, match="3 names but the confusion matrix has 6"):
-        linear.save_confusion_matrix_png(cm, ["a", "b", "c"], tmp_path / "x.png")
+        save_confusion_png(cm, ["a", "b", "c"], tmp_path / "x.png")
 
 
 def test_logistic_regression_sweep_reports_every_c(blobs):

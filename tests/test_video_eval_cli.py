@@ -58,9 +58,7 @@ def videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_eval_prints_scores_writes_json_and_a_confusion_png(checkpoints, videos, tmp_path, capsys) -> None:
     out = tmp_path / "scores.json"
     spec = f"videofolder:root={videos}"
-    assert (
-        main(["video", "eval", str(checkpoints["action"]), "--data", spec, "--views", "2x2", "--json", str(out)]) == 0
-    )
+    assert main(["video", "eval", str(checkpoints["action"]), "--data", spec, "--views", "2x2", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     scores = json.loads(out.read_text())
     assert scores["views"] == [2, 2] and scores["num_videos"] == 6 and scores["split"] == "val"

@@ -1,118 +1,64 @@
-"""Evaluation commands: ``vitssl eval features|knn|linear|zeroshot|retrieval``, and the evaluation job they launch.
+"""Evaluation commands: ``vitssl eval features|knn|linear|zeroshot|retrieval``: parse, call the library, print.
 
-Every probe reads frozen features through the cache of :mod:`vitssl.eval.features`, so re-running a command on
-the same checkpoint and data costs no backbone forward. The long commands (``eval features|knn|linear`` here,
-``index build`` in :mod:`vitssl.cli.index`) run through :func:`vitssl.launch.launch` like ``vitssl pretrain``:
-``launch=slurm`` and ``launch.*`` overrides may follow anywhere on the command line, e.g.::
+The job bodies are library functions with typed payloads (:mod:`vitssl.eval.jobs`, :mod:`vitssl.eval.probe_jobs`,
+:mod:`vitssl.eval.zeroshot`); a command checks its options, builds the payload and hands it over. The long
+commands (``eval features|knn|linear`` here, ``index build`` in :mod:`vitssl.cli.index`) run through
+:func:`vitssl.launch.launch` like ``vitssl pretrain``: ``launch=slurm`` and ``launch.*`` overrides may follow
+anywhere on the command line, e.g.::
 
     vitssl eval knn runs/moco/checkpoint_last.pth --train imagefolder:root=/data/in1k,split=train \\
         --val imagefolder:root=/data/in1k,split=val launch=slurm launch.gpus_per_node=8
 
-A job is :func:`run_eval_job` with a typed payload: one frozen dataclass per job family (:class:`FeaturesJob`,
-:class:`KnnJob`, :class:`LinearJob`; the index jobs in :mod:`vitssl.cli.index`), all sharing the extraction
-settings of :class:`EvalJob`. The job's folder (``jobs.jsonl``, SLURM logs under ``submitit/``) is the folder of
-its results. Extraction runs on every rank (a shard each); the probes, the index writing and the printing run
-on rank 0. ``eval zeroshot|retrieval`` run here, in this process.
+The launched job is :func:`run_eval_job`, which runs the payload's library function on this rank and prints its
+report on rank 0. The job's folder (``jobs.jsonl``, SLURM logs under ``submitit/``) is the folder of its results.
+``eval zeroshot|retrieval`` run here, in this process.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from vitssl.cli._args import ListWithOverrides, add_parser, number_or_override
+from vitssl.cli._args import ListWithOverrides, add_deprecated_spelling, add_parser, number_or_override
 from vitssl.config import ConfigError
+
+# The payloads and what the jobs share live in the library; the index commands import them from here too.
+from vitssl.eval.jobs import (
+    DEFAULT_KS,
+    EvalJob,
+    FeaturesJob,
+    JobResult,
+    KnnJob,
+    LinearJob,
+    ProbeJob,
+    data_workers,
+    default_result_path,
+    is_main,
+    job_features,
+    run_features,
+    write_result,
+)
+from vitssl.eval.probe_jobs import run_knn, run_linear
 from vitssl.eval.spec import LAYER_HELP, SPEC_SYNTAX  # imports no torch: building the parser stays light
 
 # The launch targets, by name: spawned processes and SLURM jobs import them from here.
 JOB_TARGET = "vitssl.cli.eval:run_eval_job"
 CALL_TARGET = "vitssl.cli.eval:run_eval_call"
-DEFAULT_KS = (10, 20, 100, 200)
 
 PayloadT = TypeVar("PayloadT")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Payloads
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class EvalJob:
-    """What every job that embeds images with a checkpoint needs (the base of the evaluation payloads)."""
-
-    checkpoint: str  # absolute path of the engine checkpoint (any objective)
-    device: str = "auto"  # auto | cpu | cuda: where each rank runs the backbone
-    layer: str = "pooled"  # feature layer: pooled | cls | mean | lastN
-    cache_dir: str | None = None  # feature cache folder (absolute); None: <checkpoint folder>/features
-    batch_size: int = 256  # images per forward pass and process
-    num_workers: int | None = None  # data-loading processes per process; None: its CPUs less one, at most 8
-    skip_corrupt: bool = False  # leave unreadable images out (counted) instead of failing
-
-
-@dataclass(frozen=True, kw_only=True)
-class FeaturesJob(EvalJob):
-    """``vitssl eval features``: extract and cache the features of one dataset."""
-
-    data: str  # data spec, NAME[:key=value,...]
-    split: str  # the split used (from --split or the spec)
-    feature_dtype: str = "float16"  # stored precision of the feature store: float16 | float32
-
-
-@dataclass(frozen=True, kw_only=True)
-class ProbeJob(EvalJob):
-    """What the probes share: labelled training and evaluation data, and the result file."""
-
-    train: str  # data spec of the training data (--train)
-    val: str  # data spec of the evaluation data (--val)
-    train_split: str  # split of --train (default train)
-    val_split: str  # split of --val (default val)
-    out: str  # result JSON (absolute)
-    train_features: str | None = None  # an existing feature store to use instead of extracting --train
-    val_features: str | None = None  # an existing feature store to use instead of extracting --val
-    feature_dtype: str = "float16"  # stored precision of extracted feature stores: float16 | float32
-
-
-@dataclass(frozen=True, kw_only=True)
-class KnnJob(ProbeJob):
-    """``vitssl eval knn``: weighted k-NN top-1 / top-5 for several k."""
-
-    ks: tuple[int, ...] = DEFAULT_KS  # neighbour counts
-    temperature: float = 0.07  # vote temperature T: a neighbour votes exp(similarity / T)
-    approx: bool = False  # search an IVF index (parameters from the bank size) instead of exactly
-
-
-@dataclass(frozen=True, kw_only=True)
-class LinearJob(ProbeJob):
-    """``vitssl eval linear``: SGD linear probe (on cached or augmented features) and/or logistic regression."""
-
-    method: str = "sgd"  # sgd | logreg | both | sweep (lrs x wds x feature variants of the layer)
-    wds: tuple[float, ...] = (0.0,)  # sweep: weight decays
-    epochs: int = 90  # SGD epochs
-    lrs: tuple[float, ...] | None = None  # SGD learning rates, one head each; None: 0.01..3.0 x batch / 256
-    cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)  # logistic-regression inverse regularisations
-    max_iter: int = 1000  # logistic-regression lbfgs iterations
-    probe_batch_size: int = 256  # SGD rows per step
-    holdout_fraction: float = 0.1  # share of train used to pick lr / C
-    seed: int = 0  # split, initialisation and order seed
-    finetune_aug: bool = False  # SGD through the frozen backbone on augmented images (the paper protocol)
-    aug_scale_min: float = 0.08  # with finetune_aug: smallest random-resized-crop area
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The job entry points
 # --------------------------------------------------------------------------------------------------------------
 
-# Payload type -> the function that runs it on one rank. vitssl.cli.index adds the index jobs when it is
-# imported, which unpickling one of its payloads always does first.
-_JOBS: dict[type, Callable[[Any], dict[str, Any]]] = {}
+# Payload type -> the library function that runs it on one rank: a JobResult (printed here) or a result dict on
+# rank 0. vitssl.cli.index adds the index jobs when it is imported, which unpickling one of its payloads always
+# does first.
+_JOBS: dict[type, Callable[[Any], Any]] = {FeaturesJob: run_features, KnnJob: run_knn, LinearJob: run_linear}
 
 
 def eval_job(
@@ -146,7 +92,11 @@ def run_eval_job(payload: Any) -> dict[str, Any]:
     register_objectives()  # checkpoints name their objective; the config schema needs it registered
     init_distributed()
     with user_errors():
-        return job(payload)
+        result = job(payload)
+    if isinstance(result, JobResult):  # None on the ranks that only extracted their shards
+        print(result.report)
+        return result.record
+    return result or {}
 
 
 def run_eval_call(payload: Any, launch_cfg: Any, output_dir: str) -> Any:
@@ -177,323 +127,6 @@ def user_errors() -> Iterator[None]:
         yield
     except FileExistsError as err:  # an output folder the user named exists already
         raise ConfigError(f"{err}") from None
-
-
-# --------------------------------------------------------------------------------------------------------------
-# What the jobs share (vitssl.cli.index uses these too)
-# --------------------------------------------------------------------------------------------------------------
-
-
-def is_main() -> bool:
-    from vitssl.distributed import is_main_process
-
-    return is_main_process()
-
-
-def write_result(obj: dict[str, Any], path: str | Path) -> None:
-    """Write a job's result as JSON (atomically; values JSON does not know become strings)."""
-    from vitssl.io import write_json
-
-    write_json(obj, Path(path), default=str)
-
-
-def data_workers(requested: int | None) -> int:
-    """``--num-workers``, or by default the CPUs this process may use, shared by the processes on this node, less
-    one for the process itself (at most 8)."""
-    if requested is not None:
-        return int(requested)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local_procs = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(0, min(8, cpus // local_procs - 1))
-
-
-def eval_model(job: EvalJob) -> Any:
-    """The job's checkpoint, loaded for evaluation on this rank's device."""
-    from vitssl.eval.features import EvalModel
-
-    return EvalModel(job.checkpoint, job.device)
-
-
-def job_features(
-    model: Any, job: EvalJob, spec: str, split: str, option: str, rows: tuple[int, int] | None = None
-) -> Any:
-    """The cached (or freshly extracted) :class:`~vitssl.eval.features.FeatureSet` of ``spec`` for ``job``.
-
-    Args:
-        model: the job's :class:`~vitssl.eval.features.EvalModel`.
-        job: the payload (layer, cache, batch size, workers, corrupt-sample handling).
-        spec: data spec.
-        split: its split.
-        option: the command-line option the spec came from, named in errors.
-        rows: only dataset rows ``[start, stop)`` (an index shard).
-    """
-    from vitssl.eval.features import extract_cached
-
-    return extract_cached(
-        model,
-        spec,
-        split,
-        job.layer,
-        job.cache_dir,
-        job.batch_size,
-        num_workers=data_workers(job.num_workers),
-        skip_corrupt=job.skip_corrupt,
-        rows=rows,
-        option=option,
-        dtype=getattr(job, "feature_dtype", "float32"),  # index jobs keep full precision
-    )
-
-
-def provenance(model: Any, job: EvalJob) -> dict[str, Any]:
-    """What was evaluated: the checkpoint (path and content hash), its objective, the layer and transform."""
-    import vitssl
-
-    return {
-        "checkpoint": str(model.path),
-        "checkpoint_sha256": model.checkpoint_hash,
-        "objective": model.objective_name,
-        "layer": job.layer,
-        "transform": model.transform,
-        "vitssl_version": vitssl.__version__,
-    }
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Jobs
-# --------------------------------------------------------------------------------------------------------------
-
-
-@eval_job(FeaturesJob)
-def _job_features(job: FeaturesJob) -> dict[str, Any]:
-    model = eval_model(job)
-    fs = job_features(model, job, job.data, job.split, "--data")
-    if not is_main():
-        return {}
-    how = "read from the cache" if fs.meta["cache_hit"] else f"extracted in {fs.meta['seconds']:.1f} s"
-    print(f"{len(fs)} x {fs.dim} features of {job.data} ({fs.meta['key']['split']}, layer {job.layer}) {how}")
-    print(f"  folder: {fs.path}")
-    print(
-        f"  reuse it: vitssl eval knn|linear {job.checkpoint} --train-features {fs.path} --val-features <DIR> "
-        "(or --train/--val with the same data: the cache finds it)"
-    )
-    hit = fs.meta["cache_hit"]
-    return {"task": "features", "folder": str(fs.path), "count": len(fs), "dim": fs.dim, "cache_hit": hit}
-
-
-def _require_labels(fs: Any, option: str) -> None:
-    if not fs.labelled:
-        raise ConfigError(
-            f"{option} {fs.meta.get('data_spec')!r} has no class labels; k-NN and linear probes need a labelled "
-            "dataset (imagefolder, digits, shapes, cifar10, ...)"
-        )
-
-
-def _num_classes(train: Any, val: Any) -> int:
-    """Check that both feature sets are labelled and share their classes; return the class count."""
-    _require_labels(train, "--train")
-    _require_labels(val, "--val")
-    if train.classes and val.classes and train.classes != val.classes:
-        raise ConfigError(
-            f"--train and --val have different classes ({len(train.classes)} vs {len(val.classes)}: "
-            f"{train.classes[:5]} vs {val.classes[:5]}); use two splits of the same dataset"
-        )
-    observed = int(max(train.labels.max(initial=-1), val.labels.max(initial=-1))) + 1
-    return max(len(train.classes), observed)
-
-
-def _stored_features(model: Any, job: ProbeJob, folder: str, option: str) -> Any:
-    """An existing feature store given by ``option``, refused unless it holds this checkpoint's ``--layer``."""
-    from vitssl.eval.features import FeatureSet
-    from vitssl.eval.store import FeatureStore
-
-    store = FeatureStore(folder)
-    store.check({"checkpoint_sha256": model.checkpoint_hash, "layer": job.layer}, option)
-    fs = FeatureSet.load(folder)
-    fs.meta["cache_hit"] = True
-    return fs
-
-
-def _probe_features(job: ProbeJob) -> tuple[Any, Any, Any]:
-    """The evaluation model and the ``--train`` / ``--val`` feature sets of a probe job: existing stores
-    (``--train-features`` / ``--val-features``), or extracted on every rank (each its own shards)."""
-    model = eval_model(job)
-    if job.train_features:
-        train = _stored_features(model, job, job.train_features, "--train-features")
-    else:
-        train = job_features(model, job, job.train, job.train_split, "--train")
-    if job.val_features:
-        return model, train, _stored_features(model, job, job.val_features, "--val-features")
-    return model, train, job_features(model, job, job.val, job.val_split, "--val")
-
-
-def _check_overwrite(path: str, record: dict[str, Any]) -> None:
-    """Refuse to replace a result of other inputs (checkpoint, data, layer) at ``path``."""
-    import json
-
-    target = Path(path)
-    if not target.is_file():
-        return
-    try:
-        old = json.loads(target.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # not a result of ours: an unreadable file is replaced like any output
-    keys = ("checkpoint_sha256", "train", "val", "layer", "train_features", "val_features")
-    differs = [k for k in keys if isinstance(old, dict) and k in old and old.get(k) != record.get(k)]
-    if differs:
-        raise ConfigError(
-            f"--out {target} holds the result of other inputs ({', '.join(f'{k} {old.get(k)!r}' for k in differs)}); "
-            "pass another --out or delete it"
-        )
-
-
-def _probe_record(task: str, model: Any, job: ProbeJob, train: Any, val: Any) -> dict[str, Any]:
-    """The leading entries of a probe's result JSON: what was evaluated, on which data and feature folders."""
-    return {
-        "task": task,
-        **provenance(model, job),
-        "train": job.train,
-        "val": job.val,
-        "train_features": str(train.path),
-        "val_features": str(val.path),
-        "classes": train.classes,
-    }
-
-
-@eval_job(KnnJob)
-def _job_knn(job: KnnJob) -> dict[str, Any]:
-    from vitssl.eval.knn import format_knn_table, knn_evaluate
-
-    t0 = time.perf_counter()
-    model, train, val = _probe_features(job)
-    if not is_main():
-        return {}
-    num_classes = _num_classes(train, val)
-    record = _probe_record("knn", model, job, train, val)
-    _check_overwrite(job.out, record)
-    result = knn_evaluate(
-        train.features, train.labels, val.features, val.labels, job.ks, job.temperature, num_classes, approx=job.approx
-    )
-    out = {
-        **record,
-        **result,
-        "seconds": round(time.perf_counter() - t0, 3),
-        "output": job.out,
-    }
-    write_result(out, job.out)
-    print(format_knn_table(result))
-    print(f"written to {job.out}")
-    return out
-
-
-def _sgd_options(model: Any, job: LinearJob) -> dict[str, Any]:
-    """Keyword arguments the SGD linear probes (on cached and on augmented features) share."""
-    return {
-        "lrs": job.lrs,
-        "epochs": job.epochs,
-        "batch_size": job.probe_batch_size,
-        "holdout_fraction": job.holdout_fraction,
-        "seed": job.seed,
-        "device": model.device,
-    }
-
-
-@eval_job(LinearJob)
-def _job_linear(job: LinearJob) -> dict[str, Any]:
-    from vitssl.eval import linear
-
-    t0 = time.perf_counter()
-    model, train, val = _probe_features(job)
-    num_classes = _num_classes(train, val)
-    if is_main():
-        _check_overwrite(job.out, _probe_record("linear", model, job, train, val))
-    data = (train.features, train.labels, val.features, val.labels, num_classes)
-    methods = ["sgd", "logreg"] if job.method == "both" else [job.method]
-    results: dict[str, dict[str, Any]] = {}
-    for method in methods:
-        if method == "sgd" and job.finetune_aug:  # every rank embeds its part of each augmented batch
-            results["linear_sgd_aug"] = _augmented_probe(model, job, train, val, num_classes)
-        elif not is_main():
-            continue
-        elif method == "sgd":
-            results["linear_sgd"] = linear.train_linear_probe(*data, **_sgd_options(model, job))
-        elif method == "sweep":
-            results["linear_sweep"] = _sweep(model, job, train, val, num_classes)
-        else:
-            results["logistic_regression"] = linear.logistic_regression_probe(
-                *data, Cs=job.cs, max_iter=job.max_iter, holdout_fraction=job.holdout_fraction, seed=job.seed
-            )
-    if not is_main():
-        return {}
-    out_path = Path(job.out)
-    names = train.classes or None
-    pictures = {}
-    for name, r in results.items():
-        png = out_path.with_name(f"{out_path.stem}-confusion-{name}.png")
-        linear.save_confusion_matrix_png(r["confusion_matrix"], names, png)
-        pictures[name] = str(png)
-        if name == "linear_sweep":
-            from vitssl.eval.sweep import format_sweep_table
-
-            print(format_sweep_table(r))
-        else:
-            print(linear.format_probe_table(r))
-    out = {
-        **_probe_record("linear", model, job, train, val),
-        "results": {name: linear.result_to_json(r) for name, r in results.items()},
-        "confusion_png": pictures,
-        "seconds": round(time.perf_counter() - t0, 3),
-        "output": str(out_path),
-    }
-    write_result(out, out_path)
-    print(f"written to {out_path} (confusion matrices: {', '.join(pictures.values())})")
-    return out
-
-
-def _sweep(model: Any, job: LinearJob, train: Any, val: Any, num_classes: int) -> dict[str, Any]:
-    """lrs x wds x the layer's feature variants, in one pass over the (memory-mapped) features."""
-    from vitssl.eval.linear import default_lrs
-    from vitssl.eval.sweep import layer_variants, train_linear_sweep
-
-    return train_linear_sweep(
-        train.features,
-        train.labels,
-        val.features,
-        val.labels,
-        num_classes,
-        lrs=job.lrs or default_lrs(job.probe_batch_size),
-        wds=job.wds,
-        variants=layer_variants(job.layer, train.dim),
-        epochs=job.epochs,
-        batch_size=job.probe_batch_size,
-        holdout_fraction=job.holdout_fraction,
-        seed=job.seed,
-        device=model.device,
-    )
-
-
-def _augmented_probe(model: Any, job: LinearJob, train: Any, val: Any, num_classes: int) -> dict[str, Any]:
-    from torch.utils.data import Subset
-
-    from vitssl.eval.features import dataset_rows
-    from vitssl.eval.linear_aug import AugmentThenEval, augmented_linear_probe
-    from vitssl.eval.spec import build_eval_dataset
-
-    base, _, _ = build_eval_dataset(job.train, job.train_split, absolute_root=True, option="--train")
-    kept = dataset_rows(train.meta)  # rows with cached features (all of them unless corrupt ones were skipped)
-    dataset = Subset(base, kept.tolist()) if len(kept) != len(base) else base
-    augment = AugmentThenEval(int(model.cfg.data.img_size), model.sample_fn, (job.aug_scale_min, 1.0))
-    return augmented_linear_probe(
-        model.feature_fn(job.layer),
-        dataset,
-        train.labels,
-        train.features,
-        val.features,
-        val.labels,
-        num_classes,
-        augment,
-        **_sgd_options(model, job),
-        num_workers=data_workers(job.num_workers),
-    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -584,24 +217,6 @@ def split_of(spec: str, default: str, split: str | None = None, option: str = "-
         raise ConfigError(f"{option}: {err}") from None
 
 
-def _default_out(checkpoint: str, task: str, what: dict[str, Any]) -> Path:
-    """``<checkpoint folder>/eval/<task>-<train data>-<val data>-<layer>-<digest>.json``: the name says what was
-    evaluated, and the digest of every input (checkpoint file, both data specs with their options and splits or
-    feature stores, layer) keeps two evaluations from writing to one file."""
-    import hashlib
-    import json
-
-    from vitssl.eval.spec import parse_data_spec
-
-    def name(spec: str | None, store: str | None) -> str:
-        text = Path(store).name.split("-")[0] if store else parse_data_spec(spec or "data")[0]
-        return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:40]
-
-    digest = hashlib.sha256(json.dumps({"checkpoint": checkpoint, **what}, sort_keys=True).encode()).hexdigest()[:10]
-    train, val = name(what["train"], what["train_features"]), name(what["val"], what["val_features"])
-    return Path(checkpoint).parent / "eval" / f"{task}-{train}-{val}-{what['val_split']}-{what['layer']}-{digest}.json"
-
-
 def _cmd_features(args: argparse.Namespace) -> int:
     from vitssl.eval.features import default_cache_dir
 
@@ -638,7 +253,7 @@ def _probe_fields(args: argparse.Namespace, task: str, device: str) -> dict[str,
         "val_features": stores.get("--val"),
         "layer": args.layer,
     }
-    out = Path(args.out) if args.out else _default_out(fields["checkpoint"], task, what)
+    out = Path(args.out) if args.out else default_result_path(fields["checkpoint"], task, what)
     return {
         **fields,
         "train": args.train or "",
@@ -653,50 +268,19 @@ def _probe_fields(args: argparse.Namespace, task: str, device: str) -> dict[str,
 
 
 def _cmd_knn(args: argparse.Namespace) -> int:
-    from vitssl.eval.knn import check_temperature
-
-    if any(k < 1 for k in args.k):
-        raise ConfigError(f"--k {' '.join(map(str, args.k))}: neighbour counts must be positive")
-    try:
-        check_temperature(args.temperature)
-    except ValueError as err:
-        raise ConfigError(f"--temperature {args.temperature}: {err}") from None
     launch_cfg, device = launch_settings(args)
-    fields = _probe_fields(args, "knn", device)
     job = KnnJob(
-        **fields, ks=tuple(int(k) for k in args.k), temperature=float(args.temperature), approx=bool(args.approx)
+        **_probe_fields(args, "knn", device),
+        ks=tuple(int(k) for k in args.k),
+        temperature=float(args.temperature),
+        approx=bool(args.approx),
     )
+    job.check()
     launch_job(launch_cfg, job, Path(job.out).parent)
     return 0
 
 
-def _check_linear_options(args: argparse.Namespace) -> None:
-    """Fail before launching, naming the option, on probe settings no data can make work."""
-    if args.finetune_aug and args.method == "logreg":
-        raise ConfigError("--finetune-aug trains the SGD probe through the backbone; use --method sgd or both")
-    if args.epochs < 1 or args.max_iter < 1:
-        raise ConfigError(f"--epochs {args.epochs} and --max-iter {args.max_iter} must be at least 1")
-    if args.probe_batch_size < 2:  # BatchNorm needs two rows
-        raise ConfigError(f"--probe-batch-size {args.probe_batch_size} must be at least 2")
-    if not 0 <= args.holdout_fraction < 1:
-        raise ConfigError(f"--holdout-fraction {args.holdout_fraction} must lie in [0, 1)")
-    if not 0 < args.aug_scale_min <= 1:
-        raise ConfigError(f"--aug-scale-min {args.aug_scale_min} must lie in (0, 1]")
-    for option, values in (("--lrs", args.lrs or []), ("--cs", args.cs)):
-        if any(v <= 0 for v in values):
-            raise ConfigError(f"{option} {' '.join(map(str, values))}: every value must be positive")
-    sweeps_lr = args.method != "logreg" and (args.lrs is None or len(args.lrs) > 1)  # default: a 6-lr sweep
-    sweeps_c = args.method != "sgd" and len(args.cs) > 1
-    several = [o for o, sweeps in (("--lrs", sweeps_lr), ("--cs", sweeps_c)) if sweeps]
-    if args.holdout_fraction == 0 and several:
-        raise ConfigError(
-            f"--holdout-fraction 0 holds out nothing to choose among the values of {' and '.join(several)}; "
-            "raise it or give a single value"
-        )
-
-
 def _cmd_linear(args: argparse.Namespace) -> int:
-    _check_linear_options(args)
     launch_cfg, device = launch_settings(args)
     job = LinearJob(
         **_probe_fields(args, "linear", device),
@@ -712,6 +296,7 @@ def _cmd_linear(args: argparse.Namespace) -> int:
         holdout_fraction=float(args.holdout_fraction),
         seed=int(args.seed),
     )
+    job.check()
     launch_job(launch_cfg, job, Path(job.out).parent)
     return 0
 
@@ -719,7 +304,7 @@ def _cmd_linear(args: argparse.Namespace) -> int:
 def _clip_options(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of ``run_zeroshot`` / ``run_retrieval`` from the options of :func:`_add_clip_options`."""
     return {
-        "output": args.output,
+        "output": args.out,
         "batch_size": args.batch_size,
         "num_workers": args.num_workers,
         "device": args.device,
@@ -826,7 +411,8 @@ def _add_clip_options(p: argparse.ArgumentParser, data_help: str) -> None:
     )
     p.add_argument("--data", required=True, metavar="SPEC", help=f"{data_help}; syntax {SPEC_SYNTAX}")
     p.add_argument("--model", metavar="NAME", help="open_clip model name of a state-dict checkpoint, e.g. ViT-B-16")
-    p.add_argument("--output", metavar="FILE", help="JSON result path (default: next to the checkpoint)")
+    p.add_argument("--out", metavar="FILE", help="JSON result path (default: next to the checkpoint)")
+    add_deprecated_spelling(p, "--output", "--out", dest="out", metavar="FILE")
     p.add_argument("--batch-size", type=int, default=256, help="images / texts per forward pass (default 256)")
     p.add_argument("--num-workers", type=int, default=0, help="data-loading processes (default 0)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: GPU if visible")
@@ -867,7 +453,9 @@ def register_commands(
     add_extraction_options(p)
     _add_probe_data(p)
     p.add_argument(
+        "-k",
         "--k",
+        dest="k",
         nargs="+",
         type=number_or_override(int),
         action=ListWithOverrides,
@@ -962,14 +550,27 @@ def register_commands(
 
 __all__ = [
     "CALL_TARGET",
+    "DEFAULT_KS",
     "JOB_TARGET",
     "EvalJob",
     "FeaturesJob",
     "KnnJob",
     "LinearJob",
     "ProbeJob",
+    "add_data_options",
+    "add_extraction_options",
+    "check_spec",
+    "checkpoint_arg",
+    "data_workers",
     "eval_job",
+    "extraction_fields",
+    "is_main",
+    "job_features",
+    "launch_job",
+    "launch_settings",
     "register_commands",
     "run_eval_call",
     "run_eval_job",
+    "split_of",
+    "write_result",
 ]

@@ -120,13 +120,10 @@ def _format_scores(scores: dict[str, Any], png: str) -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from vitssl.io import write_json
-    from vitssl.video.evaluate import evaluate_checkpoint, parse_views, save_confusion_png
+    from vitssl.video.evaluate import evaluate_to_files, parse_views
 
     views = parse_views(args.views)  # a bad --views fails before the checkpoint is read
-    scores = evaluate_checkpoint(
+    scores = evaluate_to_files(
         args.checkpoint,
         args.data,
         split=args.split,
@@ -134,19 +131,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         num_workers=args.num_workers,
+        out=args.out,
+        confusion=args.confusion,
     )
-    if args.confusion:
-        png = Path(args.confusion)
-    elif args.json:
-        png = Path(args.json).with_suffix(".png")
-    else:
-        png = Path(args.checkpoint).absolute().parent / f"confusion_{scores['split']}.png"
-    names = list(scores["classes"]) + [str(i) for i in range(len(scores["classes"]), len(scores["per_class"]))]
-    save_confusion_png(scores["confusion"], names, png)
-    scores["confusion_png"] = str(png)
-    if args.json:
-        write_json(scores, args.json)
-    print(_format_scores(scores, str(png)))
+    print(_format_scores(scores, scores["confusion_png"]))
     return 0
 
 
@@ -157,6 +145,8 @@ def register_commands(subparsers: argparse._SubParsersAction, groups: dict[str, 
         subparsers: top-level commands (unused: video adds none).
         groups: sub-command groups by name; uses ``groups["video"]``.
     """
+    from vitssl.cli._args import add_deprecated_spelling
+
     video = groups["video"]
     p = video.add_parser(
         "probe",
@@ -223,12 +213,13 @@ def register_commands(subparsers: argparse._SubParsersAction, groups: dict[str, 
     )
     e.add_argument("--split", default=None, help="split (default: the spec's own, else val)")
     e.add_argument("--views", default="1x1", help="CLIPSxCROPS per video, e.g. 1x3 or 4x3 (default 1x1)")
-    e.add_argument("--json", default=None, metavar="OUT.json", help="also write the scores as JSON")
+    e.add_argument("--out", default=None, metavar="OUT.json", help="also write the scores as JSON")
+    add_deprecated_spelling(e, "--json", "--out", dest="out", metavar="OUT.json")
     e.add_argument(
         "--confusion",
         default=None,
         metavar="PNG",
-        help="confusion-matrix figure (default: next to --json, else confusion_<split>.png by the checkpoint)",
+        help="confusion-matrix figure (default: next to --out, else confusion_<split>.png by the checkpoint)",
     )
     e.add_argument("--batch-size", type=int, default=16, help="clips per forward pass (16)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (auto)")

@@ -8,7 +8,7 @@ the same batches. The best lr is picked on a stratified held-out part of train, 
 val (it is not retrained on the held-out part).
 
 Both probes return the same result dict (see :func:`train_linear_probe`); :func:`result_to_json` makes it JSON
-serialisable, :func:`save_confusion_matrix_png` draws its confusion matrix.
+serialisable, :func:`vitssl.eval.metrics.save_confusion_png` draws its confusion matrix.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,7 +28,7 @@ from torch import nn
 from vitssl.distributed import resolve_device
 from vitssl.errors import UserError
 from vitssl.eval.features import Progress
-from vitssl.eval.metrics import accuracy_report, topk_hits
+from vitssl.eval.metrics import classification_report
 
 _logger = logging.getLogger(__name__)
 
@@ -132,21 +131,6 @@ def stratified_holdout(labels: np.ndarray | torch.Tensor, fraction: float, seed:
     holdout = np.sort(np.concatenate(hold)) if hold else np.zeros(0, dtype=np.int64)
     fit = np.setdiff1d(np.arange(len(y)), holdout)
     return fit.astype(np.int64), holdout.astype(np.int64)
-
-
-def classification_report(scores: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, Any]:
-    """top-1, top-5 (top-min(5, C)), mean and per-class top-1 (percent; None for absent classes) and the
-    confusion matrix (true x predicted), the report of :func:`train_linear_probe`.
-
-    Args:
-        scores: (N, C) class scores.
-        labels: (N,) true classes.
-        num_classes: C.
-    """
-    pred, hit_top = topk_hits(scores, labels, min(5, num_classes))
-    cm = np.bincount(labels * num_classes + pred, minlength=num_classes * num_classes).reshape(num_classes, -1)
-    report = accuracy_report(pred == labels, hit_top, labels, num_classes)
-    return {**report, "confusion_matrix": cm.astype(np.int64)}
 
 
 @torch.no_grad()
@@ -463,61 +447,3 @@ def format_probe_table(result: dict[str, Any]) -> str:
         f"mean per-class {result['mean_per_class_top1']:.2f}"
     )
     return "\n".join(lines)
-
-
-def save_confusion_matrix_png(
-    cm: np.ndarray, classes: Sequence[str] | None, path: str | Path, normalize: bool = True
-) -> Path:
-    """Draw a confusion matrix (rows = true class, columns = predicted) as a PNG.
-
-    Args:
-        cm: (C, C) counts.
-        classes: C class names (None = indices); tick labels are drawn up to 50 classes, counts up to 20.
-        path: output file.
-        normalize: colour by row share (per-class recall) rather than raw counts.
-
-    Returns:
-        The path.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    cm = np.asarray(cm)
-    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
-        raise ValueError(f"cm must be a square (C, C) matrix, got shape {cm.shape}")
-    n = cm.shape[0]
-    names = [str(c) for c in classes] if classes is not None else [str(i) for i in range(n)]
-    if len(names) != n:
-        raise ValueError(f"classes has {len(names)} names but the confusion matrix has {n} classes")
-    shown = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1) if normalize else cm
-    side = min(max(4.0, 0.35 * n + 2), 24.0)
-    fig = Figure(figsize=(side + 1, side), dpi=100)
-    FigureCanvasAgg(fig)  # no pyplot: the global matplotlib backend stays untouched
-    ax = fig.add_subplot(1, 1, 1)
-    image = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else None, interpolation="nearest")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of true class" if normalize else "count")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    acc = np.trace(cm) / max(cm.sum(), 1) * 100
-    ax.set_title(f"confusion matrix ({cm.sum()} samples, top-1 {acc:.1f}%)")
-    if n <= 50:
-        ax.set_xticks(range(n), names, rotation=90, fontsize=7)
-        ax.set_yticks(range(n), names, fontsize=7)
-    if n <= 20:
-        for i in range(n):
-            for j in range(n):
-                if cm[i, j]:
-                    ax.text(
-                        j,
-                        i,
-                        str(cm[i, j]),
-                        ha="center",
-                        va="center",
-                        fontsize=7,
-                        color="white" if shown[i, j] > 0.5 * shown.max() else "black",
-                    )
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path

@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from vitssl import distributed as dist
 from vitssl.eval.features import Progress
-from vitssl.eval.linear import ProbeError, _loss_status, classification_report
+from vitssl.eval.linear import ProbeError, _loss_status
+from vitssl.eval.metrics import classification_report
 
 _logger = logging.getLogger(__name__)
 

@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from vitssl.distributed import resolve_device
-from vitssl.eval.linear import ProbeError, classification_report, stratified_holdout
+from vitssl.eval.linear import ProbeError, stratified_holdout
+from vitssl.eval.metrics import classification_report
 from vitssl.eval.progress import Progress
 from vitssl.eval.store import row_blocks
 

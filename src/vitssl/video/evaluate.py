@@ -1,7 +1,8 @@
-"""Multi-view action-recognition testing (TimeSformer / ViViT protocol) and a confusion-matrix figure.
+"""Multi-view action-recognition testing (TimeSformer / ViViT protocol).
 
 Each video is scored on ``clips`` temporal clips × ``crops`` spatial crops; the softmax scores of the views are
-averaged per video before the arg-max (TimeSformer: 1 × 3 views on Kinetics; ViViT: 4 × 3).
+averaged per video before the arg-max (TimeSformer: 1 × 3 views on Kinetics; ViViT: 4 × 3). The scores and
+the confusion-matrix figure (:func:`save_confusion_png`, re-exported here) come from :mod:`vitssl.eval.metrics`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vitssl.config import ConfigError
 from vitssl.data import TransformedDataset, collate_skip_none
-from vitssl.io import atomic_path
+from vitssl.eval.metrics import classification_report, save_confusion_png
 
 _logger = logging.getLogger(__name__)
 
@@ -162,62 +163,21 @@ def _score(
 
 
 def _metrics(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, Any]:
-    pred = scores.argmax(-1)  # (N,)
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)  # [true, predicted]
-    totals = confusion.sum(1)
-    per_class = [
-        round(float(confusion[i, i]) / float(n) * 100, 2) if n else None for i, n in enumerate(totals.tolist())
-    ]
+    """The ``video eval`` scores from :func:`vitssl.eval.metrics.classification_report`: percentages rounded to two
+    decimals, the mean class accuracy over the rounded per-class values, top-5 only with at least 5 classes."""
+    report = classification_report(scores.numpy(), labels.numpy(), num_classes)
+    per_class = [None if a is None else round(a, 2) for a in report["per_class_top1"]]
     present = [a for a in per_class if a is not None]
     out: dict[str, Any] = {
-        "top1": round(float((pred == labels).float().mean()) * 100, 2),
+        "top1": round(report["top1"], 2),
         "mean_class_accuracy": round(sum(present) / len(present), 2) if present else math.nan,
         "per_class": per_class,
-        "confusion": confusion.tolist(),
+        "confusion": report["confusion_matrix"].tolist(),
         "num_videos": int(labels.numel()),
     }
     if num_classes >= 5:
-        top5 = scores.topk(5, dim=-1).indices  # (N, 5)
-        out["top5"] = round(float((top5 == labels[:, None]).any(-1).float().mean()) * 100, 2)
+        out["top5"] = round(report["top5"], 2)
     return out
-
-
-def save_confusion_png(
-    matrix: Sequence[Sequence[int]] | torch.Tensor, classes: Sequence[str], path: str | Path
-) -> Path:
-    """Write a row-normalised confusion matrix (true rows, predicted columns) as a PNG, atomically.
-
-    Args:
-        matrix: ``[true][predicted]`` counts, as ``evaluate_action`` returns under ``confusion``.
-        classes: class names, one per row.
-        path: destination ``.png``.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    counts = torch.as_tensor(matrix, dtype=torch.float64)  # (K, K)
-    rows = counts / counts.sum(1, keepdim=True).clamp_min(1)  # each true class sums to 1
-    k = len(classes)
-    side = min(12.0, 2.0 + 0.35 * k)
-    fig, ax = plt.subplots(figsize=(side, side))
-    ax.imshow(rows.numpy(), cmap="Blues", vmin=0, vmax=1)
-    if k <= 40:  # beyond that the labels are unreadable anyway
-        ax.set_xticks(range(k), list(classes), rotation=90)
-        ax.set_yticks(range(k), list(classes))
-    if k <= 12:
-        for i in range(k):
-            for j in range(k):
-                ax.text(j, i, int(counts[i, j]), ha="center", va="center", color="w" if rows[i, j] > 0.5 else "k")
-    ax.set(xlabel="predicted", ylabel="true", title="confusion (row-normalised)")
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return path
 
 
 def parse_views(text: str) -> tuple[int, int]:
@@ -302,3 +262,53 @@ def evaluate_checkpoint(
         num_workers=num_workers,
     )  # fmt: skip
     return {"checkpoint": str(checkpoint), "data": data_spec, "split": options["split"], "classes": classes, **scores}
+
+
+def evaluate_to_files(
+    checkpoint: str | Path,
+    data_spec: str,
+    *,
+    out: str | Path | None = None,
+    confusion: str | Path | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """What ``vitssl video eval`` does: :func:`evaluate_checkpoint`, its confusion-matrix PNG, and the scores as JSON.
+
+    Args:
+        checkpoint: an engine checkpoint of the ``video_action`` objective.
+        data_spec: ``NAME[:key=value,...]`` of labelled videos.
+        out: also write the scores (with ``confusion_png``) as JSON here.
+        confusion: the PNG; default ``out`` with the suffix ``.png``, else ``confusion_<split>.png`` next to the
+            checkpoint.
+        **kwargs: :func:`evaluate_checkpoint`'s options (``split``, ``views``, ``batch_size``, ``device``,
+            ``num_workers``).
+
+    Returns:
+        :func:`evaluate_checkpoint`'s scores plus ``confusion_png`` (the figure's path).
+    """
+    from vitssl.io import write_json
+
+    scores = evaluate_checkpoint(checkpoint, data_spec, **kwargs)
+    if confusion:
+        png = Path(confusion)
+    elif out:
+        png = Path(out).with_suffix(".png")
+    else:
+        png = Path(checkpoint).absolute().parent / f"confusion_{scores['split']}.png"
+    names = list(scores["classes"]) + [str(i) for i in range(len(scores["classes"]), len(scores["per_class"]))]
+    save_confusion_png(scores["confusion"], names, png)
+    scores["confusion_png"] = str(png)
+    if out:
+        write_json(scores, out)
+    return scores
+
+
+__all__ = [
+    "SpatialCropClip",
+    "clip_views",
+    "evaluate_action",
+    "evaluate_checkpoint",
+    "evaluate_to_files",
+    "parse_views",
+    "save_confusion_png",
+]

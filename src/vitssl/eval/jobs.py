@@ -1,0 +1,307 @@
+"""Evaluation jobs as typed library calls: the payloads of ``vitssl eval features|knn|linear`` and what they share.
+
+A payload is a frozen dataclass (:class:`FeaturesJob`, :class:`KnnJob`, :class:`LinearJob`; the index jobs of
+``vitssl index build`` extend :class:`EvalJob` too) that says everything a job needs, so it travels to spawned
+processes and SLURM tasks as a pickle. The job functions take one and return a :class:`JobResult` on rank 0
+(``None`` on the other ranks, which only extract their shards): :func:`run_features` here, :func:`~vitssl.eval.
+probe_jobs.run_knn` and :func:`~vitssl.eval.probe_jobs.run_linear` in :mod:`vitssl.eval.probe_jobs`. The command
+line builds the same payloads and hands them to :func:`vitssl.launch.launch`; a Python user calls the function::
+
+    from vitssl.eval.probe_jobs import run_knn
+    from vitssl.eval.jobs import KnnJob
+
+    result = run_knn(KnnJob(checkpoint="/runs/moco/checkpoint_last.pth", train="digits:split=train",
+                            val="digits:split=val", train_split="train", val_split="val", out="/tmp/knn.json"))
+    print(result.report)
+
+Every probe reads frozen features through the cache of :mod:`vitssl.eval.features`, so running a job again on
+the same checkpoint and data costs no backbone forward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vitssl.config import ConfigError
+
+DEFAULT_KS = (10, 20, 100, 200)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Payloads
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalJob:
+    """What every job that embeds images with a checkpoint needs (the base of the evaluation payloads)."""
+
+    checkpoint: str  # absolute path of the engine checkpoint (any objective)
+    device: str = "auto"  # auto | cpu | cuda: where each rank runs the backbone
+    layer: str = "pooled"  # feature layer: pooled | cls | mean | lastN
+    cache_dir: str | None = None  # feature cache folder (absolute); None: <checkpoint folder>/features
+    batch_size: int = 256  # images per forward pass and process
+    num_workers: int | None = None  # data-loading processes per process; None: its CPUs less one, at most 8
+    skip_corrupt: bool = False  # leave unreadable images out (counted) instead of failing
+
+
+@dataclass(frozen=True, kw_only=True)
+class FeaturesJob(EvalJob):
+    """``vitssl eval features``: extract and cache the features of one dataset."""
+
+    data: str  # data spec, NAME[:key=value,...]
+    split: str  # the split used (from --split or the spec)
+    feature_dtype: str = "float16"  # stored precision of the feature store: float16 | float32
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeJob(EvalJob):
+    """What the probes share: labelled training and evaluation data, and the result file."""
+
+    train: str  # data spec of the training data (--train)
+    val: str  # data spec of the evaluation data (--val)
+    train_split: str  # split of --train (default train)
+    val_split: str  # split of --val (default val)
+    out: str  # result JSON (absolute)
+    train_features: str | None = None  # an existing feature store to use instead of extracting --train
+    val_features: str | None = None  # an existing feature store to use instead of extracting --val
+    feature_dtype: str = "float16"  # stored precision of extracted feature stores: float16 | float32
+
+
+@dataclass(frozen=True, kw_only=True)
+class KnnJob(ProbeJob):
+    """``vitssl eval knn``: weighted k-NN top-1 / top-5 for several k."""
+
+    ks: tuple[int, ...] = DEFAULT_KS  # neighbour counts
+    temperature: float = 0.07  # vote temperature T: a neighbour votes exp(similarity / T)
+    approx: bool = False  # search an IVF index (parameters from the bank size) instead of exactly
+
+    def check(self) -> None:
+        """Fail, naming the command-line option, on settings no data can make work.
+
+        Raises:
+            ConfigError: a neighbour count below 1 or a temperature that is not a positive finite number.
+        """
+        from vitssl.eval.knn import check_temperature
+
+        if any(k < 1 for k in self.ks):
+            raise ConfigError(f"--k {' '.join(map(str, self.ks))}: neighbour counts must be positive")
+        try:
+            check_temperature(self.temperature)
+        except ValueError as err:
+            raise ConfigError(f"--temperature {self.temperature}: {err}") from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinearJob(ProbeJob):
+    """``vitssl eval linear``: SGD linear probe (on cached or augmented features) and/or logistic regression."""
+
+    method: str = "sgd"  # sgd | logreg | both | sweep (lrs x wds x feature variants of the layer)
+    wds: tuple[float, ...] = (0.0,)  # sweep: weight decays
+    epochs: int = 90  # SGD epochs
+    lrs: tuple[float, ...] | None = None  # SGD learning rates, one head each; None: 0.01..3.0 x batch / 256
+    cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)  # logistic-regression inverse regularisations
+    max_iter: int = 1000  # logistic-regression lbfgs iterations
+    probe_batch_size: int = 256  # SGD rows per step
+    holdout_fraction: float = 0.1  # share of train used to pick lr / C
+    seed: int = 0  # split, initialisation and order seed
+    finetune_aug: bool = False  # SGD through the frozen backbone on augmented images (the paper protocol)
+    aug_scale_min: float = 0.08  # with finetune_aug: smallest random-resized-crop area
+
+    def check(self) -> None:
+        """Fail, naming the command-line option, on probe settings no data can make work.
+
+        Raises:
+            ConfigError: the first setting that cannot work, and how to change it.
+        """
+        if self.finetune_aug and self.method == "logreg":
+            raise ConfigError("--finetune-aug trains the SGD probe through the backbone; use --method sgd or both")
+        if self.epochs < 1 or self.max_iter < 1:
+            raise ConfigError(f"--epochs {self.epochs} and --max-iter {self.max_iter} must be at least 1")
+        if self.probe_batch_size < 2:  # BatchNorm needs two rows
+            raise ConfigError(f"--probe-batch-size {self.probe_batch_size} must be at least 2")
+        if not 0 <= self.holdout_fraction < 1:
+            raise ConfigError(f"--holdout-fraction {self.holdout_fraction} must lie in [0, 1)")
+        if not 0 < self.aug_scale_min <= 1:
+            raise ConfigError(f"--aug-scale-min {self.aug_scale_min} must lie in (0, 1]")
+        for option, values in (("--lrs", self.lrs or ()), ("--cs", self.cs)):
+            if any(v <= 0 for v in values):
+                raise ConfigError(f"{option} {' '.join(map(str, values))}: every value must be positive")
+        sweeps_lr = self.method != "logreg" and (self.lrs is None or len(self.lrs) > 1)  # default: a 6-lr sweep
+        sweeps_c = self.method != "sgd" and len(self.cs) > 1
+        several = [o for o, sweeps in (("--lrs", sweeps_lr), ("--cs", sweeps_c)) if sweeps]
+        if self.holdout_fraction == 0 and several:
+            raise ConfigError(
+                f"--holdout-fraction 0 holds out nothing to choose among the values of {' and '.join(several)}; "
+                "raise it or give a single value"
+            )
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What an evaluation job returns on rank 0."""
+
+    task: str  # features | knn | linear
+    record: dict[str, Any]  # the result: what the probes write as JSON; for features, the feature folder's summary
+    report: str  # the text the command prints (tables, where the result went)
+    path: Path | None = None  # the result JSON written; None for features (the folder is record["folder"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What the jobs share (the index jobs use these too)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def is_main() -> bool:
+    from vitssl.distributed import is_main_process
+
+    return is_main_process()
+
+
+def write_result(obj: dict[str, Any], path: str | Path) -> None:
+    """Write a job's result as JSON (atomically; values JSON does not know become strings)."""
+    from vitssl.io import write_json
+
+    write_json(obj, Path(path), default=str)
+
+
+def data_workers(requested: int | None) -> int:
+    """``--num-workers``, or by default the CPUs this process may use, shared by the processes on this node, less
+    one for the process itself (at most 8)."""
+    if requested is not None:
+        return int(requested)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_procs = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(8, cpus // local_procs - 1))
+
+
+def eval_model(job: EvalJob) -> Any:
+    """The job's checkpoint, loaded for evaluation on this rank's device."""
+    from vitssl.eval.features import EvalModel
+
+    return EvalModel(job.checkpoint, job.device)
+
+
+def job_features(
+    model: Any, job: EvalJob, spec: str, split: str, option: str, rows: tuple[int, int] | None = None
+) -> Any:
+    """The cached (or freshly extracted) :class:`~vitssl.eval.features.FeatureSet` of ``spec`` for ``job``.
+
+    Args:
+        model: the job's :class:`~vitssl.eval.features.EvalModel`.
+        job: the payload (layer, cache, batch size, workers, corrupt-sample handling).
+        spec: data spec.
+        split: its split.
+        option: the command-line option the spec came from, named in errors.
+        rows: only dataset rows ``[start, stop)`` (an index shard).
+    """
+    from vitssl.eval.features import extract_cached
+
+    return extract_cached(
+        model,
+        spec,
+        split,
+        job.layer,
+        job.cache_dir,
+        job.batch_size,
+        num_workers=data_workers(job.num_workers),
+        skip_corrupt=job.skip_corrupt,
+        rows=rows,
+        option=option,
+        dtype=getattr(job, "feature_dtype", "float32"),  # index jobs keep full precision
+    )
+
+
+def provenance(model: Any, job: EvalJob) -> dict[str, Any]:
+    """What was evaluated: the checkpoint (path and content hash), its objective, the layer and transform."""
+    import vitssl
+
+    return {
+        "checkpoint": str(model.path),
+        "checkpoint_sha256": model.checkpoint_hash,
+        "objective": model.objective_name,
+        "layer": job.layer,
+        "transform": model.transform,
+        "vitssl_version": vitssl.__version__,
+    }
+
+
+def default_result_path(checkpoint: str, task: str, what: dict[str, Any]) -> Path:
+    """Where a probe writes its result by default:
+    ``<checkpoint folder>/eval/<task>-<train data>-<val data>-<val split>-<layer>-<digest>.json``.
+
+    The name says what was evaluated, and the digest of every input (checkpoint file, both data specs with their
+    options and splits or feature stores, layer) keeps two evaluations from writing to one file.
+
+    Args:
+        checkpoint: the checkpoint's absolute path.
+        task: ``knn`` or ``linear``.
+        what: ``train``, ``val`` (data specs or None), ``train_split``, ``val_split``, ``train_features``,
+            ``val_features`` (store folders or None) and ``layer``.
+    """
+    from vitssl.eval.spec import parse_data_spec
+
+    def name(spec: str | None, store: str | None) -> str:
+        text = Path(store).name.split("-")[0] if store else parse_data_spec(spec or "data")[0]
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:40]
+
+    digest = hashlib.sha256(json.dumps({"checkpoint": checkpoint, **what}, sort_keys=True).encode()).hexdigest()[:10]
+    train, val = name(what["train"], what["train_features"]), name(what["val"], what["val_features"])
+    return Path(checkpoint).parent / "eval" / f"{task}-{train}-{val}-{what['val_split']}-{what['layer']}-{digest}.json"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# eval features
+# --------------------------------------------------------------------------------------------------------------
+
+
+def run_features(job: FeaturesJob) -> JobResult | None:
+    """Extract and cache the features of ``job.data`` (every rank its shards); the folder on rank 0.
+
+    Args:
+        job: the payload.
+
+    Returns:
+        On rank 0, ``record`` holds ``task``, ``folder``, ``count``, ``dim`` and ``cache_hit``; None elsewhere.
+    """
+    model = eval_model(job)
+    fs = job_features(model, job, job.data, job.split, "--data")
+    if not is_main():
+        return None
+    how = "read from the cache" if fs.meta["cache_hit"] else f"extracted in {fs.meta['seconds']:.1f} s"
+    report = "\n".join(
+        [
+            f"{len(fs)} x {fs.dim} features of {job.data} ({fs.meta['key']['split']}, layer {job.layer}) {how}",
+            f"  folder: {fs.path}",
+            f"  reuse it: vitssl eval knn|linear {job.checkpoint} --train-features {fs.path} --val-features <DIR> "
+            "(or --train/--val with the same data: the cache finds it)",
+        ]
+    )
+    hit = fs.meta["cache_hit"]
+    record = {"task": "features", "folder": str(fs.path), "count": len(fs), "dim": fs.dim, "cache_hit": hit}
+    return JobResult("features", record, report)
+
+
+__all__ = [
+    "DEFAULT_KS",
+    "EvalJob",
+    "FeaturesJob",
+    "JobResult",
+    "KnnJob",
+    "LinearJob",
+    "ProbeJob",
+    "data_workers",
+    "default_result_path",
+    "eval_model",
+    "is_main",
+    "job_features",
+    "provenance",
+    "run_features",
+    "write_result",
+]
