@@ -392,7 +392,7 @@ def test_engine_checkpoint_through_eval_commands(tmp_path, capsys) -> None:
 
     out = tmp_path / "r.json"
     assert main(["eval", "retrieval", str(ckpt), "--data", "shapes_captions:num_samples=24,split=test",
-                 "--device", "cpu", "--output", str(out)]) == 0  # fmt: skip
+                 "--device", "cpu", "--out", str(out)]) == 0  # fmt: skip
     assert "text to image: R@1" in capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result["num_images"] == 24 and set(result["text_to_image"]) == {"R@1", "R@5", "R@10"}

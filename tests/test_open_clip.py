@@ -210,7 +210,7 @@ def test_eval_commands_accept_open_clip_checkpoints(exported, tmp_path, capsys) 
 
     def zeroshot(checkpoint: Path, *extra: str) -> dict:
         out = tmp_path / f"{checkpoint.name}.json"
-        assert main(["eval", "zeroshot", str(checkpoint), *zs_args, *extra, "--output", str(out)]) == 0
+        assert main(["eval", "zeroshot", str(checkpoint), *zs_args, *extra, "--out", str(out)]) == 0
         return json.loads(out.read_text())
 
     ours, theirs = zeroshot(ckpt), zeroshot(folder)
