@@ -197,11 +197,15 @@ def init_weights_file(path: str | Path) -> Path:
     """
     from vitssl.engine.checkpoint import CheckpointError, resolve_checkpoint
 
+    if not Path(path).exists():
+        raise ConfigError(
+            f"objective.init_from={str(path)!r}: no such file (a vitssl checkpoint, its run folder or a .safetensors)"
+        )
     try:
         return resolve_checkpoint(path)
     except CheckpointError as err:
         raise ConfigError(
-            f"objective.init_from={str(path)!r}: {err} (a vitssl checkpoint, its run folder or a .safetensors)"
+            f"objective.init_from={str(path)!r}: {err}; or name a vitssl checkpoint or a .safetensors backbone"
         ) from None
 
 
