@@ -280,7 +280,7 @@ def test_track_evaluate_equals_trackeval_with_zero_marked_rows_and_distractors(t
     split = f"{benchmark.upper()}-train"
     gt_dir, pred_dir = tmp_path / "gt" / split, tmp_path / "trackers" / split / "t" / "data"
     cli = ["track", "evaluate", "--gt", str(gt_dir), "--pred", str(pred_dir), "--benchmark", benchmark]
-    status = main([*cli, "--json", str(json_out)])
+    status = main([*cli, "--out", str(json_out)])
     assert status == 0
     ours = json.loads(json_out.read_text())
     zero_marked = sum(int((g[:, 6] == 0).sum()) for g in gts.values())
@@ -402,7 +402,7 @@ def test_results_rows_are_mot_rows():
 def test_track_evaluate_prints_a_table_and_writes_json(synthetic, tmp_path, capsys):
     root, gts, preds = synthetic
     out = tmp_path / "m.json"
-    assert main(["track", "evaluate", "--gt", str(root / "gt"), "--pred", str(root / "pred"), "--json", str(out)]) == 0
+    assert main(["track", "evaluate", "--gt", str(root / "gt"), "--pred", str(root / "pred"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "SYN-01" in printed and "SYN-02" in printed and COMBINED in printed
     data = json.loads(out.read_text())
@@ -410,6 +410,12 @@ def test_track_evaluate_prints_a_table_and_writes_json(synthetic, tmp_path, caps
     for res in data.values():
         assert {"MOTA", "IDF1", "HOTA", "MOTP", "IDSW", "FP", "FN"} <= set(res)
     assert data[COMBINED]["MOTA"] == pytest.approx(evaluate(gts, preds)[COMBINED]["MOTA"])
+    old = tmp_path / "old.json"
+    with pytest.warns(FutureWarning, match=r"--json is deprecated.*use --out"):  # the old spelling, one release
+        assert (
+            main(["track", "evaluate", "--gt", str(root / "gt"), "--pred", str(root / "pred"), "--json", str(old)]) == 0
+        )
+    assert json.loads(old.read_text()) == data
     # one sequence folder against one results file, MOT17 rules
     args = ["--gt", str(root / "gt" / "SYN-01"), "--pred", str(root / "pred" / "SYN-01.txt"), "--benchmark", "mot17"]
     assert main(["track", "evaluate", *args]) == 0

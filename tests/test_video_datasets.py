@@ -81,6 +81,15 @@ def test_videofolder_without_split_folder_and_test_sampling(tmp_path: Path, vide
     ]  # fmt: skip
     assert views == dense_indices(40, 4, 2, train=False, num_clips=3).tolist()
     assert views[0] == _indices(dense[0][0])
+    # the dataset key `spacing` places the dense test clips as the sampler's reference spacings do
+    for spacing in ("pyslowfast", "mmaction2_0x"):
+        spaced = [
+            _indices(VideoFolder(root, "val", num_frames=4, sampler="dense", stride=3, num_clips=4, clip_index=c,
+                                 spacing=spacing)[0][0])
+            for c in range(4)
+        ]  # fmt: skip
+        assert spaced == dense_indices(40, 4, 3, train=False, num_clips=4, spacing=spacing).tolist()
+        assert spaced != dense_indices(40, 4, 3, train=False, num_clips=4).tolist()  # not the default's
     # multi-view TSN: the views take different offsets within the segments
     tsn = [_indices(VideoFolder(root, "val", num_frames=4, num_clips=2, clip_index=c)[0][0]) for c in range(2)]
     assert tsn == [[2, 12, 22, 32], [7, 17, 27, 37]]
@@ -108,6 +117,10 @@ def test_videofolder_errors(tmp_path: Path, videos: dict[str, Path]) -> None:
     assert "Valid options" in message(DataError, root, frames=4)
     assert "sampler" in message(DataError, split_root / "val", sampler="random")
     assert "num_clips" in message(DataError, split_root / "val", num_clips=2)  # random train clips have no views
+    assert "spacing must be one of mmaction2, pyslowfast" in message(DataError, root, sampler="dense", spacing="x")
+    assert "set sampler=dense" in message(DataError, root, spacing="pyslowfast")  # TSN segments have no spacing
+    with pytest.raises(DataError, match=r"dataset 'motion' has no option 'spacing'"):
+        build_dataset("motion", None, "val", spacing="pyslowfast")
 
 
 # ---------------------------------------------------------------------------------------------------------

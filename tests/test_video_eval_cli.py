@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -75,6 +76,19 @@ def test_eval_default_png_lies_by_the_checkpoint(checkpoints, videos, capsys) ->
     assert main(["video", "eval", str(checkpoints["action"]), "--data", f"videofolder:root={videos}"]) == 0
     png = checkpoints["action"].parent / "confusion_val.png"
     assert png.read_bytes()[:8] == PNG_MAGIC and "1x1 views" in capsys.readouterr().out
+
+
+def test_eval_old_json_spelling_still_writes_the_scores_with_a_future_warning(checkpoints, videos, tmp_path, capsys):
+    out = tmp_path / "old.json"
+    with pytest.warns(FutureWarning, match=r"--json is deprecated.*use --out"):
+        assert main(["video", "eval", str(checkpoints["action"]), "--data", f"videofolder:root={videos}",
+                     "--json", str(out)]) == 0  # fmt: skip
+    assert json.loads(out.read_text())["num_videos"] == 6
+    capsys.readouterr()
+    with contextlib.suppress(SystemExit):
+        main(["video", "eval", "--help"])
+    shown = capsys.readouterr().out
+    assert "--out OUT.json" in shown and "--json" not in shown  # the old spelling is hidden
 
 
 @pytest.mark.parametrize(

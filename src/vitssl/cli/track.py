@@ -1,4 +1,4 @@
-"""Tracking commands: ``vitssl track evaluate --gt GT --pred PRED [--benchmark mot15|mot16|mot17|mot20] [--json OUT]``,
+"""Tracking commands: ``vitssl track evaluate --gt GT --pred PRED [--benchmark mot15|mot16|mot17|mot20] [--out OUT]``,
 ``vitssl track synth ROOT`` (generated sequences in the MOTChallenge layout) and ``vitssl track associate --seq
 SEQ_OR_ROOT --out DIR`` (the IoU tracker on each sequence's public detections, ``det/det.txt``).
 
@@ -8,20 +8,18 @@ Building the parser imports neither TrackEval nor torch: :mod:`vitssl.video.trac
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from vitssl.cli._args import add_deprecated_spelling
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from vitssl.video.track.metrics import evaluate_files, format_table
 
-    results = evaluate_files(args.gt, args.pred, args.benchmark)
+    results = evaluate_files(args.gt, args.pred, args.benchmark, out=args.out)
     print(f"benchmark {args.benchmark}: {len(results) - 1} sequence(s); fractions in %")
     print(format_table(results))
-    if args.json:
-        from vitssl.io import write_json
-
-        write_json(results, Path(args.json))
-        print(f"wrote {args.json}")
+    if args.out:
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -43,21 +41,18 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_associate(args: argparse.Namespace) -> int:
-    from vitssl.errors import DataError
-    from vitssl.video.track.associate import Tracker, track_detections
-    from vitssl.video.track.mot import list_sequences, write_mot
+    from vitssl.video.track.associate import associate_sequences
 
-    sequences = list_sequences(args.seq)
-    missing = [s.name for s in sequences if s.det is None]
-    if missing:
-        raise DataError(f"sequence(s) {', '.join(missing)} have no detections (det/det.txt, or STEM.det.txt)")
-    tracker = Tracker(
-        score_thresh=args.score_thresh, match_thresh=args.match_thresh, cost=args.cost, max_age=args.max_age
+    done = associate_sequences(
+        args.seq,
+        args.out,
+        cost=args.cost,
+        score_thresh=args.score_thresh,
+        match_thresh=args.match_thresh,
+        max_age=args.max_age,
     )
-    for seq in sequences:
-        rows = track_detections(seq.det, tracker, seq.length)
-        path = write_mot(Path(args.out) / f"{seq.name}.txt", rows)
-        print(f"{seq.name}: {len(rows)} boxes in {len(set(rows[:, 1].astype(int)))} tracks -> {path}")
+    for seq in done:
+        print(f"{seq.name}: {len(seq.rows)} boxes in {seq.num_tracks} tracks -> {seq.path}")
     return 0
 
 
@@ -87,7 +82,8 @@ def register_commands(subparsers: argparse._SubParsersAction, groups: dict[str, 
         "pedestrians only and predictions matched to distractor classes removed (mot20 adds non-MOT vehicles) "
         "(default mot15)",
     )
-    p.add_argument("--json", metavar="OUT", help="also write the metrics per sequence and COMBINED as JSON")
+    p.add_argument("--out", metavar="OUT.json", help="also write the metrics per sequence and COMBINED as JSON")
+    add_deprecated_spelling(p, "--json", "--out", dest="out", metavar="OUT.json")
     p.set_defaults(func=_cmd_evaluate)
 
     p = track.add_parser(

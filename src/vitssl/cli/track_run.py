@@ -11,42 +11,28 @@ import argparse
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    import torch
+    from vitssl.video.track.infer import run_tracking
+    from vitssl.video.track.metrics import format_table
 
-    from vitssl.cli._common import register_objectives
-    from vitssl.video.track.infer import track_path
-
-    register_objectives()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    settings = {
-        "score_thresh": args.score_thresh,
-        "match_thresh": args.match_thresh,
-        "max_age": args.max_age,
-        "baseline": args.baseline,
-    }
-    results, timings, written = track_path(
-        args.checkpoint, args.seq, args.out, settings=settings, render=args.render, device=args.device
+    run = run_tracking(
+        args.checkpoint,
+        args.seq,
+        args.out,
+        score_thresh=args.score_thresh,
+        match_thresh=args.match_thresh,
+        max_age=args.max_age,
+        baseline=args.baseline,
+        render=args.render,
+        device=args.device,
+        threads=args.threads,
     )
     mode = "IoU baseline" if args.baseline else "TransTrack"
-    print(f"{mode}: {len(results)} sequence(s), {timings.summary()}")
-    for path in written:
+    print(f"{mode}: {len(run.results)} sequence(s), {run.timings.summary()}")
+    for path in run.written:
         print(f"wrote {path}")
-    _print_metrics(args.seq, results)
+    if run.metrics is not None:
+        print(format_table(run.metrics))
     return 0
-
-
-def _print_metrics(seq: str, results: dict) -> None:
-    """MOTA, IDF1, ... when every sequence has ground truth (mot15 rules: zero-marked gt rows ignored)."""
-    from vitssl.video.track.metrics import evaluate, format_table
-    from vitssl.video.track.mot import list_sequences
-
-    sequences = {s.name: s for s in list_sequences(seq)}
-    if not sequences or any(s.gt is None for s in sequences.values()):
-        return
-    gt = {name: s.gt for name, s in sequences.items()}
-    lengths = {name: s.length for name, s in sequences.items()}
-    print(format_table(evaluate(gt, results, "mot15", num_frames=lengths)))
 
 
 def add_run_command(track: argparse._SubParsersAction) -> None:

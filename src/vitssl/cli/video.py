@@ -8,75 +8,30 @@ and probing imports no model (no torch, no open_clip), so it answers in about a 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
-from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from vitssl.video.io import VideoInfo
+from vitssl.cli._args import add_deprecated_spelling
 
 DECODER_CHOICES = ("auto", "torchcodec", "decord", "pyav")  # vitssl.video.io.DECODERS (kept import-free here)
 
 
-def _format(info: VideoInfo) -> str:
-    """One line per file: frames, fps, upright size, duration, codec, decoder; damage and where it stops."""
-    line = (
-        f"{info.path}: {info.num_frames} frames, {info.fps:.2f} fps, {info.width}x{info.height}, "
-        f"{info.duration:.2f} s, {info.codec}, {info.decoder}"
-    )
-    if info.rotation:
-        line += f", rotated {info.rotation}"
-    return f"{line}, DAMAGED: {info.error}" if info.damaged else line
-
-
 def _cmd_probe(args: argparse.Namespace) -> int:
-    from vitssl.errors import SKIP_HINT
-    from vitssl.video.io import CorruptVideoError, probe
+    from vitssl.video.io.report import probe_files
 
     # every file first, so that a missing one fails before anything is printed (--json stays one valid list)
-    entries: list[dict[str, Any]] = []
-    lines: list[str] = []
-    for path in args.files:
-        try:
-            info = probe(path, decoder=args.decoder, full=args.full)
-        except CorruptVideoError as err:  # nothing decodes: as damaged as a file gets
-            message = str(err).replace(f" ({SKIP_HINT})", "")
-            entries.append({"path": str(path), "num_frames": 0, "damaged": True, "decoded_frames": 0, "error": message})
-            lines.append(f"{path}: DAMAGED: {message}")
-            continue
-        entries.append(dataclasses.asdict(info))
-        lines.append(_format(info))
-    if args.json:
-        print(json.dumps(entries, indent=2))
-    else:
-        print("\n".join(lines))
-    damaged = sum(e["damaged"] for e in entries)
-    if damaged:
-        print(f"{damaged} of {len(entries)} files are damaged", file=sys.stderr)
-    return 1 if damaged == len(entries) else 0
+    report = probe_files(args.files, decoder=args.decoder, full=args.full)
+    print(json.dumps(report.entries, indent=2) if args.json else "\n".join(report.lines()))
+    if report.damaged:
+        print(f"{report.damaged} of {len(report.entries)} files are damaged", file=sys.stderr)
+    return 1 if report.damaged == len(report.entries) else 0
 
 
 def _cmd_readers(args: argparse.Namespace) -> int:
-    from vitssl.video.io import READERS, auto_choice, measure_readers, reader_problem, reader_version
+    from vitssl.video.io.report import readers_report
 
-    if args.file is None:
-        rows = [{"name": n, "version": reader_version(n), "problem": reader_problem(n)} for n in READERS]
-    else:
-        rows = measure_readers(args.file, seconds=args.seconds)
-    choice = auto_choice(refresh=args.remeasure)  # measured here unless this machine's cache holds it
-    if args.json:
-        print(json.dumps({"auto": choice.reader, "auto_choice": dataclasses.asdict(choice), "readers": rows}, indent=2))
-        return 0
-    for row in rows:
-        state = "available" if row["problem"] is None else f"unavailable: {row['problem']}"
-        line = f"{row['name']:<10} {row['version'] or '-':<12} {state}"
-        if "sequential_fps" in row:
-            line += f"; sequential {row['sequential_fps']:.0f} frames/s, random clips {row['random_fps']:.0f} frames/s"
-        elif "error" in row:
-            line += f"; cannot read {args.file}: {row['error']}"
-        print(line)
-    print(f"decoder=auto reads with {choice.describe()}")
+    report = readers_report(args.file, seconds=args.seconds, remeasure=args.remeasure)
+    print(json.dumps(report.as_json(), indent=2) if args.json else "\n".join(report.lines()))
     return 0
 
 
@@ -99,42 +54,21 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _format_scores(scores: dict[str, Any], png: str) -> str:
-    """The ``video eval`` report: top-1 / top-5, mean class accuracy, a line per class, the figure's path."""
-    clips, crops = scores["views"]
-    head = f"{scores['checkpoint']} on {scores['data']} ({scores['split']}): {scores['num_videos']} videos, "
-    head += f"{clips}x{crops} views (clips x crops)"
-    top = f"top-1 {scores['top1']:.2f} %"
-    if "top5" in scores:
-        top += f"   top-5 {scores['top5']:.2f} %"
-    top += f"   mean class accuracy {scores['mean_class_accuracy']:.2f} %"
-    classes = list(scores["classes"]) + [f"class {i}" for i in range(len(scores["classes"]), len(scores["per_class"]))]
-    width = max([len(c) for c in classes] + [5])
-    totals = [sum(row) for row in scores["confusion"]]
-    rows = [
-        f"  {name:<{width}} {'-' if acc is None else f'{acc:6.2f} %'}  ({n} videos)"
-        for name, acc, n in zip(classes, scores["per_class"], totals)
-        if n or acc is not None
-    ]
-    return "\n".join([head, top, "per class:", *rows, f"confusion matrix: {png}"])
-
-
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from vitssl.video.evaluate import evaluate_to_files, parse_views
+    from vitssl.video.action_report import evaluate_action_checkpoint, format_action_scores
 
-    views = parse_views(args.views)  # a bad --views fails before the checkpoint is read
-    scores = evaluate_to_files(
+    scores = evaluate_action_checkpoint(
         args.checkpoint,
         args.data,
         split=args.split,
-        views=views,
+        views=args.views,
         batch_size=args.batch_size,
         device=args.device,
         num_workers=args.num_workers,
         out=args.out,
         confusion=args.confusion,
     )
-    print(_format_scores(scores, scores["confusion_png"]))
+    print(format_action_scores(scores))
     return 0
 
 
@@ -145,8 +79,6 @@ def register_commands(subparsers: argparse._SubParsersAction, groups: dict[str, 
         subparsers: top-level commands (unused: video adds none).
         groups: sub-command groups by name; uses ``groups["video"]``.
     """
-    from vitssl.cli._args import add_deprecated_spelling
-
     video = groups["video"]
     p = video.add_parser(
         "probe",
@@ -204,7 +136,9 @@ def register_commands(subparsers: argparse._SubParsersAction, groups: dict[str, 
         "Prints top-1, top-5 (with 5 classes or more), the mean class accuracy and each class's accuracy, and "
         "writes a row-normalised confusion-matrix PNG.",
     )
-    e.add_argument("checkpoint", help="a training checkpoint of the video_action objective (checkpoint_last.pth)")
+    e.add_argument(
+        "checkpoint", help="a training checkpoint of the video_action objective (checkpoint_last.pth) or its run folder"
+    )
     e.add_argument(
         "--data",
         required=True,

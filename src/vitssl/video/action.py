@@ -1,10 +1,11 @@
 """Action recognition on an image backbone: the ``video_action`` objective.
 
 Each frame goes through the image backbone on its own (T folded into the batch), giving frame embeddings
-``(B, T, D)``; a head (:mod:`vitssl.video.heads`) turns them into class logits: ``temporal``, the temporal
-transformer of ViViT's factorised encoder, or ``mean``, TSN's average. Trained with label-smoothed cross-entropy,
-from scratch or from an image objective's backbone (``init_from``); ``freeze_backbone`` trains the head alone, on
-per-frame features computed once (:mod:`vitssl.video.frame_cache`).
+``(B, T, D)``; a head (:mod:`vitssl.video.heads`, chosen by name from its registry) turns them into class logits:
+``temporal``, the temporal transformer of ViViT's factorised encoder, ``mean``, TSN's average, or a registered
+one. Trained with label-smoothed cross-entropy, from scratch or from an image objective's backbone
+(``init_from``); ``freeze_backbone`` trains the head alone, on per-frame features computed once
+(:mod:`vitssl.video.frame_cache`).
 """
 
 from __future__ import annotations
@@ -21,18 +22,19 @@ from torch import nn
 
 from vitssl.config import ConfigError, DataConfig, ObjectiveConfig
 from vitssl.ssl.base import ImageTransform, Objective, register_objective
-from vitssl.video.heads import MeanHead, TemporalHead
+from vitssl.video.heads import VIDEO_HEADS, build_head
 
 _logger = logging.getLogger(__name__)
-
-HEADS = ("temporal", "mean")
 
 
 @dataclass
 class VideoActionConfig(ObjectiveConfig):
     name: str = "video_action"
     num_classes: int = 400  # classes of data.train (Kinetics-400: 400, Something-Something v2: 174)
-    head: str = "temporal"  # temporal: ViViT factorised encoder's temporal transformer | mean: TSN average
+    # a name registered in vitssl.video.heads.VIDEO_HEADS: temporal (ViViT factorised encoder's temporal
+    # transformer) | mean (TSN average) | a head of your own (register_head)
+    head: str = "temporal"
+    head_kwargs: dict[str, Any] = field(default_factory=dict)  # options of a registered head of your own
     depth: int = 2  # temporal transformer layers (head=temporal)
     num_heads: int | None = None  # its attention heads; null = backbone width // 64 (at least 1)
     mlp_ratio: float = 4.0  # its MLP width as a multiple of the backbone width
@@ -47,20 +49,19 @@ class VideoActionConfig(ObjectiveConfig):
     num_frames: int = 8  # frames per clip T (the datasets' num_frames must match)
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # clip RandomResizedCrop scale range
     flip: bool = True  # random horizontal flip of whole clips; false where labels name directions (SSv2)
-    # a vitssl checkpoint of an image objective (its backbone.* weights) or an exported backbone.safetensors;
-    # loaded once when a run starts (before resuming), with the backbone built from model.* as configured
+    # a vitssl checkpoint of an image objective (its backbone.* weights), the run folder holding one (its
+    # checkpoint_last.pth, else the newest checkpoint_<step>) or an exported backbone.safetensors; loaded once
+    # when a run starts (before resuming), with the backbone built from model.* as configured
     init_from: str | None = None
 
 
 def _check_config(cfg: Any) -> None:
-    if cfg.head not in HEADS:
-        raise ConfigError(f"objective.head={cfg.head!r}; choose one of {', '.join(HEADS)}")
+    if cfg.head not in VIDEO_HEADS:
+        raise ConfigError(f"objective.head={cfg.head!r}: {VIDEO_HEADS.unknown_message(cfg.head)}")
     if cfg.num_classes < 2:
         raise ConfigError(f"objective.num_classes={cfg.num_classes}: a classifier needs at least 2 classes")
     if cfg.num_frames < 1:
         raise ConfigError(f"objective.num_frames={cfg.num_frames} must be positive")
-    if cfg.depth < 1 and cfg.head == "temporal":
-        raise ConfigError(f"objective.depth={cfg.depth}: the temporal head needs at least one layer")
     if not 0.0 <= cfg.label_smoothing < 1.0:
         raise ConfigError(f"objective.label_smoothing={cfg.label_smoothing} must lie in [0, 1)")
     scale = list(cfg.crop_scale)
@@ -89,20 +90,7 @@ class VideoAction(Objective):
         _check_config(cfg)
         self.backbone = backbone_factory()
         dim = int(self.backbone.num_features)
-        if cfg.head == "mean":
-            self.head: nn.Module = MeanHead(dim, cfg.num_classes, dropout=cfg.dropout)
-        else:
-            if cfg.num_heads is not None and (cfg.num_heads < 1 or dim % cfg.num_heads):
-                raise ConfigError(f"objective.num_heads={cfg.num_heads} must divide the backbone width {dim}")
-            self.head = TemporalHead(
-                dim,
-                cfg.num_classes,
-                depth=cfg.depth,
-                heads=cfg.num_heads,
-                mlp_ratio=cfg.mlp_ratio,
-                num_frames_max=cfg.num_frames,
-                dropout=cfg.dropout,
-            )
+        self.head: nn.Module = build_head(cfg.head, dim, cfg)  # (B, T, D) -> (B, num_classes)
         self.freeze_backbone = bool(cfg.freeze_backbone)
         if self.freeze_backbone:
             self.backbone.requires_grad_(False)
@@ -129,7 +117,7 @@ class VideoAction(Objective):
             if self.cfg.feature_cache_dir:
                 cache_dir = Path(self.cfg.feature_cache_dir)
             elif self.cfg.init_from:
-                cache_dir = Path(self.cfg.init_from).absolute().parent / "features"
+                cache_dir = init_weights_file(self.cfg.init_from).absolute().parent / "features"
             else:
                 cache_dir = Path(cfg.output_dir) / "features"
             folder = cache_frame_features(
@@ -199,24 +187,44 @@ class VideoAction(Objective):
         return ImageTransform(clip_eval_transform(data_cfg.img_size, data_cfg.mean, data_cfg.std, resize_ratio=ratio))
 
 
+def init_weights_file(path: str | Path) -> Path:
+    """The file ``objective.init_from`` names: a ``.safetensors`` backbone or checkpoint as given, or a run
+    folder's checkpoint through the engine's checkpoint resolver (``checkpoint_last.pth``, else the newest
+    ``checkpoint_<step>``).
+
+    Raises:
+        ConfigError: nothing there, or a folder that holds no checkpoint.
+    """
+    from vitssl.engine.checkpoint import CheckpointError, resolve_checkpoint
+
+    if not Path(path).exists():
+        raise ConfigError(
+            f"objective.init_from={str(path)!r}: no such file (a vitssl checkpoint, its run folder or a .safetensors)"
+        )
+    try:
+        return resolve_checkpoint(path)
+    except CheckpointError as err:
+        raise ConfigError(
+            f"objective.init_from={str(path)!r}: {err}; or name a vitssl checkpoint or a .safetensors backbone"
+        ) from None
+
+
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
-    """Load an image backbone's weights from a vitssl checkpoint or an exported ``backbone.safetensors``.
+    """Load an image backbone's weights from a vitssl checkpoint, a run folder or a ``backbone.safetensors``.
 
     Args:
         backbone: the (freshly built) backbone to fill.
-        path: a training checkpoint of any image objective (its ``backbone.*`` weights are taken) or a file
-            written by ``vitssl.backbones.save_backbone``.
+        path: a training checkpoint of any image objective (its ``backbone.*`` weights are taken), the run folder
+            that holds it (see :func:`init_weights_file`) or a file written by ``vitssl.backbones.save_backbone``.
 
     Raises:
-        ConfigError: the file is missing or its weights do not fit the configured backbone.
+        ConfigError: nothing there, or its weights do not fit the configured backbone.
         CheckpointError: the checkpoint is truncated or not a vitssl checkpoint.
     """
     from vitssl.backbones import load_backbone_state
     from vitssl.engine import load_checkpoint
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"objective.init_from={str(path)!r}: no such file (a vitssl checkpoint or .safetensors)")
+    path = init_weights_file(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

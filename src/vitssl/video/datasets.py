@@ -35,7 +35,7 @@ from vitssl.data.folder import scan_class_tree
 from vitssl.errors import DataError, MissingFileError
 from vitssl.video.files import VIDEO_EXTENSIONS
 from vitssl.video.io import DECODERS, CorruptVideoError, probe, read_frames
-from vitssl.video.samplers import dense_indices, segment_indices
+from vitssl.video.samplers import DENSE_SPACINGS, dense_indices, segment_indices
 
 SAMPLERS: tuple[str, ...] = ("segment", "dense")
 
@@ -100,6 +100,7 @@ class FileVideoDataset(VideoDataset):
         clip_index: int,
         num_clips: int,
         decoder: str = "auto",
+        spacing: str = "mmaction2",
     ) -> None:
         if decoder not in DECODERS:
             raise DataError(f"{self.name}: decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
@@ -110,6 +111,13 @@ class FileVideoDataset(VideoDataset):
             raise DataError(f"{self.name}: sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         if stride < 1:
             raise DataError(f"{self.name}: stride must be positive, got {stride}")
+        if spacing not in DENSE_SPACINGS:
+            raise DataError(f"{self.name}: spacing must be one of {', '.join(DENSE_SPACINGS)}, got {spacing!r}")
+        if spacing != "mmaction2" and sampler != "dense":
+            raise DataError(
+                f"{self.name}: spacing={spacing!r} places the dense sampler's test clips, but sampler={sampler!r}; "
+                "set sampler=dense or leave spacing out"
+            )
         self.train = split == "train" if train is None else bool(train)
         if num_clips < 1 or not 0 <= clip_index < num_clips:
             raise DataError(
@@ -127,6 +135,7 @@ class FileVideoDataset(VideoDataset):
         self.stride = int(stride)
         self.clip_index = int(clip_index)
         self.num_clips = int(num_clips)
+        self.spacing = spacing
         self.frame_counts: dict[int, int] = {}  # item -> frames of its video, filled on first read
 
     def video_frames(self, index: int) -> int:
@@ -156,7 +165,9 @@ class FileVideoDataset(VideoDataset):
             seg = n / self.num_frames
             pos = seg * (np.arange(self.num_frames) + (self.clip_index + 0.5) / self.num_clips)  # (T,)
             return np.minimum(np.floor(pos).astype(np.int64), n - 1)
-        clips = dense_indices(n, self.num_frames, self.stride, train=self.train, num_clips=self.num_clips)
+        clips = dense_indices(
+            n, self.num_frames, self.stride, train=self.train, num_clips=self.num_clips, spacing=self.spacing
+        )
         return np.asarray(clips)[self.clip_index]  # (T,)
 
     def load_clip(self, index: int) -> torch.Tensor:
@@ -191,6 +202,9 @@ class VideoFolder(FileVideoDataset):
         train: random clips (True) or centred / evenly spaced ones (False); None means ``split == "train"``.
         clip_index: which of ``num_clips`` evenly spaced test views this dataset returns.
         num_clips: number of test views (build one dataset per ``clip_index`` and average their predictions).
+        spacing: where the dense sampler's test clips start: "mmaction2" (1.x ``SampleFrames``, the default),
+            "pyslowfast" (``get_start_end_idx`` with offset sampling) or "mmaction2_0x" (0.x, vitssl's spacing
+            before the 1.x one); see :func:`vitssl.video.samplers.dense_indices`. Dense sampler only.
         extensions: accepted video file extensions (case-insensitive).
         decoder: the video reader: "auto" (the faster of torchcodec and PyAV on this machine, measured once and
             cached), "torchcodec", "pyav" or "decord" (``data.train.kwargs.decoder``).
@@ -210,8 +224,9 @@ class VideoFolder(FileVideoDataset):
         num_clips: int = 1,
         extensions: tuple[str, ...] = VIDEO_EXTENSIONS,
         decoder: str = "auto",
+        spacing: str = "mmaction2",
     ) -> None:
-        self._init_sampling(split, num_frames, sampler, stride, train, clip_index, num_clips, decoder)
+        self._init_sampling(split, num_frames, sampler, stride, train, clip_index, num_clips, decoder, spacing)
         self.root, self.classes, self.samples, self.targets = scan_class_tree(
             "videofolder", root, split, _FOLDER_LAYOUT, extensions, "videos"
         )
@@ -231,7 +246,7 @@ class VideoCSV(FileVideoDataset):
     Args:
         root: the list file, or a folder holding ``<split>.csv``, ``<split>.txt`` or ``<split>.tsv``.
         split: names the file in a folder root; "train" also turns on random clip sampling (see ``train``).
-        num_frames, sampler, stride, train, clip_index, num_clips: clip sampling, as for ``videofolder``.
+        num_frames, sampler, stride, train, clip_index, num_clips, spacing: clip sampling, as for ``videofolder``.
         prefix: folder relative paths start from; default the list file's folder.
         path_column: header of the path column of a CSV.
         label_column: header of the label column of a CSV.
@@ -258,8 +273,9 @@ class VideoCSV(FileVideoDataset):
         delimiter: str = ",",
         classes: list[str] | None = None,
         decoder: str = "auto",
+        spacing: str = "mmaction2",
     ) -> None:
-        self._init_sampling(split, num_frames, sampler, stride, train, clip_index, num_clips, decoder)
+        self._init_sampling(split, num_frames, sampler, stride, train, clip_index, num_clips, decoder, spacing)
         path = require_root("video_csv", root, _LIST_LAYOUT)
         if path.is_dir():
             candidates = [path / f"{split}{ext}" for ext in (".csv", ".txt", ".tsv")]

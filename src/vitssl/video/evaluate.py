@@ -264,51 +264,11 @@ def evaluate_checkpoint(
     return {"checkpoint": str(checkpoint), "data": data_spec, "split": options["split"], "classes": classes, **scores}
 
 
-def evaluate_to_files(
-    checkpoint: str | Path,
-    data_spec: str,
-    *,
-    out: str | Path | None = None,
-    confusion: str | Path | None = None,
-    **kwargs: Any,
-) -> dict[str, Any]:
-    """What ``vitssl video eval`` does: :func:`evaluate_checkpoint`, its confusion-matrix PNG, and the scores as JSON.
-
-    Args:
-        checkpoint: an engine checkpoint of the ``video_action`` objective.
-        data_spec: ``NAME[:key=value,...]`` of labelled videos.
-        out: also write the scores (with ``confusion_png``) as JSON here.
-        confusion: the PNG; default ``out`` with the suffix ``.png``, else ``confusion_<split>.png`` next to the
-            checkpoint.
-        **kwargs: :func:`evaluate_checkpoint`'s options (``split``, ``views``, ``batch_size``, ``device``,
-            ``num_workers``).
-
-    Returns:
-        :func:`evaluate_checkpoint`'s scores plus ``confusion_png`` (the figure's path).
-    """
-    from vitssl.io import write_json
-
-    scores = evaluate_checkpoint(checkpoint, data_spec, **kwargs)
-    if confusion:
-        png = Path(confusion)
-    elif out:
-        png = Path(out).with_suffix(".png")
-    else:
-        png = Path(checkpoint).absolute().parent / f"confusion_{scores['split']}.png"
-    names = list(scores["classes"]) + [str(i) for i in range(len(scores["classes"]), len(scores["per_class"]))]
-    save_confusion_png(scores["confusion"], names, png)
-    scores["confusion_png"] = str(png)
-    if out:
-        write_json(scores, out)
-    return scores
-
-
 __all__ = [
     "SpatialCropClip",
     "clip_views",
     "evaluate_action",
     "evaluate_checkpoint",
-    "evaluate_to_files",
     "parse_views",
     "save_confusion_png",
 ]

@@ -157,6 +157,14 @@ class ThumbnailModel:
         return json.dumps({"layer": layer, "transform": self.transform}, sort_keys=True)
 
 
+def _built_size(module: torch.nn.Module) -> int | None:
+    """The square input size a backbone is built for (its ``img_size`` attribute, an int or ``(H, W)``), or None."""
+    own = getattr(module, "img_size", None)
+    if isinstance(own, (tuple, list)):
+        own = own[0] if own and all(v == own[0] for v in own) else None
+    return int(own) if own else None
+
+
 class BackboneFrameModel:
     """An exported ``backbone.safetensors`` as a frame model: resize, centre crop ``img_size``, ImageNet
     normalisation, the backbone's pooled embedding.
@@ -164,7 +172,12 @@ class BackboneFrameModel:
     Args:
         path: the file written by ``vitssl.backbones.save_backbone`` (the trainer exports one per run).
         device: ``auto``, ``cpu``, ``cuda`` or a torch device.
-        img_size: input size; default the one the backbone was saved with (224 when it records none).
+        img_size: input size; default the one the backbone was saved with (its ``img_size`` kwarg), else the
+            size the recorded model is built for (its ``img_size`` attribute).
+
+    Raises:
+        MissingFileError: no such file.
+        DataError: not a backbone file, or neither the file nor its model says the input size (pass ``img_size``).
     """
 
     def __init__(
@@ -183,9 +196,14 @@ class BackboneFrameModel:
             meta = read_backbone_metadata(self.path)
         except ValueError as err:
             raise DataError(str(err)) from None
-        size = int(img_size or meta["kwargs"].get("img_size") or 224)
         self.device = resolve_device(device)
         self.backbone = load_backbone(self.path).to(self.device).eval().requires_grad_(False)
+        size = int(img_size or meta["kwargs"].get("img_size") or _built_size(self.backbone) or 0)
+        if size < 1:
+            raise DataError(
+                f"backbone file {self.path} records no input size and its model {meta['name']!r} has no img_size; "
+                "pass img_size=N (the size it was trained at)"
+            )
         self.checkpoint_hash = checkpoint_sha256(self.path)
         self.sample_fn = ImageTransform(eval_transform(size, 1.0 if size < 96 else 256 / 224))
         from vitssl.eval.features import describe_transform

@@ -8,15 +8,58 @@
   linear classifier on the CLS output, with scenic's initialisation and flax's LayerNorm epsilon (1e-6).
 
 Both expose ``forward_features`` (the pre-logit embedding, ``(B, D)``) for frozen-feature evaluation.
+
+Heads are chosen by name (``objective.head``) from :data:`VIDEO_HEADS`. A new temporal head (a TimeSformer-style
+one, say) is a module with ``forward(frames (B, T, D)) -> (B, num_classes)`` and ``forward_features(frames) ->
+(B, D')``, registered in one line with a builder that takes the frame width and the objective's config::
+
+    register_head("lstm", lambda dim, cfg: LSTMHead(dim, cfg.num_classes, **cfg.head_kwargs))
+
+after which ``objective.head=lstm`` (options in ``objective.head_kwargs``) trains it; an unknown name fails with
+the list of registered ones.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vitssl.config import ConfigError
+from vitssl.registry import Registry
+
+HeadBuilder = Callable[[int, Any], nn.Module]
+"""``builder(dim, cfg) -> head``: the frame embedding width D and the ``video_action`` objective's config
+(``num_classes``, ``num_frames``, ``depth``, ``num_heads``, ``mlp_ratio``, ``dropout``, ``head_kwargs``)."""
+
+# The heads of ``objective.head``; this module registers the built-in ones, others register from anywhere.
+VIDEO_HEADS: Registry[HeadBuilder] = Registry("video head", providers=("vitssl.video.heads",))
+
+
+def register_head(name: str, builder: HeadBuilder | None = None) -> Any:
+    """Register a head builder under ``name``: ``register_head("x", builder)`` or ``@register_head("x")``.
+
+    Args:
+        name: the value of ``objective.head`` that selects it.
+        builder: ``builder(dim, cfg) -> nn.Module`` (see :data:`HeadBuilder`); omitted when used as a decorator.
+    """
+    return VIDEO_HEADS.register(name, builder)
+
+
+def build_head(name: str, dim: int, cfg: Any) -> nn.Module:
+    """The head registered as ``name`` for frame embeddings of width ``dim``, configured by ``cfg``.
+
+    Raises:
+        ConfigError: an unknown name (the message lists the registered heads), or a builder's bad option.
+    """
+    if name not in VIDEO_HEADS:
+        raise ConfigError(f"objective.head={name!r}: {VIDEO_HEADS.unknown_message(name)}")
+    return VIDEO_HEADS.get(name)(dim, cfg)
+
 
 _LN_EPS = 1e-6  # flax's nn.LayerNorm default, which scenic's ViViT uses throughout
 
@@ -145,3 +188,36 @@ class TemporalHead(nn.Module):
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         """Logits (B, num_classes) of frame embeddings (B, T, D)."""
         return self.fc(self.dropout(self.forward_features(frames)))  # (B, K)
+
+
+def _no_head_kwargs(name: str, cfg: Any, keys: str) -> None:
+    """The built-in heads take their options from the objective's own keys, not ``head_kwargs``."""
+    if cfg.head_kwargs:
+        raise ConfigError(
+            f"objective.head_kwargs={dict(cfg.head_kwargs)}: the {name} head takes none (its options: {keys}); "
+            "head_kwargs are for registered heads of your own"
+        )
+
+
+@register_head("mean")
+def _build_mean(dim: int, cfg: Any) -> nn.Module:
+    _no_head_kwargs("mean", cfg, "objective.dropout")
+    return MeanHead(dim, cfg.num_classes, dropout=cfg.dropout)
+
+
+@register_head("temporal")
+def _build_temporal(dim: int, cfg: Any) -> nn.Module:
+    _no_head_kwargs("temporal", cfg, "objective.depth, num_heads, mlp_ratio, dropout, num_frames")
+    if cfg.depth < 1:
+        raise ConfigError(f"objective.depth={cfg.depth}: the temporal head needs at least one layer")
+    if cfg.num_heads is not None and (cfg.num_heads < 1 or dim % cfg.num_heads):
+        raise ConfigError(f"objective.num_heads={cfg.num_heads} must divide the backbone width {dim}")
+    return TemporalHead(
+        dim,
+        cfg.num_classes,
+        depth=cfg.depth,
+        heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        num_frames_max=cfg.num_frames,
+        dropout=cfg.dropout,
+    )

@@ -27,7 +27,9 @@ from typing import Any
 
 from vitssl.errors import SKIP_HINT, DataError, MissingFileError
 from vitssl.video.files import VIDEO_EXTENSIONS, list_videos
-from vitssl.video.io import CorruptVideoError, _open_av, _upright, probe
+from vitssl.video.io import CorruptVideoError, probe
+from vitssl.video.io.probing import _open_av
+from vitssl.video.io.readers import _upright
 
 _logger = logging.getLogger(__name__)
 

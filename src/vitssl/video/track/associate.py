@@ -266,3 +266,57 @@ def track_detections(det_rows: np.ndarray, tracker: Tracker, num_frames: int | N
         boxes = np.concatenate([rows[:, 2:4], rows[:, 2:4] + rows[:, 4:6]], axis=1)  # (D, 4) xyxy
         out.append(results_to_rows(frame, tracker.update(frame, boxes, rows[:, 6])))
     return np.concatenate(out)  # (M, 10)
+
+
+@dataclasses.dataclass(frozen=True)
+class AssociatedSequence:
+    """What :func:`associate_sequences` wrote for one sequence."""
+
+    name: str
+    rows: np.ndarray  # (M, 10) MOT rows frame,id,left,top,width,height,score,-1,-1,-1
+    path: Any  # the SEQ.txt written (a pathlib.Path)
+
+    @property
+    def num_tracks(self) -> int:
+        return len(set(self.rows[:, 1].astype(int)))
+
+
+def associate_sequences(
+    seq: Any,
+    out: Any,
+    *,
+    cost: Cost = "iou",
+    score_thresh: float = 0.4,
+    match_thresh: float | None = None,
+    max_age: int = 32,
+) -> list[AssociatedSequence]:
+    """Track the public detections of each sequence with the IoU baseline and write ``out/SEQ.txt``.
+
+    Args:
+        seq: a sequence (MOTChallenge folder or video with ``STEM.det.txt``) or a folder of them.
+        out: the folder for the ``SEQ.txt`` results.
+        cost: "iou" or "giou".
+        score_thresh: detections scoring below this are ignored.
+        match_thresh: the largest accepted cost; None: 0.7 for IoU, 1.2 for GIoU.
+        max_age: frames an unmatched track waits.
+
+    Raises:
+        DataError: a sequence without detections (``det/det.txt``, or ``STEM.det.txt``).
+        ConfigError: a bad tracker setting.
+        MissingFileError: ``seq`` does not exist.
+    """
+    from pathlib import Path
+
+    from vitssl.errors import DataError
+    from vitssl.video.track.mot import list_sequences, write_mot
+
+    sequences = list_sequences(seq)
+    missing = [s.name for s in sequences if s.det is None]
+    if missing:
+        raise DataError(f"sequence(s) {', '.join(missing)} have no detections (det/det.txt, or STEM.det.txt)")
+    tracker = Tracker(score_thresh=score_thresh, match_thresh=match_thresh, cost=cost, max_age=max_age)
+    done = []
+    for s in sequences:
+        rows = track_detections(s.det, tracker, s.length)
+        done.append(AssociatedSequence(s.name, rows, write_mot(Path(out) / f"{s.name}.txt", rows)))
+    return done

@@ -290,3 +290,58 @@ def track_path(
 
         written.append(render_tracks(sequences[0], results[sequences[0].name], render))
     return results, timings, written
+
+
+@dataclass
+class TrackingRun:
+    """What :func:`run_tracking` did: the rows per sequence, the timings, the files written and, when every
+    sequence has ground truth, the metrics (mot15 rules) per sequence and ``COMBINED``."""
+
+    results: dict[str, np.ndarray]
+    timings: Timings
+    written: list[Path]
+    metrics: dict[str, dict[str, float | int]] | None = None
+
+
+def run_tracking(
+    checkpoint: str | Path,
+    seq: str | Path,
+    out: str | Path,
+    *,
+    score_thresh: float | None = None,
+    match_thresh: float | None = None,
+    max_age: int | None = None,
+    baseline: Baseline | None = None,
+    render: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    threads: int = 1,
+) -> TrackingRun:
+    """``vitssl track run``: :func:`track_path` with the tracker settings given, then the metrics where the
+    sequences carry ground truth.
+
+    Args:
+        checkpoint: a ``transtrack`` checkpoint.
+        seq: one sequence (MOTChallenge folder or video file) or a folder of sequences.
+        out: a ``.txt`` file (one sequence only), or a folder for ``SEQ.txt`` per sequence.
+        score_thresh: detection score threshold; None: the checkpoint's.
+        match_thresh: largest accepted ``1 - GIoU`` (``1 - IoU`` for the baseline) cost; None: the default.
+        max_age: frames an unmatched track is kept; None: the checkpoint's.
+        baseline: "iou": the same detector with frame-to-frame IoU association instead of the track decoder.
+        render: an ``.mp4`` to draw the (first) sequence's tracks into.
+        device: where the network runs.
+        threads: torch CPU threads for this process (per-frame matrices are tiny: 1); 0 leaves torch's default.
+    """
+    from vitssl.video.track.metrics import evaluate
+    from vitssl.video.track.mot import list_sequences
+
+    if threads:
+        torch.set_num_threads(threads)
+    settings = {"score_thresh": score_thresh, "match_thresh": match_thresh, "max_age": max_age, "baseline": baseline}
+    results, timings, written = track_path(checkpoint, seq, out, settings=settings, render=render, device=device)
+    sequences = {s.name: s for s in list_sequences(seq)}
+    metrics = None
+    if sequences and all(s.gt is not None for s in sequences.values()):  # mot15 rules: zero-marked gt ignored
+        gt = {name: s.gt for name, s in sequences.items()}
+        lengths = {name: s.length for name, s in sequences.items()}
+        metrics = evaluate(gt, results, "mot15", num_frames=lengths)
+    return TrackingRun(results, timings, written, metrics)

@@ -383,8 +383,22 @@ def read_predictions(path: PathLike, names: list[str]) -> dict[str, np.ndarray]:
     return {name: read_mot(path / f"{name}.txt") for name in names}
 
 
-def evaluate_files(gt: PathLike, pred: PathLike, benchmark: Benchmark = "mot15") -> dict[str, dict[str, float | int]]:
-    """:func:`evaluate` on files: ground truth as :func:`read_ground_truth`, results as :func:`read_predictions`."""
+def evaluate_files(
+    gt: PathLike, pred: PathLike, benchmark: Benchmark = "mot15", out: PathLike | None = None
+) -> dict[str, dict[str, float | int]]:
+    """:func:`evaluate` on files: ground truth as :func:`read_ground_truth`, results as :func:`read_predictions`.
+
+    Args:
+        gt: a MOT txt file, a MOTChallenge sequence folder or a folder of them.
+        pred: a MOT txt file (one sequence) or a folder with one ``SEQ.txt`` per sequence.
+        benchmark: TrackEval's rules (see :data:`BENCHMARKS`).
+        out: also write the metrics per sequence and ``COMBINED`` as JSON here.
+    """
     gt_rows, lengths = read_ground_truth(gt)
     pred_rows = read_predictions(pred, sorted(gt_rows))
-    return evaluate(gt_rows, pred_rows, benchmark, num_frames=lengths)
+    results = evaluate(gt_rows, pred_rows, benchmark, num_frames=lengths)
+    if out is not None:
+        from vitssl.io import write_json
+
+        write_json(results, Path(out))
+    return results
