@@ -134,11 +134,11 @@ def test_a_failed_sharded_build_leaves_nothing_and_keeps_the_finished_index(corp
     work = Path(f"{out}.build")
     work.mkdir()
     (work / "notes.txt").write_text("mine")
-    from vitssl.index import core
+    from vitssl.index import build
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(core, "merge_shards", interrupted)
+    monkeypatch.setattr(build, "merge_shards", interrupted)  # the merge step index_merge runs
     assert _run(*base, "--overwrite", "--factory", "IVF1,Flat") == 130
     assert sorted(p.name for p in work.iterdir()) == ["notes.txt"] and _fingerprint(out) == finished

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -311,6 +312,14 @@ def _read_ids(directory: Path) -> tuple[np.ndarray, list[str]]:
     return np.asarray(ids, dtype=np.int64), samples
 
 
+def record_manifest(directory: str | os.PathLike, **entries: Any) -> None:
+    """Add entries (``video``, ``source``) to an index folder's manifest (atomically; it carries no checksum)."""
+    path = Path(directory) / MANIFEST_FILE
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest.update(entries)
+    write_json(manifest, path, sort_keys=True)
+
+
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
@@ -321,5 +330,6 @@ __all__ = [
     "IndexFormatError",
     "LoadedIndex",
     "load_index_dir",
+    "record_manifest",
     "write_index_dir",
 ]
