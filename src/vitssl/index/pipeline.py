@@ -180,7 +180,7 @@ def open_embedder(model: str, corpus: Corpus, options: EmbedOptions, name: str |
 
 def _show(value: Any) -> str:
     text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return text if len(text) <= 100 else text[:97] + "..."  # a sha256 (64 hex digits) shows whole
 
 
 @dataclass(frozen=True)
