@@ -13,7 +13,7 @@ import pytest
 
 from vitssl.config import ConfigError
 from vitssl.index import core
-from vitssl.index.build import index_build, index_merge, index_train
+from vitssl.index.build import index_build, index_merge, index_rebuild, index_train
 from vitssl.index.pipeline import (
     CORPORA,
     EMBEDDERS,
@@ -188,3 +188,14 @@ def test_the_command_line_builds_a_registered_kind(tmp_path, capsys):
     assert core.load_index_dir(out).samples == [f"letters/{i}" for i in range(6)]
     assert main(["index", "eval", str(out), "--k", "3", "--num-queries", "6"]) == 0
     assert "R@1 1.0000" in capsys.readouterr().out
+
+
+def test_the_spec_rebuilds_the_index_it_describes(tmp_path):
+    first = index_build("letters:n=9", "val", "salt-d", tmp_path / "a", store=StoreOptions(metric="l2"))
+    again = index_rebuild(first.out, tmp_path / "b")
+    a, b = core.load_index_dir(first.out), core.load_index_dir(again.out)
+    assert a.samples == b.samples and b.manifest["metric"] == "l2" and b.manifest["spec"] == a.manifest["spec"]
+    np.testing.assert_array_equal(a.vectors(), b.vectors())
+    old = core.build_index_dir(tmp_path / "old", np.ones((2, DIM), dtype=np.float32), ["x", "y"])
+    with pytest.raises(IndexSpecError, match="written before index specs"):
+        index_rebuild(old, tmp_path / "c")

@@ -285,6 +285,47 @@ def index_train(
     return TrainResult(path, len(x), emb.name)
 
 
+def index_rebuild(
+    directory: str | Path, out: str | Path, embed: EmbedOptions | None = None, overwrite: bool = False
+) -> BuildResult | None:
+    """Build again what an index folder's :class:`~vitssl.index.pipeline.IndexSpec` describes (its corpus, embedder
+    and store options) into ``out``: the same ids and vectors when the corpus and the model file are unchanged.
+
+    Args:
+        directory: the index folder whose spec is followed.
+        out: where the new index goes.
+        embed: how the embedder runs (default: the spec's layer, everything else the defaults).
+        overwrite: replace an existing ``out``.
+
+    Raises:
+        IndexSpecError: the folder was written before specs existed (its manifest names no corpus or embedder).
+    """
+    from vitssl.index.pipeline import IndexSpecError
+
+    manifest = json.loads((Path(directory) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    spec = IndexSpec.from_manifest(manifest)
+    if spec.legacy or not spec.corpus or not spec.embedder:
+        raise IndexSpecError(
+            f"index {directory} records no corpus and embedder (written before index specs); rebuild it with "
+            "`vitssl index build`"
+        )
+    store = StoreOptions(
+        **{k: spec.store[k] for k in ("factory", "metric", "normalize", "train_size", "seed") if k in spec.store},
+        store_vectors=bool(manifest.get("has_vectors", True)),
+        overwrite=overwrite,
+    )
+    return index_build(
+        spec.corpus["data"],
+        spec.corpus["split"],
+        spec.embedder["model"],
+        out,
+        embed or EmbedOptions(layer=spec.embedder.get("layer", "pooled")),
+        store,
+        corpus_kind=spec.corpus["kind"],
+        embedder=spec.embedder["name"],
+    )
+
+
 def index_merge(shard_dirs: Sequence[str | Path], out: str | Path, overwrite: bool = False) -> int:
     """Merge shard folders into one index folder (their frame vectors too, for video shards); returns the count."""
     from vitssl.index.frames import FRAMES_DIR, merge_video_frames
@@ -296,4 +337,13 @@ def index_merge(shard_dirs: Sequence[str | Path], out: str | Path, overwrite: bo
     return int(json.loads((Path(out) / MANIFEST_FILE).read_text(encoding="utf-8"))["count"])
 
 
-__all__ = ["BuildResult", "TrainResult", "build_index_dir", "index_build", "index_merge", "index_train", "write_index"]
+__all__ = [
+    "BuildResult",
+    "TrainResult",
+    "build_index_dir",
+    "index_build",
+    "index_merge",
+    "index_rebuild",
+    "index_train",
+    "write_index",
+]
