@@ -55,6 +55,8 @@ class ImageEmbedder:
                 option="--data",
                 dtype="float32",  # an index keeps full precision
             )
+            # The cache keeps sample ids, not row numbers: rows count on from the first row asked for (exact
+            # unless --skip-corrupt left items out; the faiss ids of a shard are numbered the same way).
             first = rows[0] if rows else 0
             ids = list(fs.sample_ids)
             embedding = Embedding(
