@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 
-from vitssl.index import core
+from vitssl.index import _gpu, core
 from vitssl.index.core import faiss
 
 D = 16
@@ -91,9 +91,9 @@ def fake_gpu(monkeypatch):
         calls.append("to_cpu")
         return faiss.clone_index(index)
 
-    monkeypatch.setattr(core, "gpu_available", lambda: True)
-    monkeypatch.setattr(core, "_index_cpu_to_gpu", to_gpu)
-    monkeypatch.setattr(core, "_index_gpu_to_cpu", to_cpu)
+    monkeypatch.setattr(_gpu, "gpu_available", lambda: True)
+    monkeypatch.setattr(_gpu, "index_cpu_to_gpu", to_gpu)
+    monkeypatch.setattr(_gpu, "index_gpu_to_cpu", to_cpu)
     return calls
 
 
@@ -111,18 +111,18 @@ def fake_gpu(monkeypatch):
 )
 def test_gpu_decision(monkeypatch, factory, k, nprobe, auto):
     index = core.new_index(factory, D)
-    monkeypatch.setattr(core, "gpu_available", lambda: True)
-    assert core._decide_gpu(index, None, k, nprobe) is auto
-    assert core._decide_gpu(index, False, k, nprobe) is False
+    monkeypatch.setattr(_gpu, "gpu_available", lambda: True)
+    assert _gpu.decide_gpu(index, None, k, nprobe) is auto
+    assert _gpu.decide_gpu(index, False, k, nprobe) is False
     if auto:
-        assert core._decide_gpu(index, True, k, nprobe) is True
+        assert _gpu.decide_gpu(index, True, k, nprobe) is True
     else:
         with pytest.raises(ValueError, match="use_gpu=True: faiss runs Flat and IVF-Flat"):
-            core._decide_gpu(index, True, k, nprobe)
-    monkeypatch.setattr(core, "gpu_available", lambda: False)
-    assert core._decide_gpu(index, None, k, nprobe) is False
+            _gpu.decide_gpu(index, True, k, nprobe)
+    monkeypatch.setattr(_gpu, "gpu_available", lambda: False)
+    assert _gpu.decide_gpu(index, None, k, nprobe) is False
     with pytest.raises(RuntimeError, match="no GPU support or sees no GPU"):
-        core._decide_gpu(index, True, k, nprobe)
+        _gpu.decide_gpu(index, True, k, nprobe)
 
 
 @pytest.mark.skipif(core.gpu_available(), reason="faiss sees a GPU here")

@@ -60,3 +60,28 @@ def test_a_backbone_file_has_only_the_pooled_layer(backbone_file, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pooled" in err[0]
     assert not (tmp_path / "i").exists()
+
+
+def test_the_manifest_spec_rebuilds_an_image_index_and_refuses_another_backbone(backbone_file, tmp_path, capsys):
+    from vitssl.backbones import create_backbone, save_backbone
+    from vitssl.index.build import index_rebuild
+
+    idx = tmp_path / "idx"
+    assert _run("index", "build", backbone_file, "--data", "digits", "--out", idx, "--device", "cpu") == 0
+    spec = core.load_index_dir(idx).manifest["spec"]
+    assert spec["corpus"] == {"kind": "images", "data": "digits", "split": "val"}
+    assert spec["embedder"]["name"] == "image" and spec["embedder"]["model"] == str(backbone_file)
+    again = index_rebuild(idx, tmp_path / "again")
+    a, b = core.load_index_dir(idx), core.load_index_dir(again.out)
+    assert a.samples == b.samples
+    np.testing.assert_array_equal(a.vectors(), b.vectors())
+    torch.manual_seed(1)
+    other = save_backbone(create_backbone("test_vit", img_size=32), tmp_path / "other" / "backbone.safetensors")
+    image = tmp_path / "q.png"
+    from vitssl.data.digits import Digits
+
+    Digits(split="val")[0][0].save(image)
+    capsys.readouterr()
+    assert _run("index", "query", idx, "--image", image, "--checkpoint", other, "--device", "cpu") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was built with checkpoint" in err[0] and str(backbone_file) in err[0]

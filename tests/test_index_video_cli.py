@@ -48,6 +48,16 @@ def test_every_repeated_video_query_is_answered_in_order(corpus, index, tmp_path
     assert (tmp_path / "sheet_1.png").is_file() and (tmp_path / "sheet_2.png").is_file()
 
 
+def test_the_spec_names_the_video_embedder_and_refuses_another_sampling(corpus, index, capsys):
+    spec = json.loads((index / "manifest.json").read_text())["spec"]
+    assert spec["embedder"]["name"] == "thumbnails" and spec["embedder"]["model"] == "thumbnails:size=4"
+    assert spec["corpus"]["kind"] == "videos" and spec["corpus"]["fps"] == 4.0
+    capsys.readouterr()
+    assert _run("index", "query", index, "--video", corpus / "v1.mp4", "--checkpoint", "thumbnails:size=8") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'thumbnails-4'" in err[0] and "'thumbnails-8'" in err[0] and "thumbnails:size=4" in err[0]
+
+
 def _corpus_with(corpus: Path, folder: Path, extra: dict[str, bytes]) -> Path:
     """A copy of ``corpus`` plus extra files (name -> bytes)."""
     folder.mkdir()
@@ -134,11 +144,11 @@ def test_a_failed_sharded_build_leaves_nothing_and_keeps_the_finished_index(corp
     work = Path(f"{out}.build")
     work.mkdir()
     (work / "notes.txt").write_text("mine")
-    from vitssl.index import core
+    from vitssl.index import build
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(core, "merge_shards", interrupted)
+    monkeypatch.setattr(build, "merge_shards", interrupted)  # the merge step index_merge runs
     assert _run(*base, "--overwrite", "--factory", "IVF1,Flat") == 130
     assert sorted(p.name for p in work.iterdir()) == ["notes.txt"] and _fingerprint(out) == finished

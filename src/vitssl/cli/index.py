@@ -1,10 +1,11 @@
 """Retrieval-index commands: ``vitssl index build|merge|query|eval``, and the index jobs ``index build`` launches.
 
-``index build`` embeds a corpus through the feature cache and writes a faiss index folder; like the evaluation
+``index build`` runs the index pipeline of :mod:`vitssl.index.build` (Corpus -> Embedder -> Store: every corpus
+kind and embedder registered in :mod:`vitssl.index.pipeline`) and writes a faiss index folder; like the evaluation
 commands it runs through :func:`vitssl.launch.launch` (``launch=slurm``, ``launch.*`` overrides anywhere on the
 line), with a typed payload per job (:class:`IndexBuildJob`, :class:`IndexTrainJob`, :class:`IndexShardJob`,
-:class:`IndexMergeJob`) run by :func:`vitssl.cli.eval.run_eval_job`. ``merge``, ``query`` and ``eval`` run
-here, in this process.
+:class:`IndexMergeJob`, in :mod:`vitssl.cli._index_jobs`) run by :func:`vitssl.cli.eval.run_eval_job`.
+``merge``, ``query`` and ``eval`` run here, in this process.
 
 Sharded builds (``index build --shards n``) write into ``<out>.build/``: ``trained.faiss`` (factories that need
 training: one job embeds the training sample and trains the quantizer), ``shards/shard_<i>_of_<n>`` (an array of
@@ -12,8 +13,9 @@ n jobs, one shard each) and the merge (a job that starts when every shard succee
 run one after the other. After the merge the shards, the quantizer and the emptied work folder are removed
 (``--keep-shards`` keeps them); a local build that fails or is interrupted removes what it wrote there.
 
-Video corpora (``--data videos:...``, ``videofolder:...``, ``video_csv:...``) run through the same jobs, which hand
-them to :mod:`vitssl.cli.video_index`; ``query --video`` and ``eval`` of a video index run there too.
+Video corpora (``--data videos:...``, ``videofolder:...``, ``video_csv:...``) run through the same jobs and library
+functions; ``query --video`` and ``eval`` of a video index, and the video options, are :mod:`vitssl.cli.video_index`.
+Each job here and each command is: parse, one library call, print.
 """
 
 from __future__ import annotations
@@ -21,266 +23,42 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vitssl.cli import video_index
 from vitssl.cli._args import add_parser
+from vitssl.cli._index_common import add_k_option, gt_options, index_errors, write_summary
+from vitssl.cli._index_jobs import (
+    IndexBuildJob,
+    IndexJob,
+    IndexMergeJob,
+    IndexShardJob,
+    IndexTrainJob,
+    merge_shard_folders,
+)
 from vitssl.cli.eval import (
     CALL_TARGET,
     JOB_TARGET,
-    EvalJob,
     add_data_options,
     add_extraction_options,
-    data_workers,
-    eval_job,
     extraction_fields,
-    is_main,
-    job_features,
     launch_job,
     launch_settings,
     split_of,
     write_result,
 )
 from vitssl.config import ConfigError
-from vitssl.errors import UserError
 
 _SHARD_RE = re.compile(r"^(\d+)/(\d+)$")
 # Dimensions tried to parse a factory string before the feature width is known; training needs do not depend on
 # the width, and 3840 = 2^8 x 15 is divisible by the sub-quantizer counts of PQ / OPQ factories in practice.
 _PROBE_DIMS = (3840, 768, 1024, 384, 4096, 256, 96, 64, 32)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Payloads
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class IndexJob(EvalJob):
-    """What the jobs that embed a corpus for an index share: the corpus and how its index is built."""
-
-    data: str  # data spec of the corpus (--data)
-    split: str  # its split
-    out: str  # what the job writes (absolute): the index folder, a shard folder or the trained quantizer
-    factory: str = "Flat"  # faiss index factory string: Flat, IVF4096,PQ64, HNSW32, ...
-    metric: str = "ip"  # ip (cosine on normalised vectors) | l2
-    normalize: bool = True  # L2-normalise vectors (and later the queries)
-    seed: int = 0  # training sample seed
-    store_vectors: bool = True  # also write vectors.npy (exact recall, HNSW merges)
-    overwrite: bool = False  # replace an existing output
-    json: str | None = None  # also write the job's summary (count, skipped samples) as JSON here (absolute)
-
-
-@dataclass(frozen=True, kw_only=True)
-class IndexBuildJob(IndexJob):
-    """``vitssl index build``: the whole index in one job."""
-
-    train_size: int | None = None  # training sample for IVF / PQ; None: every vector
-
-
-@dataclass(frozen=True, kw_only=True)
-class IndexTrainJob(IndexJob):
-    """``vitssl index build --train-only`` (and the first step of ``--shards n``): train the quantizer into ``out``."""
-
-    train_size: int | None = None  # training sample for IVF / PQ; None: every vector
-
-
-@dataclass(frozen=True, kw_only=True)
-class IndexShardJob(IndexJob):
-    """``vitssl index build --shard i/n`` (and each array task of ``--shards n``): one contiguous shard."""
-
-    shard: tuple[int, int]  # (i, n): shard i of n
-    trained: str | None = None  # the trained quantizer every shard shares (factories that need training)
-
-
-@dataclass(frozen=True)
-class IndexMergeJob:
-    """The last step of ``vitssl index build --shards n``: merge the shard folders (needs no checkpoint)."""
-
-    shard_dirs: tuple[str, ...]  # the n shard folders, in shard order
-    out: str  # the merged index folder
-    overwrite: bool = False  # replace an existing out
-    keep_shards: bool = False  # keep the shard folders (and the trained quantizer) after merging
-    trained: str | None = None  # the trained quantizer the shards shared, removed with them
-    json: str | None = None  # also write the merge's summary (count, skipped samples) as JSON here (absolute)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Jobs
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _source(model: Any, job: IndexJob) -> dict[str, Any]:
-    """What ``index query`` needs to embed queries like the corpus (and draw it): recorded in the manifest."""
-    return {
-        "checkpoint_path": str(model.path),
-        "objective": model.objective_name,
-        "data": job.data,
-        "split": job.split,
-        "layer": job.layer,
-    }
-
-
-def _record_source(directory: Path, source: dict[str, Any]) -> None:
-    """Add ``source`` to an index folder's manifest.json (atomically; the manifest is not under its own checksum)."""
-    from vitssl.index.core import MANIFEST_FILE
-    from vitssl.io import write_json
-
-    path = directory / MANIFEST_FILE
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    manifest["source"] = source
-    write_json(manifest, path, sort_keys=True)
-
-
-@contextmanager
-def _index_errors() -> Iterator[None]:
-    """faiss-side problems a user fixes by changing the command (factory, training size, index folders)."""
-    try:
-        yield
-    except UserError:
-        raise  # says what to fix already (IndexFormatError, ConfigError, ...)
-    except ValueError as err:  # faiss and the index builder reject factories and sizes with ValueError
-        raise ConfigError(str(err)) from None
-
-
-def _write_index(build: Callable[..., Any], model: Any, fs: Any, job: IndexJob, **options: Any) -> Path:
-    """Write the index folder ``job.out`` of ``fs`` with ``build`` (``build_index_dir`` or ``build_shard``, which
-    share these options) and record where its vectors came from."""
-    out = Path(job.out)
-    with _index_errors():
-        build(
-            out,
-            fs.features,
-            fs.sample_ids,
-            factory=job.factory,
-            metric=job.metric,
-            normalize=job.normalize,
-            checkpoint=model.checkpoint_hash,
-            feature_key=model.feature_key(job.layer),
-            store_vectors=job.store_vectors,
-            overwrite=job.overwrite,
-            **options,
-        )
-    _record_source(out, _source(model, job))
-    return out
-
-
-@eval_job(IndexBuildJob)
-def _job_index_build(job: IndexBuildJob) -> dict[str, Any]:
-    from vitssl.cli import video_index
-    from vitssl.index import core as retrieval
-    from vitssl.index.image import load_image_model
-
-    if video_index.is_video_data(job.data):
-        return video_index.run_build(job)
-
-    model = load_image_model(job.checkpoint, job.device)
-    fs = job_features(model, job, job.data, job.split, "--data")
-    if not is_main():
-        return {}
-    out = _write_index(retrieval.build_index_dir, model, fs, job, train_size=job.train_size, seed=job.seed)
-    manifest = json.loads((out / retrieval.MANIFEST_FILE).read_text())
-    print(f"index {job.factory!r}: {manifest['count']} x {manifest['dimension']} vectors -> {out}")
-    summary = {"task": "index_build", "out": str(out), "count": manifest["count"], "dimension": manifest["dimension"]}
-    return write_summary({**summary, "num_skipped": int(fs.meta.get("skipped", 0))}, job.json)
-
-
-@eval_job(IndexTrainJob)
-def _job_index_train(job: IndexTrainJob) -> dict[str, Any]:
-    from vitssl.cli import video_index
-    from vitssl.eval.features import extract_rows
-    from vitssl.eval.spec import build_eval_dataset
-    from vitssl.index import core as retrieval
-    from vitssl.index.image import load_image_model
-
-    if video_index.is_video_data(job.data):
-        return video_index.run_train(job)
-    model = load_image_model(job.checkpoint, job.device)
-    dataset, _, _ = build_eval_dataset(job.data, job.split, absolute_root=True)
-    sample = retrieval.training_sample_indices(len(dataset), job.train_size, job.seed)
-    feats, _ = extract_rows(
-        model.feature_fn(job.layer),
-        dataset,
-        model.sample_fn,
-        sample,
-        job.batch_size,
-        model.device,
-        data_workers(job.num_workers),
-        job.skip_corrupt,
-        desc=f"training sample of {job.data} ({job.split}, {job.layer})",
-    )
-    if not is_main():
-        return {}
-    with _index_errors():
-        index = retrieval.train_index(feats, job.factory, job.metric, job.normalize)
-        path = retrieval.write_trained_index(
-            job.out, index, job.factory, job.metric, job.normalize, len(feats), job.seed
-        )
-    print(f"trained {job.factory!r} on {len(feats)} vectors -> {path}")
-    return {"task": "index_train", "trained": str(path), "train_count": len(feats)}
-
-
-@eval_job(IndexShardJob)
-def _job_index_shard(job: IndexShardJob) -> dict[str, Any]:
-    from vitssl.cli import video_index
-    from vitssl.eval.spec import build_eval_dataset
-    from vitssl.index import core as retrieval
-    from vitssl.index.image import load_image_model
-
-    if video_index.is_video_data(job.data):
-        return video_index.run_shard(job)
-    i, n = job.shard
-    model = load_image_model(job.checkpoint, job.device)
-    dataset, _, _ = build_eval_dataset(job.data, job.split, absolute_root=True)
-    start, stop = retrieval.shard_range(len(dataset), i, n)
-    fs = job_features(model, job, job.data, job.split, "--data", rows=(start, stop))
-    if not is_main():
-        return {}
-    out = _write_index(retrieval.build_shard, model, fs, job, shard=(i, n), first_id=start, trained=job.trained)
-    print(f"shard {i}/{n}: rows {start}..{stop - 1} ({len(fs)} vectors) -> {out}")
-    summary = {"task": "index_shard", "out": str(out), "shard": [i, n], "count": len(fs)}
-    return write_summary({**summary, "num_skipped": int(fs.meta.get("skipped", 0))}, job.json)
-
-
-@eval_job(IndexMergeJob)
-def _job_index_merge(job: IndexMergeJob) -> dict[str, Any]:
-    from vitssl.index.core import MANIFEST_FILE
-
-    if not is_main():
-        return {}
-    out = Path(job.out)
-    count = _merge_shards(job.shard_dirs, out, job.overwrite)
-    if not job.keep_shards:
-        for d in job.shard_dirs:
-            shutil.rmtree(d, ignore_errors=True)
-        if job.trained:
-            for path in (Path(job.trained), Path(job.trained + ".json")):
-                path.unlink(missing_ok=True)
-        shards = Path(job.shard_dirs[0]).parent
-        for folder in (shards, shards.parent):  # shards/, then the work folder, when nothing else is in them
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-    print(f"merged {len(job.shard_dirs)} shards: {count} vectors -> {out}")
-    summary: dict[str, Any] = {"task": "index_merge", "out": str(out), "count": count}
-    skipped = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8")).get("video", {}).get("skipped")
-    if skipped is not None:  # a video index: the videos every shard left out
-        summary.update(skipped=skipped, num_skipped=len(skipped))
-    return write_summary(summary, job.json)
-
-
-def write_summary(summary: dict[str, Any], path: str | None) -> dict[str, Any]:
-    """A job's summary, also written to ``path`` (``--json``) when given; returned as it is."""
-    if path:
-        write_result(summary, path)
-        print(f"summary written to {path}")
-    return summary
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -313,19 +91,30 @@ def _check_new_out(out: Path, overwrite: bool) -> None:
         raise ConfigError(f"{out} already exists; pass --overwrite to replace it")
 
 
+def _model_fields(args: argparse.Namespace, device: str) -> dict[str, Any]:
+    """The extraction fields of ``index build``, its model argument resolved for the corpus kind: an image
+    checkpoint (or run folder), a video model (``thumbnails`` too), or for other kinds a path made absolute when it
+    exists and the argument as given otherwise (an embedder of a registered kind reads it)."""
+    from vitssl.index.pipeline import corpus_kind_of
+
+    kind = corpus_kind_of(args.data)
+    if kind == "videos":
+        return video_index.video_fields(args, device)
+    if kind == "images" and not args.embedder:
+        return extraction_fields(args, device)
+    return extraction_fields(args, device, checkpoint=lambda m: str(Path(m).absolute()) if Path(m).exists() else m)
+
+
 def _cmd_index_build(args: argparse.Namespace) -> int:
     out = Path(args.out).absolute()
     chosen = (("--shard", args.shard), ("--shards", args.shards), ("--train-only", args.train_only))
     modes = [option for option, value in chosen if value]
     if len(modes) > 1:
         raise ConfigError(f"{' and '.join(modes)} exclude each other; pick one")
-    from vitssl.cli import video_index
-
     split = split_of(args.data, "val", args.split)
     launch_cfg, device = launch_settings(args)
-    video = video_index.is_video_data(args.data)
     fields = {
-        **(video_index.video_fields(args, device) if video else extraction_fields(args, device)),
+        **_model_fields(args, device),
         "data": args.data,
         "split": split,
         "out": str(out),
@@ -336,6 +125,7 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
         "store_vectors": not args.no_vectors,
         "overwrite": bool(args.overwrite),
         "json": str(Path(args.json).absolute()) if args.json else None,
+        "embedder": args.embedder,
     }
     needs_training = _needs_training(args.factory)
     _check_new_out(out, args.overwrite)
@@ -467,76 +257,34 @@ def _cleanup_on_failure(work: Path, outputs: list[Path]) -> Iterator[None]:
         raise
 
 
-def _merge_shards(shard_dirs: tuple[str, ...] | list[str], out: Path, overwrite: bool) -> int:
-    """Merge shard index folders into ``out``; return the merged vector count."""
-    from vitssl.cli.video_index import merge_frames_if_video
-    from vitssl.index import core as retrieval
-
-    with _index_errors():
-        retrieval.merge_shards([Path(d) for d in shard_dirs], out, overwrite=overwrite)
-        merge_frames_if_video([Path(d) for d in shard_dirs], out)
-    return int(json.loads((out / retrieval.MANIFEST_FILE).read_text())["count"])
-
-
 def _cmd_index_merge(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _check_new_out(out, args.overwrite)
-    count = _merge_shards(args.shard_dirs, out, args.overwrite)
+    count = merge_shard_folders(args.shard_dirs, out, args.overwrite)
     print(f"merged {len(args.shard_dirs)} shards: {count} vectors -> {out}")
+    write_summary({"task": "index_merge", "out": str(out), "count": count}, args.json)
     return 0
 
 
-def _query_model(directory: Path, checkpoint: str | None, device: str) -> tuple[Any, Any, str]:
-    """The checkpoint the index was built from (or ``--checkpoint``), the loaded index (checked against it), layer."""
-    from vitssl.cli._common import register_objectives
-    from vitssl.index import core as retrieval
-    from vitssl.index.image import load_image_model
-
-    register_objectives()
-    with _index_errors():
-        manifest_path = directory / retrieval.MANIFEST_FILE
-        if not manifest_path.is_file():
-            retrieval.load_index_dir(directory)  # raises its own clear error about the folder
-        source = json.loads(manifest_path.read_text(encoding="utf-8")).get("source")
-        if not source and checkpoint is None:
-            raise ConfigError(
-                f"index {directory} was built from precomputed embeddings (its manifest has no 'source'); "
-                "embed queries with their producer and search with vitssl.index.core.search"
-            )
-        source = source or {}
-        layer = source.get("layer", "pooled")
-        model = load_image_model(checkpoint or source["checkpoint_path"], device)
-        loaded = retrieval.load_index_dir(
-            directory, expect_checkpoint=model.checkpoint_hash, expect_feature_key=model.feature_key(layer)
-        )
-    return model, loaded, layer
-
-
 def _cmd_index_query(args: argparse.Namespace) -> int:
-    from vitssl.cli import video_index
-    from vitssl.index import core as retrieval
+    from vitssl.cli._common import register_objectives
     from vitssl.index.grid import Neighbour, save_query_grid
+    from vitssl.index.query import query_images
 
     if args.video:
         return video_index.cmd_query(args)
     if not args.image:
         raise ConfigError("name the query: --image FILE (an image index) or --video FILE (a video index)")
     video_index.refuse_image_query(Path(args.dir))
-    model, loaded, layer = _query_model(Path(args.dir), args.checkpoint, args.device)
-    queries = model.embed_images(args.image, layer)
-    with _index_errors():
-        scores, ids = retrieval.search(loaded, queries, args.k, nprobe=args.nprobe, ef_search=args.ef_search)
-    samples = loaded.lookup(ids)
-    results = []
-    for q, row_scores, row_ids, row_samples in zip(args.image, scores, ids, samples):
-        hits = [
-            {"rank": r + 1, "sample": s, "id": int(i), "score": float(sc)}
-            for r, (s, i, sc) in enumerate(zip(row_samples, row_ids, row_scores))
-            if i >= 0
-        ]
-        results.append({"query": str(q), "neighbours": hits})
-        print(f"{q}:")
-        for h in hits:
+    register_objectives()
+    with index_errors():
+        loaded, results, layer = query_images(
+            args.dir, args.image, args.k, checkpoint=args.checkpoint, device=args.device, nprobe=args.nprobe,
+            ef_search=args.ef_search,
+        )  # fmt: skip
+    for r in results:
+        print(f"{r['query']}:")
+        for h in r["neighbours"]:
             print(f"  {h['rank']:>3}  {h['score']:.4f}  {h['sample']}")
     if args.json:
         write_result({"index": str(args.dir), "k": args.k, "layer": layer, "queries": results}, args.json)
@@ -548,90 +296,24 @@ def _cmd_index_query(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ground_truth_inputs(args: argparse.Namespace) -> tuple[Any, Any, list[set[str]]]:
-    """The loaded index, the query vectors (Q, D) and per query its positives (sample ids) of ``--ground-truth``.
-
-    Queries are image files (embedded with the index's checkpoint; a relative path is read against the file's
-    folder, else the working folder) or faiss ids (their stored vectors); positives are sample ids, paths or faiss
-    ids (:func:`vitssl.eval.retrieval_metrics.match_ids`), and one the index lacks is refused by name.
-    """
-    import numpy as np
-
-    from vitssl.eval.retrieval_metrics import match_ids, read_ground_truth
-    from vitssl.index import core as retrieval
-
-    with _index_errors():
-        truth = read_ground_truth(args.ground_truth, args.gt_format, **_gt_options(args))
-        loaded = retrieval.load_index_dir(args.dir)
-    if not truth.queries:
-        raise ConfigError(f"--ground-truth {args.ground_truth} holds no queries")
-    faiss_ids = loaded.faiss_ids.tolist()
-    wanted = {p for q in truth.queries for p in truth.positives[q]}
-    matched = match_ids(wanted, loaded.samples, faiss_ids=faiss_ids, as_written=truth.as_written)
-    missing = sorted((truth.as_written.get(p, p) for p in wanted - set(matched)), key=str)
-    if missing:
-        raise ConfigError(
-            f"--ground-truth {args.ground_truth}: {len(missing)} relevant ids are not in the index at {args.dir} "
-            f"({', '.join(map(str, missing[:3]))}{', ...' if len(missing) > 3 else ''}); name its sample ids "
-            "(ids.jsonl), paths or faiss ids"
-        )
-    images = [q for q in truth.queries if not isinstance(q, int)]
-    by_image: dict[Any, Any] = {}
-    if images:
-        files = [_query_file(q, truth.as_written.get(q), args.ground_truth) for q in images]
-        model, loaded, layer = _query_model(Path(args.dir), args.checkpoint, args.device)
-        by_image = dict(zip(images, model.embed_images(files, layer)))
-    vectors, known = [], set(faiss_ids)
-    for q in truth.queries:
-        if isinstance(q, int):
-            if q not in known:
-                raise ConfigError(f"--ground-truth {args.ground_truth}: query faiss id {q} is not in the index")
-            if not loaded.manifest.get("has_vectors"):
-                raise ConfigError(
-                    f"--ground-truth {args.ground_truth}: query {q} is a faiss id, but {args.dir} stores no vectors "
-                    "(built with --no-vectors); name the query image instead"
-                )
-            vectors.append(np.asarray(loaded.vectors()[loaded.row_of(q)], dtype=np.float32))
-        else:
-            vectors.append(by_image[q])
-    positives = [{matched[p] for p in truth.positives[q]} for q in truth.queries]
-    return loaded, np.stack(vectors), positives
-
-
-def _query_file(query: str, as_written: Any, ground_truth: str) -> str:
-    """A query image of a ground-truth file: relative to the file's folder, else (as written) to the working one."""
-    for candidate in (query, as_written):
-        if isinstance(candidate, str) and Path(candidate).is_file():
-            return candidate
-    raise ConfigError(f"--ground-truth {ground_truth}: query image {as_written or query} does not exist")
-
-
-def _gt_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The ground-truth reader's options of ``index eval`` (FIVR task / version, CC_WEB_VIDEO's clean protocol)."""
-    options: dict[str, Any] = {}
-    if args.fivr_task:
-        options["task"] = args.fivr_task
-    if args.fivr_version:
-        options["version"] = args.fivr_version
-    if args.cc_web_clean:
-        options["clean"] = True
-    return options
-
-
 def _cmd_index_eval(args: argparse.Namespace) -> int:
-    from vitssl.cli import video_index
+    from vitssl.cli._common import register_objectives
     from vitssl.index import core as retrieval
+    from vitssl.index.query import ground_truth_inputs
     from vitssl.index.video import is_video_index
 
     if args.ground_truth and is_video_index(args.dir):
         return video_index.cmd_eval(args)
     queries = truth = None
-    if args.ground_truth:
-        loaded, queries, truth = _ground_truth_inputs(args)
-    else:
-        with _index_errors():
+    register_objectives()
+    with index_errors():
+        if args.ground_truth:
+            loaded, queries, truth = ground_truth_inputs(
+                args.dir, args.ground_truth, args.gt_format, checkpoint=args.checkpoint, device=args.device,
+                **gt_options(args),
+            )  # fmt: skip
+        else:
             loaded = retrieval.load_index_dir(args.dir)
-    with _index_errors():
         result = retrieval.evaluate_index(
             loaded, queries, truth, args.k, args.num_queries, args.seed, args.nprobe, args.ef_search
         )
@@ -672,8 +354,6 @@ def register_commands(
     if not groups or "index" not in groups:
         raise ValueError("vitssl.cli.index.register_commands needs the 'index' command group")
     ix = groups["index"]
-    from vitssl.cli import video_index  # the video options of query and eval
-
     p = add_parser(
         ix,
         "build",
@@ -697,12 +377,16 @@ def register_commands(
     p.add_argument("--trained", metavar="FILE", help="with --shard: the trained quantizer every shard shares")
     p.add_argument("--train-only", action="store_true", help="only train the quantizer of --factory into --out FILE")
     p.add_argument("--json", metavar="FILE", help="also write the build summary (count, skipped samples) as JSON")
+    p.add_argument(
+        "--embedder", metavar="NAME", help="registered embedder (default: the corpus's choice for the model given)"
+    )
     p.set_defaults(func=_cmd_index_build)
 
     p = add_parser(ix, "merge", help="merge shard index folders into one")
     p.add_argument("shard_dirs", nargs="+", help="the shard folders (all n of them)")
     p.add_argument("--out", required=True, help="merged index folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--json", metavar="FILE", help="also write the merge summary (count) as JSON")
     p.set_defaults(func=_cmd_index_merge)
 
     p = add_parser(
@@ -714,7 +398,7 @@ def register_commands(
     )
     p.add_argument("dir", help="index folder")
     p.add_argument("--image", action="append", help="query image file (repeat for several)")
-    p.add_argument("-k", type=int, default=10, help="neighbours per query (default 10)")
+    add_k_option(p, "neighbours per query (default 10)")
     p.add_argument("--grid", metavar="PNG", help="draw each query with its neighbours (id, label, score) into a PNG")
     _add_search_options(p)
     video_index.add_query_options(p)
@@ -731,7 +415,7 @@ def register_commands(
     )
     p.add_argument("dir", help="index folder")
     p.add_argument("--ground-truth", metavar="FILE", help="ground truth (see the description)")
-    p.add_argument("-k", type=int, default=10, help="cut-off (default 10)")
+    add_k_option(p, "cut-off (default 10)")
     p.add_argument("--num-queries", type=int, default=1000, help="stored vectors used as queries without ground truth")
     p.add_argument("--seed", type=int, default=0, help="query sample seed")
     _add_search_options(p)

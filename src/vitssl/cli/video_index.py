@@ -1,8 +1,9 @@
 """The video side of ``vitssl index build|query|eval`` (the image side and the launch machinery: ``cli/index.py``).
 
 ``index build MODEL --data videos:root=DIR`` (or ``videofolder:...`` / ``video_csv:...``, each with optional
-``fps=`` / ``num_frames=``) runs the same jobs as an image build - one job, ``--shard i/n``, ``--shards n``
-(train, array of shards, merge), locally or on SLURM - and those jobs hand video corpora to the functions here.
+``fps=`` / ``num_frames=``) runs the same jobs and library functions as an image build - one job, ``--shard i/n``,
+``--shards n`` (train, array of shards, merge), locally or on SLURM; this module resolves its model argument and
+holds ``query --video``, ``eval`` of a video index and their options.
 MODEL is an image checkpoint or ``backbone.safetensors`` (mean of frame features), a ``video_tca`` checkpoint
 (TCA embeddings) or ``thumbnails[:size=N]`` (raw thumbnails, no network). In a job of several processes every
 process embeds a share of the videos; rank 0 writes the index.
@@ -14,6 +15,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from vitssl.cli._index_common import gt_options, index_errors
 from vitssl.config import ConfigError
 
 THUMBNAIL_PREFIX = "thumbnails"
@@ -23,12 +25,6 @@ GT_FORMATS = ("vitssl", "cc_web_video", "fivr", "evve")
 FIVR_TASK_NAMES = ("DSVR", "CSVR", "ISVR")
 RERANKS = ("chamfer",)
 DEFAULT_RERANK_K = 100
-
-
-def is_video_data(spec: str) -> bool:
-    from vitssl.index.video import is_video_spec
-
-    return is_video_spec(spec)
 
 
 def video_model_arg(model: str) -> str:
@@ -52,136 +48,6 @@ def video_fields(args: argparse.Namespace, device: str) -> dict[str, Any]:
     return extraction_fields(args, device, checkpoint=video_model_arg)
 
 
-def _embedder(job: Any, corpus: Any) -> Any:
-    from vitssl.index.video import VideoEmbedder
-
-    return VideoEmbedder.open(
-        job.checkpoint,
-        fps=corpus.fps,
-        num_frames=corpus.num_frames,
-        layer=job.layer,
-        device=job.device,
-        cache_dir=job.cache_dir,
-        batch_size=min(job.batch_size, 256),
-    )
-
-
-def _embed(embedder: Any, paths: list[str], job: Any, desc: str) -> Any:
-    from vitssl.data.common import CorruptImageError
-    from vitssl.eval.features import corrupt_sample_error
-    from vitssl.index.video import embed_shared
-
-    try:
-        return embed_shared(embedder, paths, skip_corrupt=job.skip_corrupt, desc=desc)
-    except CorruptImageError as err:  # a corrupt video: named, with the option that skips it
-        raise corrupt_sample_error(err) from None
-
-
-def _index_options(job: Any) -> dict[str, Any]:
-    return {
-        "factory": job.factory,
-        "metric": job.metric,
-        "normalize": job.normalize,
-        "store_vectors": job.store_vectors,
-        "overwrite": job.overwrite,
-    }
-
-
-def _source(embedder: Any, job: Any) -> dict[str, Any]:
-    """The manifest's ``source``: the model queries are embedded with, and the corpus."""
-    return {"checkpoint_path": embedder.model, "objective": embedder.method, "data": job.data, "split": job.split}
-
-
-def _report_skipped(skipped: list[str], out: Path) -> None:
-    """Name the damaged or unreadable videos a build left out (``--skip-corrupt``): a count and every name."""
-    if skipped:
-        print(f"skipped {len(skipped)} damaged or unreadable videos (also in {out}/manifest.json, video.skipped):")
-        for path in skipped:
-            print(f"  {path}")
-
-
-def run_build(job: Any) -> dict[str, Any]:
-    """The whole video index in one job (an ``IndexBuildJob`` over a video corpus)."""
-    from vitssl.cli.index import _index_errors, write_summary
-    from vitssl.distributed import is_main_process
-    from vitssl.index.video import build_video_index, video_corpus
-
-    corpus = video_corpus(job.data, job.split)
-    embedder = _embedder(job, corpus)
-    paths = list(corpus.paths)
-    embedded = _embed(embedder, paths, job, job.data)
-    if not is_main_process():
-        return {}
-    out = Path(job.out)
-    with _index_errors():
-        build_video_index(
-            out, embedded, paths, embedder, train_size=job.train_size, seed=job.seed, source=_source(embedder, job),
-            **_index_options(job),
-        )  # fmt: skip
-    _report_skipped(embedded.skipped, out)
-    n, d = embedded.vectors.shape
-    print(f"video index {job.factory!r} ({embedder.method}): {n} videos x {d} -> {out}")
-    summary = {"task": "index_build", "out": str(out), "count": n, "dimension": d}
-    return write_summary({**summary, "skipped": embedded.skipped, "num_skipped": len(embedded.skipped)}, job.json)
-
-
-def run_train(job: Any) -> dict[str, Any]:
-    """Train the quantizer of a video index on a sample of the corpus (an ``IndexTrainJob``)."""
-    from vitssl.cli.index import _index_errors
-    from vitssl.distributed import is_main_process
-    from vitssl.index import core
-    from vitssl.index.video import video_corpus
-
-    corpus = video_corpus(job.data, job.split)
-    embedder = _embedder(job, corpus)
-    rows = core.training_sample_indices(len(corpus.paths), job.train_size, job.seed)
-    embedded = _embed(embedder, [corpus.paths[r] for r in rows], job, f"training sample of {job.data}")
-    if not is_main_process():
-        return {}
-    with _index_errors():
-        index = core.train_index(embedded.vectors, job.factory, job.metric, job.normalize)
-        path = core.write_trained_index(
-            job.out, index, job.factory, job.metric, job.normalize, len(embedded.vectors), job.seed
-        )
-    print(f"trained {job.factory!r} on {len(embedded.vectors)} videos -> {path}")
-    return {"task": "index_train", "trained": str(path), "train_count": len(embedded.vectors)}
-
-
-def run_shard(job: Any) -> dict[str, Any]:
-    """Shard i of n of a video index (an ``IndexShardJob``): videos ``shard_range(N, i, n)`` of the sorted list."""
-    from vitssl.cli.index import _index_errors, write_summary
-    from vitssl.distributed import is_main_process
-    from vitssl.index import core
-    from vitssl.index.video import build_video_index, video_corpus
-
-    i, n = job.shard
-    corpus = video_corpus(job.data, job.split)
-    embedder = _embedder(job, corpus)
-    start, stop = core.shard_range(len(corpus.paths), i, n)
-    paths = list(corpus.paths[start:stop])
-    embedded = _embed(embedder, paths, job, f"{job.data} shard {i}/{n}")
-    if not is_main_process():
-        return {}
-    out = Path(job.out)
-    with _index_errors():
-        build_video_index(
-            out, embedded, paths, embedder, shard=(i, n), first_id=start, trained=job.trained,
-            source=_source(embedder, job), **_index_options(job),
-        )  # fmt: skip
-    _report_skipped(embedded.skipped, out)
-    print(f"shard {i}/{n}: videos {start}..{stop - 1} ({len(embedded.rows)} indexed) -> {out}")
-    summary = {"task": "index_shard", "out": str(out), "shard": [i, n], "count": len(embedded.rows)}
-    return write_summary({**summary, "skipped": embedded.skipped, "num_skipped": len(embedded.skipped)}, job.json)
-
-
-def merge_frames_if_video(shard_dirs: list[Path], out: Path) -> None:
-    """After merging shard index folders: merge their frame vectors too when they are video shards."""
-    from vitssl.index.video import is_video_index, merge_video_frames
-
-    if shard_dirs and all(is_video_index(d) for d in shard_dirs):
-        merge_video_frames(shard_dirs, out)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # query and eval
 # --------------------------------------------------------------------------------------------------------------
@@ -189,11 +55,10 @@ def merge_frames_if_video(shard_dirs: list[Path], out: Path) -> None:
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     from vitssl.cli._common import register_objectives
-    from vitssl.cli.index import _index_errors
     from vitssl.index.video import load_video_index
 
     register_objectives()
-    with _index_errors():
+    with index_errors():
         return load_video_index(args.dir, args.checkpoint, args.device if args.device != "auto" else "cpu")
 
 
@@ -260,13 +125,12 @@ def _grid_paths(grid: Path, count: int) -> list[Path]:
 def cmd_eval(args: argparse.Namespace) -> int:
     """``index eval IDX --ground-truth FILE`` on a video index: mAP and recall@k (video level or chamfer)."""
     from vitssl.cli.eval import write_result
-    from vitssl.cli.index import _gt_options, _index_errors
     from vitssl.eval.retrieval_metrics import read_ground_truth
     from vitssl.index.video import evaluate_video_index
 
     index, embedder = _load(args)
-    with _index_errors():
-        truth = read_ground_truth(args.ground_truth, args.gt_format, **_gt_options(args))
+    with index_errors():
+        truth = read_ground_truth(args.ground_truth, args.gt_format, **gt_options(args))
         ks = tuple(sorted({1, 5, 10, args.k}))
         result = evaluate_video_index(
             index,
@@ -317,11 +181,7 @@ __all__ = [
     "add_query_options",
     "cmd_eval",
     "cmd_query",
-    "is_video_data",
-    "merge_frames_if_video",
     "refuse_image_query",
-    "run_build",
-    "run_shard",
-    "run_train",
     "video_fields",
+    "video_model_arg",
 ]

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from vitssl import distributed as dist
 from vitssl.config import ConfigError
 from vitssl.errors import UserError
+from vitssl.eval.gather import RankPart, gather_rows
 from vitssl.eval.progress import Progress
 
 _logger = logging.getLogger(__name__)
@@ -165,35 +166,31 @@ def _embed(
     all_rows = np.arange(n, dtype=np.int64) if rows is None else np.asarray(list(rows), dtype=np.int64)
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = all_rows[rank::world]
-    feats: list[np.ndarray] = []
-    got: list[np.ndarray] = []
-    targets: list[Any] = []
     desc = desc if world == 1 else f"{desc} [rank 0 of {world}]"
-    with Progress(len(mine), desc) as progress:
-        for f, r, t in embed_batches(
-            feature_fn, dataset, sample_fn, mine, batch_size, device, num_workers, skip_corrupt, progress, keep_targets
-        ):
-            feats.append(f)
-            got.append(r)
-            if t is not None:
-                targets.extend(t)
-    local = (
-        np.concatenate(feats) if feats else None,
-        np.concatenate(got) if got else np.zeros(0, dtype=np.int64),
-        targets,
-    )
-    parts = dist.all_gather_object(local) if world > 1 else [local]
-    present = [p for p in parts if p[0] is not None]
-    if not present:
+
+    def local() -> RankPart:
+        feats: list[np.ndarray] = []
+        got: list[np.ndarray] = []
+        targets: list[Any] = []
+        with Progress(len(mine), desc) as progress:
+            for f, r, t in embed_batches(
+                feature_fn, dataset, sample_fn, mine, batch_size, device, num_workers, skip_corrupt, progress,
+                keep_targets,
+            ):  # fmt: skip
+                feats.append(f)
+                got.append(r)
+                if t is not None:
+                    targets.extend(t)
+        rows_ = np.concatenate(got) if got else np.zeros(0, dtype=np.int64)
+        return RankPart(rows_, np.concatenate(feats) if feats else None, targets if keep_targets else [])
+
+    gathered = gather_rows(local)  # an unreadable item on one rank raises on every rank
+    if gathered.vectors is None:
         raise CorruptSampleError(f"no readable image among the {len(all_rows)} items to embed (all skipped as corrupt)")
-    features = np.concatenate([p[0] for p in present])
-    out_rows = np.concatenate([p[1] for p in present])
-    order = np.argsort(out_rows, kind="stable")
-    out_targets = [t for p in present for t in p[2]] if keep_targets else None
     return (
-        np.ascontiguousarray(features[order], dtype=np.float32),
-        out_rows[order],
-        [out_targets[i] for i in order] if out_targets is not None else None,
+        np.ascontiguousarray(gathered.vectors, dtype=np.float32),
+        gathered.rows,
+        gathered.extras if keep_targets else None,
     )
 
 

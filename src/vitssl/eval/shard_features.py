@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from vitssl import distributed as dist
 from vitssl.eval.extract import CorruptSampleError, corrupt_sample_error
+from vitssl.eval.gather import RankPart, gather_rows
 from vitssl.eval.progress import Progress
 
 
@@ -61,34 +62,34 @@ def extract_stream(
         collate_fn=collate_skip_none,
         pin_memory=torch.device(device).type == "cuda",
     )
-    feats: list[np.ndarray] = []
-    places: list[np.ndarray] = []
-    ids: list[str] = []
-    skipped = 0
     world = dist.get_world_size()
-    try:
-        with Progress(len(dataset), desc if world == 1 else f"{desc} [rank 0 of {world}]") as progress:
-            for batch, n_skipped in loader:
-                skipped += n_skipped
-                if batch is not None:
-                    images, (shard, position, sample_ids) = batch  # (b, C_in, H, W); (b,), (b,), b ids
-                    feats.append(feature_fn(images.to(device, non_blocking=True)).float().cpu().numpy())  # (b, C)
-                    places.append(np.stack([np.asarray(shard), np.asarray(position)], axis=1))  # (b, 2)
-                    ids.extend(sample_ids)
-                progress.update(n_skipped + (len(images) if batch is not None else 0))
-    except CorruptImageError as err:
-        raise corrupt_sample_error(err) from None
-    local = (np.concatenate(feats) if feats else None, np.concatenate(places) if places else None, ids, skipped)
-    parts = dist.all_gather_object(local) if world > 1 else [local]
-    present = [p for p in parts if p[0] is not None]
-    total_skipped = sum(p[3] for p in parts)
-    if not present:
+
+    def local() -> RankPart:
+        feats: list[np.ndarray] = []
+        places: list[np.ndarray] = []
+        ids: list[str] = []
+        skipped = 0
+        try:
+            with Progress(len(dataset), desc if world == 1 else f"{desc} [rank 0 of {world}]") as progress:
+                for batch, n_skipped in loader:
+                    skipped += n_skipped
+                    if batch is not None:
+                        images, (shard, position, sample_ids) = batch  # (b, C_in, H, W); (b,), (b,), b ids
+                        feats.append(feature_fn(images.to(device, non_blocking=True)).float().cpu().numpy())  # (b, C)
+                        places.append(np.stack([np.asarray(shard), np.asarray(position)], axis=1))  # (b, 2)
+                        ids.extend(sample_ids)
+                    progress.update(n_skipped + (len(images) if batch is not None else 0))
+        except CorruptImageError as err:
+            raise corrupt_sample_error(err) from None
+        where = np.concatenate(places) if places else np.zeros((0, 2), dtype=np.int64)
+        return RankPart(where, np.concatenate(feats) if feats else None, ids, info=skipped)
+
+    # ordered by shard, then position in it; an unreadable sample on one rank raises on every rank
+    gathered = gather_rows(local)
+    total_skipped = sum(gathered.infos)
+    if gathered.vectors is None:
         raise CorruptSampleError(f"no readable image in the shards of {dataset!r} ({total_skipped} skipped as corrupt)")
-    features = np.concatenate([p[0] for p in present])
-    where = np.concatenate([p[1] for p in present])
-    all_ids = [i for p in present for i in p[2]]
-    order = np.lexsort((where[:, 1], where[:, 0]))  # by shard, then position in it
-    return np.ascontiguousarray(features[order], dtype=np.float32), [all_ids[i] for i in order], total_skipped
+    return np.ascontiguousarray(gathered.vectors, dtype=np.float32), list(gathered.extras), total_skipped
 
 
 __all__ = ["extract_stream"]
