@@ -12,7 +12,7 @@ The engine builds the objective as a plain module and then, in this order (as to
 Towers are found by what they expose, not by their names: a module with ``transformer_blocks()`` (every vitssl
 backbone) or an open_clip ``Transformer`` (the CLIP towers). A momentum encoder or an EMA copy is a tower like the
 online one, so it is sharded block by block the same way; its parameters and the online ones then have the same
-shards on every rank, and an EMA update (``torch._foreach_lerp_``) works shard by shard with no communication.
+shards on every rank, and the EMA update (``vitssl.ssl.ema.ema_update``) works shard by shard with no communication.
 
 :class:`Parallel` is what the engine keeps: the module to call, the gradient-sync switch for accumulation,
 gradient clipping and the state dicts for checkpoints, for whichever strategy was applied.
