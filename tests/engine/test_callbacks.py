@@ -90,3 +90,12 @@ def test_log_grad_norm_logs_the_norm_clipping_measures_and_changes_nothing(tmp_p
     assert [r["grad_norm"] for r in logged] == pytest.approx([r["grad_norm"] for r in clipped], rel=1e-6)
     assert [r["loss"] for r in logged] == [r["loss"] for r in plain]  # logging the norm leaves the run as it was
     assert "grad_norm" not in plain[0]
+
+
+def test_under_fp16_the_hook_sees_unscaled_gradients(tmp_path) -> None:
+    """precision=fp16 (a GradScaler starting at 2**16): the logged norms are the true gradients' (the fp32 run's
+    size), not 65536 times them; steps the scaler skips for an overflow log an infinite norm."""
+    train(_cfg(tmp_path, "precision=fp16", "train.log_grad_norm=true"))
+    norms = [r["grad_norm"] for r in _records(tmp_path)]
+    finite = [n for n in norms if n != float("inf")]
+    assert finite and all(0 < n < 1e3 for n in finite)

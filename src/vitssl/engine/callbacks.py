@@ -58,7 +58,8 @@ def _optimized(optimizer: torch.optim.Optimizer) -> Iterable[torch.Tensor]:
 class GradNormLog(Callback):
     """``train.log_grad_norm``: log ``grad_norm``, the global L2 norm of the gradients the optimizer step takes
     (over every rank's shards), as clipping measures it. The engine registers it after the run's own callbacks,
-    so the norm is that of the gradients they left."""
+    so the norm is that of the gradients they left. Under ``precision=fp16`` a step the gradient scaler skips for
+    an overflow logs an infinite norm."""
 
     def on_before_optimizer_step(
         self, step: int, objective: torch.nn.Module, optimizer: torch.optim.Optimizer
