@@ -58,8 +58,14 @@ def _two_rank_runs(root: str) -> dict[str, int]:
     if dist.get_rank() == 0:
         _copy_until(root_path / "fsdp", root_path / "resume2", 3)
         _copy_until(root_path / "fsdp", root_path / "resume1", 3)
+        _copy_until(root_path / "fsdp", root_path / "resume4", 3)
+        _copy_until(root_path / "fsdp", root_path / "fsdp_to_ddp", 3)
+        _copy_until(root_path / "ddp", root_path / "ddp_to_fsdp", 3, suffix=".pth")
     dist.barrier()
     steps["resume2"] = train(_tiny(root_path / "resume2", "train.strategy=fsdp")).step
+    # a DDP checkpoint (one file) resumed under FSDP, and an FSDP one (shards) under DDP
+    steps["ddp_to_fsdp"] = train(_tiny(root_path / "ddp_to_fsdp", "train.strategy=fsdp")).step
+    steps["fsdp_to_ddp"] = train(_tiny(root_path / "fsdp_to_ddp", "train.strategy=ddp")).step
     for strategy in ("ddp", "fsdp"):
         out = root_path / f"moco_{strategy}"
         cfg = load_config("pretrain/mocov3_demo", [f"output_dir={out}", *_MOCO, f"train.strategy={strategy}"])
@@ -67,17 +73,24 @@ def _two_rank_runs(root: str) -> dict[str, int]:
     return steps
 
 
-def _copy_until(src: Path, dst: Path, step: int) -> None:
+def _copy_until(src: Path, dst: Path, step: int, suffix: str = ".dcp") -> None:
+    """A run folder holding ``src``'s config and its checkpoint at ``step`` only (as if it stopped there)."""
     dst.mkdir(parents=True)
     shutil.copy(src / "config.yaml", dst / "config.yaml")
-    shutil.copytree(src / f"checkpoint_{step:08d}.dcp", dst / f"checkpoint_{step:08d}.dcp")
+    name = f"checkpoint_{step:08d}{suffix}"
+    (shutil.copytree if suffix == ".dcp" else shutil.copy)(src / name, dst / name)
+
+
+def _resume_on_four(root: str) -> int:
+    return train(_tiny(Path(root) / "resume4", "train.strategy=fsdp")).step
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("fsdp")
     steps = run_distributed(_two_rank_runs, 2, str(root), timeout_s=300)
-    assert steps[0] == steps[1] == {"ddp": 5, "fsdp": 5, "resume2": 5, "moco_ddp": 3, "moco_fsdp": 3}
+    expected = {"ddp": 5, "fsdp": 5, "resume2": 5, "ddp_to_fsdp": 5, "fsdp_to_ddp": 5, "moco_ddp": 3, "moco_fsdp": 3}
+    assert steps[0] == steps[1] == expected
     return root
 
 
@@ -118,6 +131,48 @@ def test_a_two_rank_fsdp_checkpoint_resumes_on_two_and_on_one_rank(runs: Path) -
     for step in (4, 5):
         assert on_two[step] == pytest.approx(uninterrupted[step], abs=1e-5)
         assert on_one[step] == pytest.approx(uninterrupted[step], abs=1e-5)
+
+
+def test_a_two_rank_fsdp_checkpoint_resumes_on_four_ranks(runs: Path) -> None:
+    """4 gloo processes (micro-batches of 4 instead of 8) continue the 2-rank run's global batches: same losses."""
+    assert run_distributed(_resume_on_four, 4, str(runs), timeout_s=240) == [5] * 4
+    on_four, uninterrupted = _losses(runs / "resume4"), _losses(runs / "fsdp")
+    assert list(on_four) == [4, 5]
+    for step in (4, 5):
+        assert on_four[step] == pytest.approx(uninterrupted[step], abs=1e-5)
+    newest = max(list_step_checkpoints(runs / "resume4"))[1]
+    assert sorted(p.name for p in newest.glob("*.distcp")) == [f"__{r}_0.distcp" for r in range(4)]
+
+
+def test_the_global_sample_order_is_the_same_on_two_and_four_ranks() -> None:
+    """What the engine's sampler gives each rank after a resume at step 3 of 5 (train.batch_size 16): the union
+    over the ranks of each step's micro-batches is the same global batch, in the same step, on 2 and on 4 ranks."""
+    from vitssl.engine.build import ResumableSampler
+
+    def global_batches(world: int) -> list[set[int]]:
+        micro = 16 // world
+        per_rank = []
+        for rank in range(world):
+            sampler = ResumableSampler(80, world, rank, seed=0)
+            sampler.set_epoch(0)
+            sampler.set_start(3 * micro)  # the engine's set_start: steps done x micro-batch
+            per_rank.append(list(sampler))
+        return [{i for mine in per_rank for i in mine[s * micro : (s + 1) * micro]} for s in range(2)]
+
+    two, four = global_batches(2), global_batches(4)
+    assert two == four and all(len(b) == 16 for b in two) and not two[0] & two[1]
+
+
+def test_checkpoints_move_between_ddp_and_fsdp(runs: Path) -> None:
+    """A DDP run's single-file checkpoint resumes under train.strategy=fsdp and an FSDP run's shards under ddp,
+    each continuing with the uninterrupted run's losses; each then writes its own strategy's format."""
+    uninterrupted = _losses(runs / "ddp")
+    for name, suffix in (("ddp_to_fsdp", ".dcp"), ("fsdp_to_ddp", ".pth")):
+        resumed = _losses(runs / name)
+        assert list(resumed) == [4, 5], name
+        for step in (4, 5):
+            assert resumed[step] == pytest.approx(uninterrupted[step], abs=1e-5), (name, step)
+        assert max(list_step_checkpoints(runs / name))[1].suffix == suffix
 
 
 def test_moco_momentum_encoder_under_fsdp(runs: Path) -> None:

@@ -193,6 +193,42 @@ def test_preemption_requeues_and_resumes_exactly(slurm_cluster, reference, tmp_p
 
 
 @pytest.mark.slurm
+def test_preempted_fsdp_job_resumes_from_its_sharded_checkpoint(slurm_cluster, local_two_process_run, tmp_path):
+    """train.strategy=fsdp on 2 tasks: the stop checkpoint is a .dcp folder, the requeued job reshards from it and
+    ends with the losses and weights of the uninterrupted (DDP) local run."""
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    out = tmp_path / "run"
+    cfg = slurm_cfg(out, "train.strategy=fsdp", "objective.name=test_pausing", "objective.pause_at_steps=[3]",
+                    f"objective.pause_dir={pause}", tasks=2)  # fmt: skip
+    job = run(f"{__name__}:train_target", cfg)
+    wait_for_files([pause / "paused_3_rank0", pause / "paused_3_rank1"])
+    job._interrupt()  # preemption
+    info = job_info(job.job_id, job.paths.folder, 2)
+    for rank in (0, 1):
+        wait_for_log(info.log_path(rank, "err"), STOP_MESSAGE)
+    (pause / "release_3").touch()
+    result = wait_for(job, timeout_s=JOB_TIMEOUT_S)
+    assert result.status == "finished" and result.step == 8
+    log = job_info(job.job_id, job.paths.folder, 2).log_path(0, "err").read_text()
+    assert re.search(r"resumed from \S+checkpoint_00000004\.dcp at step 4\b", log)
+    reference_dir = local_two_process_run[0]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    expected = {
+        r["step"]: r["loss"] for r in map(json.loads, (reference_dir / "metrics.jsonl").read_text().splitlines())
+    }
+    assert [r["step"] for r in records] == list(range(1, 9))
+    for r in records:
+        assert r["loss"] == pytest.approx(expected[r["step"]], abs=1e-5), r["step"]
+    step, newest = max(list_step_checkpoints(out))
+    assert step == 8 and newest.suffix == ".dcp"
+    final, reference = load_checkpoint(newest)["model"], weights(reference_dir)
+    assert final.keys() == reference.keys()
+    for key, value in reference.items():
+        torch.testing.assert_close(final[key], value, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slurm
 def test_timeout_requeues_until_max_requeue(slurm_cluster, tmp_path):
     pause = tmp_path / "pause"
     pause.mkdir()

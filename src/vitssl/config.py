@@ -72,6 +72,9 @@ class TrainConfig:
     keep_last: int = 2  # step checkpoints kept besides checkpoint_last.pth
     stop_after_steps: int | None = None  # stop exactly as a preemption would (schedules unchanged)
     log_every_steps: int = 10  # optimizer steps between metrics lines
+    # log grad_norm: the global L2 norm of the gradients each optimizer step takes, before clipping (optim.clip_grad
+    # logs it anyway); computed every step, written at the metrics lines
+    log_grad_norm: bool = False
     compile: bool = False  # torch.compile the objective (opt-in)
     # ddp: every rank holds the whole model, optimizer state and gradients | fsdp: PyTorch FSDP2 shards them over
     # the ranks, block by block (vitssl.engine.parallel), and checkpoints are sharded (torch.distributed.checkpoint)

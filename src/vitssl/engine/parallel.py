@@ -12,7 +12,7 @@ The engine builds the objective as a plain module and then, in this order (as to
 Towers are found by what they expose, not by their names: a module with ``transformer_blocks()`` (every vitssl
 backbone) or an open_clip ``Transformer`` (the CLIP towers). A momentum encoder or an EMA copy is a tower like the
 online one, so it is sharded block by block the same way; its parameters and the online ones then have the same
-shards on every rank, and an EMA update (``torch._foreach_lerp_``) works shard by shard with no communication.
+shards on every rank, and the EMA update (``vitssl.ssl.ema.ema_update``) works shard by shard with no communication.
 
 :class:`Parallel` is what the engine keeps: the module to call, the gradient-sync switch for accumulation,
 gradient clipping and the state dicts for checkpoints, for whichever strategy was applied.
@@ -138,6 +138,20 @@ def apply_fsdp(module: nn.Module, device: torch.device, param_dtype: torch.dtype
     return len(blocks)
 
 
+def _full_float(norm: torch.Tensor) -> float:
+    full = getattr(norm, "full_tensor", None)  # a DTensor under FSDP: the norm over every rank's shards
+    return float(full() if full is not None else norm)
+
+
+def grad_norm(params: Iterable[torch.Tensor]) -> float:
+    """The global L2 norm of the gradients of ``params`` (those that have one), over every rank's shards under
+    FSDP; the value ``optim.clip_grad`` compares with its limit. A collective under FSDP."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return _full_float(torch.nn.utils.get_total_norm(grads))
+
+
 @dataclass
 class Parallel:
     """What the engine keeps of the parallelism it applied.
@@ -176,9 +190,7 @@ class Parallel:
 
     def clip_grad_norm(self, params: Iterable[torch.Tensor], max_norm: float) -> float:
         """Clip the global gradient norm to ``max_norm``; returns the norm before clipping (over all shards)."""
-        norm = torch.nn.utils.clip_grad_norm_(list(params), max_norm)
-        full = getattr(norm, "full_tensor", None)  # a DTensor under FSDP: the norm over every rank's shards
-        return float(full() if full is not None else norm)
+        return _full_float(torch.nn.utils.clip_grad_norm_(list(params), max_norm))
 
     def state_dicts(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """``{"model", "optimizer"}`` keyed by parameter name (shards under FSDP), for a sharded checkpoint."""
@@ -281,6 +293,7 @@ __all__ = [
     "apply_ddp",
     "apply_fsdp",
     "fsdp_param_dtype",
+    "grad_norm",
     "parallelize",
     "towers",
     "transformer_blocks",

@@ -23,6 +23,7 @@ from vitssl.config import DataConfig, ObjectiveConfig
 from vitssl.data.augment import prepare_view
 from vitssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, MocoV3Views, resolve_augment_device
 from vitssl.ssl.base import Objective, register_objective
+from vitssl.ssl.ema import ema_update
 from vitssl.ssl.losses import contrastive_loss
 
 
@@ -131,7 +132,7 @@ class MocoV3(Objective):
         """EMA update ``θ_k ← m θ_k + (1 - m) θ_q`` with m on the cosine schedule (``step`` = steps done)."""
         m = momentum_at(step, total_steps, self.cfg.momentum, self.cfg.momentum_cosine)
         self.current_momentum = m
-        torch._foreach_lerp_(self._momentum_params(), self._query_params(), 1.0 - m)
+        ema_update(self._momentum_params(), self._query_params(), m)
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """The query branch only (the momentum encoder follows by EMA); no decay by timm's rule."""

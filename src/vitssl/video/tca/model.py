@@ -19,6 +19,7 @@ from vitssl import distributed as dist
 from vitssl.config import ConfigError, DataConfig, ObjectiveConfig
 from vitssl.errors import DataError
 from vitssl.ssl.base import Objective, register_objective, split_decay
+from vitssl.ssl.ema import ema_update
 from vitssl.video.tca.data import FeatureViews, VideoFiles, ViewParams
 from vitssl.video.tca.loss import LOSSES, tca_loss, tca_official_loss
 
@@ -307,7 +308,7 @@ class VideoTCA(Objective):
         """EMA of the key encoder (only with ``key_momentum > 0``; at 0 the query encoder makes the keys)."""
         if self.key_encoder is not None:
             m = self.cfg.key_momentum
-            torch._foreach_lerp_(list(self.key_encoder.parameters()), list(self.encoder.parameters()), 1.0 - m)
+            ema_update(self.key_encoder.parameters(), self.encoder.parameters(), m)
 
     # --------------------------------------------------------------------------------------- the PCA
     def set_pca(self, matrix: np.ndarray | torch.Tensor, bias: np.ndarray | torch.Tensor) -> None:
