@@ -22,11 +22,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from vitssl.cli._common import register_objectives
     from vitssl.distributed import resolve_device
     from vitssl.eval.igpt_samples import completion_grid, load_igpt_checkpoint, validation_dataset
 
-    register_objectives()
     if args.n < 1 or args.completions < 1 or args.scale < 1:
         raise ConfigError("--n, --completions and --scale must be positive")
     cfg, objective = load_igpt_checkpoint(args.checkpoint, resolve_device(args.device))
@@ -49,12 +47,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from torch.utils.data import Subset
 
-    from vitssl.cli._common import register_objectives
     from vitssl.distributed import resolve_device
     from vitssl.eval.igpt_samples import load_igpt_checkpoint, validation_dataset
     from vitssl.ssl.igpt import evaluate_bits_per_token
 
-    register_objectives()
     device = resolve_device(args.device)
     cfg, objective = load_igpt_checkpoint(args.checkpoint, device)
     dataset = validation_dataset(cfg, objective, args.split)
