@@ -1,8 +1,8 @@
 """Launching on a real SLURM cluster (started by the ``slurm_cluster`` fixture): DDP, preemption, time-outs,
 sweeps as job arrays, dependent jobs, failures; plus the sbatch script of a dry run (no cluster needed).
 
-Jobs import this module by name (targets ``"test_slurm:..."``), so they get this folder on PYTHONPATH through
-``launch.setup``, exactly as a user adds ``module load`` lines.
+Jobs import this module by name (targets ``"tests.test_slurm:..."``), so they get the repository root on PYTHONPATH
+through ``launch.setup``, exactly as a user adds ``module load`` lines.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from vitssl.ssl.supervised import Supervised, SupervisedConfig
 
 TESTS_DIR = Path(__file__).resolve().parent
 # $VAR, not ${VAR}: OmegaConf would resolve that. One thread per rank, as in the local reference run.
-SETUP = [f'export PYTHONPATH="{TESTS_DIR}:$PYTHONPATH"', "export OMP_NUM_THREADS=1"]
+# the repository root, not tests/: tests is a package whose tests/ssl would shadow the standard library's ssl
+SETUP = [f'export PYTHONPATH="{TESTS_DIR.parent}:$PYTHONPATH"', "export OMP_NUM_THREADS=1"]
 JOB_TIMEOUT_S = 240
 
 
@@ -152,7 +153,7 @@ def reference(slurm_cluster, local_two_process_run) -> dict[str, torch.Tensor]:
 # -------------------------------------------------------------------------------------------- the tests
 @pytest.mark.slurm
 def test_two_task_job_matches_local_run(slurm_cluster, reference, tmp_path, capsys):
-    job = run("test_slurm:train_target", slurm_cfg(tmp_path, tasks=2))
+    job = run(f"{__name__}:train_target", slurm_cfg(tmp_path, tasks=2))
     printed = capsys.readouterr().out
     assert f"Submitted SLURM job {job.job_id}" in printed and str(job.paths.stdout) in printed
     result = wait_for(job, timeout_s=JOB_TIMEOUT_S)
@@ -170,7 +171,7 @@ def test_preemption_requeues_and_resumes_exactly(slurm_cluster, reference, tmp_p
     out = tmp_path / "run"
     cfg = slurm_cfg(out, "objective.name=test_pausing", "objective.pause_at_steps=[3]", f"objective.pause_dir={pause}",
                     tasks=2)  # fmt: skip
-    job = run("test_slurm:train_target", cfg)
+    job = run(f"{__name__}:train_target", cfg)
     wait_for_files([pause / "paused_3_rank0", pause / "paused_3_rank1"])
     job._interrupt()  # preemption: SIGTERM, then USR2 to every task
     info = job_info(job.job_id, job.paths.folder, 2)
@@ -198,7 +199,7 @@ def test_timeout_requeues_until_max_requeue(slurm_cluster, tmp_path):
     # With a time limit under 10 min submitit counts every USR2 as a time-out (not a preemption).
     cfg = slurm_cfg(out, "objective.name=test_pausing", "objective.pause_at_steps=[2,5]",
                     f"objective.pause_dir={pause}", "launch.timeout_min=5", "launch.max_requeue=1")  # fmt: skip
-    job = run("test_slurm:train_target", cfg)
+    job = run(f"{__name__}:train_target", cfg)
     err_log = job_info(job.job_id, job.paths.folder).log_path(0, "err")
     wait_for_files([pause / "paused_2_rank0"])
     job._interrupt(timeout=True)
@@ -244,7 +245,7 @@ def test_sweep_is_one_array_of_three(slurm_cluster, tmp_path, capsys):
 
 @pytest.mark.slurm
 def test_failed_job_surfaces_error_and_log(slurm_cluster, tmp_path, capsys):
-    job = run("test_slurm:failing_target", slurm_cfg(tmp_path), kind="eval")
+    job = run(f"{__name__}:failing_target", slurm_cfg(tmp_path), kind="eval")
     with pytest.raises(JobFailedError) as failure:
         wait_for(job, timeout_s=JOB_TIMEOUT_S)
     message = str(failure.value)
@@ -263,8 +264,8 @@ def test_array_then_dependent_job(slurm_cluster, tmp_path):
     cfg = slurm_cfg(tmp_path)
     shards = tmp_path / "shards"
     shards.mkdir()
-    calls = [("test_slurm:write_shard", (str(shards), i)) for i in range(2)]
-    jobs, merge = submit_array_then(calls, ("test_slurm:merge_shards", (str(shards), 2)), cfg.launch,
+    calls = [(f"{__name__}:write_shard", (str(shards), i)) for i in range(2)]
+    jobs, merge = submit_array_then(calls, (f"{__name__}:merge_shards", (str(shards), 2)), cfg.launch,
                                     tmp_path / "submitit")  # fmt: skip
     assert "afterok:" + jobs[0].job_id.split("_")[0] in merge.paths.submission_file.read_text()
     assert wait_for(merge, timeout_s=JOB_TIMEOUT_S) == 30
