@@ -36,14 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the figures here (benchmarks/results/track_fps.json)")
     args = parser.parse_args(argv)
 
-    from vitssl.cli._common import register_objectives
     from vitssl.errors import UserError
     from vitssl.video.track.infer import Timings, load_tracker
     from vitssl.video.track.metrics import evaluate
     from vitssl.video.track.mot import list_sequences
     from vitssl.video.track.synth import write_sequences
 
-    register_objectives()
     torch.set_num_threads(args.threads)
     if not Path(args.checkpoint).is_file():
         print(

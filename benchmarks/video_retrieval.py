@@ -2,7 +2,7 @@
 query latency of chamfer re-ranking against brute-force chamfer over the whole database.
 
 Quality (held-out sources as queries, their seven edited copies as positives, the held-out split as database):
-``python -m vitssl.demo tca``'s pipeline (:mod:`vitssl.video.tca_demo`: the ``video/tca_demo`` recipe trains TCA
+``python -m vitssl.demo tca``'s pipeline (:mod:`vitssl.demos.tca`: the ``video/tca_demo`` recipe trains TCA
 on the train split) gives TCA (video vectors), TCA_f (chamfer on TCA's frame outputs), the mean of frame
 features of the same frozen frame backbone and raw 8x8 thumbnails. Without the TCA objective (``--no-tca``) the
 two baselines alone are measured, with the same backbone and settings.
@@ -48,11 +48,11 @@ def _parse() -> argparse.Namespace:
 
 def _quality(work: Path, with_tca: bool) -> tuple[dict[str, Any], Path, Path]:
     """mAP table; returns it with the benchmark folder and the frame backbone file."""
-    from vitssl.video import tca_demo
+    from vitssl.demos import tca as tca_demo
 
     demo = work / "demo"
     if with_tca:
-        from vitssl.demo import run_tca_demo
+        from vitssl.demos.tca import run_tca_demo
 
         results = run_tca_demo([f"output_dir={demo}"])
         return results, demo / "benchmark", demo / "frame_backbone.safetensors"

@@ -17,8 +17,8 @@ from types import SimpleNamespace
 import pytest
 
 from vitssl.cli.launch import register_commands
-from vitssl.cli.pretrain import PRETRAIN_TARGET, PretrainJob
 from vitssl.config import ConfigError, load_config
+from vitssl.eval.train_job import PRETRAIN_TARGET, PretrainJob
 from vitssl.launch import LaunchError, launch, launch_sweep, run_local, sweep_summary
 from vitssl.launch.common import RemoteTraceback, append_job_record, requeued, resolve_target
 from vitssl.launch.local import _rank_error
@@ -157,7 +157,10 @@ def test_jobs_and_logs_read_a_failed_job_from_its_files(tmp_path, capsys):
     assert cli("jobs", run) == 1
     out = capsys.readouterr().out
     assert "FAILED" in out and "ValueError: shard 7 is corrupt" in out and f"{job_id}_0_log.err" in out
-    assert cli("logs", run, "--err") == 0
+    assert cli("logs", run, "--stderr") == 0
+    assert "shard 7 is corrupt" in capsys.readouterr().out
+    with pytest.warns(FutureWarning, match="--err is deprecated .* use --stderr"):  # the old spelling, one release
+        assert cli("logs", run, "--err") == 0
     assert "shard 7 is corrupt" in capsys.readouterr().out
     assert cli("logs", run, "--task", "3") == 1
     assert "has tasks 0..0" in capsys.readouterr().err

@@ -72,6 +72,19 @@ def test_load_objective_in_a_fresh_interpreter(tmp_path):
     assert out == ["Supervised", "supervised", "False"]  # found in vitssl.ssl: the video package is not imported
 
 
+def test_a_video_recipe_loads_in_a_fresh_interpreter():
+    """`load_config` needs no registration step first (the commands and demos no longer take one): the recipe's
+    objective and datasets are found in vitssl.video on the first lookup."""
+    code = (
+        "from vitssl.config import load_config\nfrom vitssl.data import check_dataset_options\n"
+        "cfg = load_config('video/action_demo')\nd = cfg.data.train\n"
+        "check_dataset_options(d.name, d.root, dict(d.kwargs), key='data.train')\n"
+        "print(cfg.objective.name, d.name)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["video_action", "motion"]
+
+
 def test_a_lookup_imports_providers_until_it_finds_the_name():
     registry: Registry[int] = Registry("thing", providers=("json", "vitssl.errors"))
     registry.register("one", 1)

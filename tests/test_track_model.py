@@ -316,7 +316,7 @@ def test_pair_datasets_read_crowdhuman_and_refuse_bad_roots(tmp_path: Path) -> N
 
 def test_track_demo_keeps_only_its_outputs_also_when_it_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import vitssl.video.track.infer as infer
-    from vitssl.cli import track_demo
+    from vitssl.demos import track as track_demo
 
     monkeypatch.chdir(tmp_path)  # the recipe's own paths are relative: nothing may land beside the demo folder
     monkeypatch.setattr(track_demo, "HELD_OUT", {"num_sequences": 1, "num_frames": 4, "size": (48, 64), "seed": 7})

@@ -28,8 +28,8 @@ TINY = ["model.backbone=test_vit", "~model.backbone_kwargs"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_action_demo_pretrains_then_trains_both_heads_on_one_cache(tmp_path: Path, capsys) -> None:
-    from vitssl.demo import run_action_demo
+def test_action_demo_pretrains_then_trains_both_heads_on_one_cache(tmp_path: Path) -> None:
+    from vitssl.demos.action import format_action_table, run_action_demo
 
     out = tmp_path / "demo"
     results = run_action_demo(
@@ -55,7 +55,7 @@ def test_action_demo_pretrains_then_trains_both_heads_on_one_cache(tmp_path: Pat
     (folder,) = (out / "backbone" / "features").iterdir()  # one cache, shared by both heads' runs
     for head in ("mean", "temporal"):
         assert str(folder) in (out / head / "config.yaml").read_text()
-    table = capsys.readouterr().out
+    table = format_action_table(results)
     assert "mean (TSN average)" in table and f"{saved['temporal']['top1']:>8.1f}" in table
 
 

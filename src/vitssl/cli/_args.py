@@ -83,13 +83,14 @@ class _DeprecatedSpelling(argparse.Action):
             FutureWarning,
             stacklevel=2,
         )
-        setattr(namespace, self.dest, values)
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)  # nargs=0: a flag, stores const
 
 
 def add_deprecated_spelling(parser: argparse.ArgumentParser, old: str, new: str, dest: str, **kwargs: Any) -> None:
     """Accept ``old`` (e.g. ``--output``) for one release as a hidden spelling of ``new`` (e.g. ``--out``).
 
     ``dest`` is the destination of ``new``; ``kwargs`` (``type``, ``nargs`` ...) must parse the value as ``new``
-    does. The old spelling is left out of ``--help`` and prints a ``FutureWarning`` naming the new one.
+    does (a flag: ``nargs=0, const=True``). The old spelling is left out of ``--help`` and prints a
+    ``FutureWarning`` naming the new one.
     """
     parser.add_argument(old, dest=dest, action=_DeprecatedSpelling, new=new, help=argparse.SUPPRESS, **kwargs)

@@ -9,13 +9,13 @@ from typing import Any
 def _cmd_profile(args: argparse.Namespace) -> int:
     import torch
 
-    from vitssl.cli._common import load_run_config
+    from vitssl.config import load_config
     from vitssl.data import build_dataset
     from vitssl.data.profile import profile_pipeline
     from vitssl.data.transforms import resolve_augment_device
     from vitssl.engine.trainer import build_objective
 
-    cfg = load_run_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg.data.augment_device = resolve_augment_device(cfg.data.augment_device, device)
     train = cfg.data.train

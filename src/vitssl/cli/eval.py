@@ -82,14 +82,12 @@ def run_eval_job(payload: Any) -> dict[str, Any]:
     Returns:
         The job's result on rank 0 (what it also writes as JSON), ``{}`` on other ranks.
     """
-    from vitssl.cli._common import register_objectives
     from vitssl.distributed import init_distributed
 
     job = _JOBS.get(type(payload))
     if job is None:
         known = ", ".join(t.__name__ for t in _JOBS)
         raise TypeError(f"run_eval_job got a {type(payload).__name__}; evaluation payloads are {known}")
-    register_objectives()  # checkpoints name their objective; the config schema needs it registered
     init_distributed()
     with user_errors():
         result = job(payload)
@@ -149,7 +147,7 @@ def launch_settings(args: argparse.Namespace) -> tuple[Any, str]:
     Raises:
         ConfigError: an override of another key (evaluation commands take no training settings), or a bad value.
     """
-    from vitssl.cli._common import load_run_config
+    from vitssl.config import load_config
     from vitssl.launch.common import as_launch_config
 
     overrides = [*(args.overrides or []), *(["launch.dry_run=true"] if getattr(args, "dry_run", False) else [])]
@@ -159,7 +157,7 @@ def launch_settings(args: argparse.Namespace) -> tuple[Any, str]:
             f"evaluation commands take launch settings only as key=value overrides (launch=slurm, "
             f"launch.gpus_per_node=8, ...); got {', '.join(wrong)}"
         )
-    cfg = load_run_config(None, [f"device={args.device}", *overrides])  # validates the keys and values
+    cfg = load_config(None, [f"device={args.device}", *overrides])  # validates the keys and values
     return as_launch_config(cfg.launch), str(cfg.device)
 
 
@@ -323,10 +321,8 @@ def _clip_checkpoint_arg(path: str) -> str:
 
 
 def _cmd_zeroshot(args: argparse.Namespace) -> int:
-    from vitssl.cli._common import register_objectives
     from vitssl.eval.zeroshot import run_zeroshot
 
-    register_objectives()
     check_spec(args.data, "--data")
     r = run_zeroshot(
         _clip_checkpoint_arg(args.checkpoint),
@@ -344,10 +340,8 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
 
 
 def _cmd_retrieval(args: argparse.Namespace) -> int:
-    from vitssl.cli._common import register_objectives
     from vitssl.eval.zeroshot import run_retrieval
 
-    register_objectives()
     check_spec(args.data, "--data")
     r = run_retrieval(_clip_checkpoint_arg(args.checkpoint), args.data, **_clip_options(args))
     print(f"retrieval {r['dataset']} ({r['num_images']} images, {r['num_texts']} captions)")

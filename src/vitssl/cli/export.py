@@ -24,12 +24,10 @@ from vitssl.config import ConfigError
 
 
 def _cmd_open_clip(args: argparse.Namespace) -> int:
-    from vitssl.cli._common import register_objectives
     from vitssl.engine.checkpoint import resolve_checkpoint
     from vitssl.eval.zeroshot import load_clip_checkpoint
     from vitssl.ssl.open_clip_io import CONFIG_FILE, export_open_clip
 
-    register_objectives()
     checkpoint = resolve_checkpoint(args.checkpoint)  # a run folder: its checkpoint_last.pth
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
@@ -48,11 +46,9 @@ def _refuse_existing(out: Path, force: bool) -> None:
 
 
 def _cmd_checkpoint(args: argparse.Namespace) -> int:
-    from vitssl.cli._common import register_objectives
     from vitssl.engine.checkpoint import resolve_checkpoint
     from vitssl.engine.export import consolidate_checkpoint
 
-    register_objectives()
     checkpoint, out = resolve_checkpoint(args.checkpoint), Path(args.out)
     _refuse_existing(out, args.force)
     consolidate_checkpoint(checkpoint, out)
@@ -61,11 +57,9 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
 
 
 def _cmd_backbone(args: argparse.Namespace) -> int:
-    from vitssl.cli._common import register_objectives
     from vitssl.engine.checkpoint import resolve_checkpoint
     from vitssl.engine.export import export_backbone
 
-    register_objectives()
     checkpoint, out = resolve_checkpoint(args.checkpoint), Path(args.out)
     _refuse_existing(out, args.force)
     export_backbone(checkpoint, out)

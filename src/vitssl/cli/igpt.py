@@ -13,55 +13,30 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
-
-from vitssl.config import ConfigError
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-
-    from vitssl.cli._common import register_objectives
     from vitssl.distributed import resolve_device
-    from vitssl.eval.igpt_samples import completion_grid, load_igpt_checkpoint, validation_dataset
+    from vitssl.eval.igpt_samples import sample_checkpoint
 
-    register_objectives()
-    if args.n < 1 or args.completions < 1 or args.scale < 1:
-        raise ConfigError("--n, --completions and --scale must be positive")
-    cfg, objective = load_igpt_checkpoint(args.checkpoint, resolve_device(args.device))
-    if objective.mode != "ar":
-        raise ConfigError(
-            f"checkpoint {args.checkpoint} is a bert model (objective.mode=bert): only an autoregressive "
-            "(mode=ar) model samples completions; `vitssl igpt evaluate` reports its bits/token"
-        )
-    dataset = validation_dataset(cfg, objective, args.split)
-    picks = np.unique(np.linspace(0, len(dataset) - 1, min(args.n, len(dataset))).round().astype(int))
-    images = torch.stack([dataset[int(i)][0] for i in picks])  # (n, 3, H, W)
-    grid = completion_grid(objective, images, args.completions, args.temperature, args.top_k, args.seed, args.scale)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out)
-    print(f"wrote {out}: {len(picks)} images x (original, top half, {args.completions} completions)")
+    rows = sample_checkpoint(
+        args.checkpoint, args.out, args.n, args.completions, args.temperature, args.top_k, args.seed, args.scale,
+        args.split, resolve_device(args.device),
+    )  # fmt: skip
+    print(f"wrote {args.out}: {rows} images x (original, top half, {args.completions} completions)")
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from torch.utils.data import Subset
-
-    from vitssl.cli._common import register_objectives
     from vitssl.distributed import resolve_device
-    from vitssl.eval.igpt_samples import load_igpt_checkpoint, validation_dataset
-    from vitssl.ssl.igpt import evaluate_bits_per_token
+    from vitssl.eval.igpt_samples import evaluate_checkpoint
 
-    register_objectives()
     device = resolve_device(args.device)
-    cfg, objective = load_igpt_checkpoint(args.checkpoint, device)
-    dataset = validation_dataset(cfg, objective, args.split)
-    if args.max_images is not None and args.max_images < len(dataset):
-        dataset = Subset(dataset, range(args.max_images))
-    result = evaluate_bits_per_token(objective, dataset, args.batch_size, device, seed=args.seed)
-    print(json.dumps({"checkpoint": str(args.checkpoint), "mode": objective.mode, **result}))
+    print(
+        json.dumps(
+            evaluate_checkpoint(args.checkpoint, args.split, args.max_images, args.batch_size, args.seed, device)
+        )
+    )
     return 0
 
 

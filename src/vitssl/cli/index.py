@@ -267,7 +267,6 @@ def _cmd_index_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_index_query(args: argparse.Namespace) -> int:
-    from vitssl.cli._common import register_objectives
     from vitssl.index.grid import Neighbour, save_query_grid
     from vitssl.index.query import query_images
 
@@ -276,7 +275,6 @@ def _cmd_index_query(args: argparse.Namespace) -> int:
     if not args.image:
         raise ConfigError("name the query: --image FILE (an image index) or --video FILE (a video index)")
     video_index.refuse_image_query(Path(args.dir))
-    register_objectives()
     with index_errors():
         loaded, results, layer = query_images(
             args.dir, args.image, args.k, checkpoint=args.checkpoint, device=args.device, nprobe=args.nprobe,
@@ -297,7 +295,6 @@ def _cmd_index_query(args: argparse.Namespace) -> int:
 
 
 def _cmd_index_eval(args: argparse.Namespace) -> int:
-    from vitssl.cli._common import register_objectives
     from vitssl.index import core as retrieval
     from vitssl.index.query import ground_truth_inputs
     from vitssl.index.video import is_video_index
@@ -305,7 +302,6 @@ def _cmd_index_eval(args: argparse.Namespace) -> int:
     if args.ground_truth and is_video_index(args.dir):
         return video_index.cmd_eval(args)
     queries = truth = None
-    register_objectives()
     with index_errors():
         if args.ground_truth:
             loaded, queries, truth = ground_truth_inputs(

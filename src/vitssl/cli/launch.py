@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from vitssl.cli._args import add_deprecated_spelling
 from vitssl.launch.jobs import JobInfo, find_runs, run_jobs
 
 
@@ -42,7 +43,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         last = infos[-1]
         if last.failed:
             status = 1
-            print(f"  job {last.job_id} failed; full error: vitssl logs {run} --job {last.job_id} --err")
+            print(f"  job {last.job_id} failed; full error: vitssl logs {run} --job {last.job_id} --stderr")
     return status
 
 
@@ -84,11 +85,9 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """``vitssl sweep CONFIG key=v1,v2 ...``: one job array over the cartesian product of the values."""
-    from vitssl.cli._common import register_objectives
-    from vitssl.cli.pretrain import PRETRAIN_TARGET, PretrainJob
+    from vitssl.eval.train_job import PRETRAIN_TARGET, PretrainJob
     from vitssl.launch.sweep import launch_sweep
 
-    register_objectives()
     overrides = list(args.overrides) + (["launch.dry_run=true"] if args.dry_run else [])
     launch_sweep(args.config, overrides, PRETRAIN_TARGET, PretrainJob.from_config)
     return 0
@@ -129,8 +128,11 @@ def register_commands(
     p.add_argument("--job", default=None, help="job id (default: the run's latest job)")
     p.add_argument("--tail", type=int, default=0, help="only the last N lines of each log")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--out", dest="out_only", action="store_true", help="stdout only")
-    group.add_argument("--err", dest="err_only", action="store_true", help="stderr only")
+    group.add_argument("--stdout", dest="out_only", action="store_true", help="stdout only")
+    group.add_argument("--stderr", dest="err_only", action="store_true", help="stderr only")
+    # --out / --err were these flags; --out names an output path in every other command
+    add_deprecated_spelling(group, "--out", "--stdout", dest="out_only", nargs=0, const=True)
+    add_deprecated_spelling(group, "--err", "--stderr", dest="err_only", nargs=0, const=True)
     p.set_defaults(func=cmd_logs)
 
     p = subparsers.add_parser(

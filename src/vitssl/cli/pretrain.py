@@ -1,66 +1,25 @@
-"""``vitssl train|pretrain RECIPE [key=value ...]``: train any objective, here or on SLURM, and the job that does it.
+"""``vitssl train|pretrain RECIPE [key=value ...]``: train any objective, here or on SLURM.
 
-:func:`pretrain_job` is the launch target of every training run (``vitssl pretrain``, ``vitssl sweep``, the
-demo): it imports the objective packages (their import registers them), rebuilds the config from its
-:class:`PretrainJob` payload and runs the engine with the callbacks the config asks for.
+The job itself is the library's :func:`vitssl.eval.train_job.pretrain_job`; this module parses, launches it
+(:data:`~vitssl.eval.train_job.PRETRAIN_TARGET`) and prints where the run went.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-from dataclasses import dataclass
 from typing import Any
 
-# The launch target, by name: spawned processes and SLURM jobs import it from there.
-PRETRAIN_TARGET = "vitssl.cli.pretrain:pretrain_job"
-
-
-@dataclass(frozen=True)
-class PretrainJob:
-    """The payload of a training job: the resolved run config as plain data (picklable, YAML-able)."""
-
-    config: dict[str, Any]  # vitssl.config.to_container(cfg); output_dir absolute
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> PretrainJob:
-        """The payload of a resolved config (its ``output_dir`` made absolute: jobs start in other folders)."""
-        from vitssl.config import to_container
-        from vitssl.launch.common import absolute_output_dir
-
-        absolute_output_dir(cfg)
-        return cls(to_container(cfg))
-
-    def requeued(self) -> PretrainJob:
-        """The payload of the same run after a preemption or time-out: continue from its last checkpoint."""
-        return dataclasses.replace(self, config={**self.config, "resume": "auto"})
-
-
-def pretrain_job(job: PretrainJob) -> Any:
-    """Run (or resume) one training run on this rank; returns the engine's ``TrainResult``."""
-    from vitssl.cli._common import register_objectives
-    from vitssl.config import from_container
-    from vitssl.data import check_dataset_options
-    from vitssl.engine import train
-    from vitssl.eval.monitor import KnnMonitor
-
-    register_objectives()
-    cfg = from_container(job.config)
-    for key in ("train", "val"):  # keys a dataset does not take are refused before anything is built
-        if cfg.data[key] is not None:
-            d = cfg.data[key]
-            check_dataset_options(d.name, d.root, dict(d.kwargs), key=f"data.{key}")
-    monitor = KnnMonitor(cfg)  # refuses a data.val of other classes now; logs when it is off
-    return train(cfg, callbacks=[monitor])
+# Re-exported: tests, benchmarks and the SLURM pickles of runs started by earlier releases name them here.
+from vitssl.eval.train_job import PRETRAIN_TARGET, PretrainJob, pretrain_job  # noqa: F401
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from vitssl.cli._common import load_run_config
+    from vitssl.config import load_config
     from vitssl.launch import launch
 
     if args.plan:
         return _print_plan(args)
-    cfg = load_run_config(args.config, [*args.overrides, *(["launch.dry_run=true"] if args.dry_run else [])])
+    cfg = load_config(args.config, [*args.overrides, *(["launch.dry_run=true"] if args.dry_run else [])])
     job = PretrainJob.from_config(cfg)
     result = launch(PRETRAIN_TARGET, job, cfg.launch, cfg.output_dir, kind="train")
     if cfg.launch.backend == "local" and not cfg.launch.dry_run:
@@ -70,10 +29,10 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 def _print_plan(args: argparse.Namespace) -> int:
     """``--plan``: the memory plan of the recipe (nothing is trained)."""
-    from vitssl.cli._common import load_run_config
+    from vitssl.config import load_config
     from vitssl.engine.plan import format_plan, plan_memory
 
-    cfg = load_run_config(args.config, list(args.overrides))
+    cfg = load_config(args.config, list(args.overrides))
     world = args.world_size or max(1, cfg.launch.nodes * (cfg.launch.tasks_per_node or cfg.launch.gpus_per_node or 1))
     print(format_plan(plan_memory(cfg, world, args.config), args.gpu_memory_gb, args.overhead_gb))
     return 0

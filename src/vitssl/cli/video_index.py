@@ -54,10 +54,8 @@ def video_fields(args: argparse.Namespace, device: str) -> dict[str, Any]:
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
-    from vitssl.cli._common import register_objectives
     from vitssl.index.video import load_video_index
 
-    register_objectives()
     with index_errors():
         return load_video_index(args.dir, args.checkpoint, args.device if args.device != "auto" else "cpu")
 

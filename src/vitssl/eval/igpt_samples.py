@@ -97,6 +97,83 @@ def completion_grid(
     return _tile(grid, scale)
 
 
+def sample_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path,
+    n: int = 16,
+    num_completions: int = 4,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    scale: int = 4,
+    split: str | None = None,
+    device: torch.device | str = "cpu",
+) -> int:
+    """``vitssl igpt sample``: complete ``n`` validation images (evenly spread over the split) with an
+    autoregressive checkpoint and write the PNG grid of :func:`completion_grid` to ``out``.
+
+    Args:
+        checkpoint: an iGPT training checkpoint with ``objective.mode=ar``.
+        out: the PNG file (its folder is created).
+        n: validation images; fewer when the split is smaller.
+        num_completions, temperature, top_k, seed, scale: as :func:`completion_grid` takes them.
+        split: a split of the dataset instead of the configured one (:func:`validation_dataset`).
+        device: where to sample.
+
+    Returns:
+        The number of images (grid rows) written.
+    """
+    if n < 1 or num_completions < 1 or scale < 1:
+        raise ConfigError("--n, --completions and --scale must be positive")
+    cfg, objective = load_igpt_checkpoint(checkpoint, device)
+    if objective.mode != "ar":
+        raise ConfigError(
+            f"checkpoint {checkpoint} is a bert model (objective.mode=bert): only an autoregressive "
+            "(mode=ar) model samples completions; `vitssl igpt evaluate` reports its bits/token"
+        )
+    dataset = validation_dataset(cfg, objective, split)
+    picks = np.unique(np.linspace(0, len(dataset) - 1, min(n, len(dataset))).round().astype(int))
+    images = torch.stack([dataset[int(i)][0] for i in picks])  # (n, 3, H, W)
+    grid = completion_grid(objective, images, num_completions, temperature, top_k, seed, scale)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    return len(picks)
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    split: str | None = None,
+    max_images: int | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """``vitssl igpt evaluate``: validation bits and nats per token of a checkpoint.
+
+    Args:
+        checkpoint: an iGPT training checkpoint (ar or bert).
+        split: a split of the dataset instead of the configured one.
+        max_images: evaluate the first N images only (None: all).
+        batch_size: images per forward pass.
+        seed: seed of the bert masks.
+        device: where to run.
+
+    Returns:
+        ``checkpoint``, ``mode`` and what :func:`vitssl.ssl.igpt.evaluate_bits_per_token` reports.
+    """
+    from torch.utils.data import Subset
+
+    from vitssl.ssl.igpt import evaluate_bits_per_token
+
+    cfg, objective = load_igpt_checkpoint(checkpoint, device)
+    dataset = validation_dataset(cfg, objective, split)
+    if max_images is not None and max_images < len(dataset):
+        dataset = Subset(dataset, range(max_images))
+    result = evaluate_bits_per_token(objective, dataset, batch_size, device, seed=seed)
+    return {"checkpoint": str(checkpoint), "mode": objective.mode, **result}
+
+
 def _tile(cells: torch.Tensor, scale: int) -> Image.Image:
     """A white-gapped PIL image of ``cells`` ``(rows, cols, 3, H, W)``, each cell upscaled ``scale`` times."""
     rows, cols, _, h, w = cells.shape

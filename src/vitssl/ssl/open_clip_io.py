@@ -25,7 +25,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save as safetensors_bytes
@@ -37,7 +37,10 @@ from vitssl.errors import MissingFileError
 from vitssl.io import atomic_dir, atomic_write, write_json
 from vitssl.ssl._timm_names import timm_model_name
 from vitssl.ssl.base import ImageTransform
-from vitssl.ssl.clip import Clip, ClipTokenizer
+from vitssl.ssl.clip_tokenizer import ClipTokenizer
+
+if TYPE_CHECKING:  # the objective calls load_open_clip_weights: a runtime import back would be a cycle
+    from vitssl.ssl.clip import Clip
 
 _logger = logging.getLogger(__name__)
 

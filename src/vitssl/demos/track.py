@@ -21,6 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vitssl.config import load_config
+from vitssl.demos.common import demo_root, train_or_reuse
+
 _logger = logging.getLogger(__name__)
 
 TRACK_RECIPE = "video/transtrack_demo"
@@ -40,11 +43,7 @@ def run_track_demo(overrides: list[str]) -> dict[str, Any]:
     Returns:
         What ``results.json`` holds: per mode the combined metrics (fractions and counts) and frames per second.
     """
-    from vitssl.demo import demo_output_dir
-
-    root = next((o.split("=", 1)[1] for o in overrides if o.startswith("output_dir=")), None)
-    settings = [o for o in overrides if not o.startswith("output_dir=")]
-    root_dir = Path(root or demo_output_dir(settings, TRACK_OUTPUT))
+    root_dir, settings = demo_root(overrides, TRACK_OUTPUT)
     scratch = root_dir / SYNTHETIC
     if not any(o.startswith("data.train.root=") for o in settings):
         settings = [*settings, f"data.train.root={scratch / 'train'}"]
@@ -52,15 +51,11 @@ def run_track_demo(overrides: list[str]) -> dict[str, Any]:
         results = _run(root_dir, scratch / "heldout", settings)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    print(format_track_table(results))
-    print(f"\nwrote {root_dir / 'results.json'}, the MOT results in {root_dir / 'results'} and rendered videos")
     return results
 
 
 def _run(root_dir: Path, held_dir: Path, settings: list[str]) -> dict[str, Any]:
     """Train (or reuse), write the held-out sequences into ``held_dir``, track, score, write ``results.json``."""
-    from vitssl.cli._common import load_run_config
-    from vitssl.cli.pretrain import PretrainJob, pretrain_job
     from vitssl.engine.checkpoint import LAST_NAME
     from vitssl.io import write_json
     from vitssl.video.track.infer import track_path
@@ -69,11 +64,9 @@ def _run(root_dir: Path, held_dir: Path, settings: list[str]) -> dict[str, Any]:
     from vitssl.video.track.synth import write_sequences
 
     start = time.perf_counter()
-    cfg = load_run_config(TRACK_RECIPE, [*settings, f"output_dir={root_dir / 'train'}"])
-    run_dir = Path(cfg.output_dir)
-    if (run_dir / LAST_NAME).is_file():
-        print(f"reusing the run in {run_dir} (same settings; resume=auto continues or skips it)")
-    result = pretrain_job(PretrainJob.from_config(cfg))
+    run_dir = root_dir / "train"
+    cfg = load_config(TRACK_RECIPE, [*settings, f"output_dir={run_dir}"])
+    result = train_or_reuse(cfg)
     _logger.info("training %s at step %d", result.status, result.step)
     train_seconds = time.perf_counter() - start
 
@@ -114,3 +107,6 @@ def format_track_table(results: dict[str, Any]) -> str:
             f"{r['IDSW']:>6d}{r['FP']:>6d}{r['FN']:>6d}"
         )
     return "\n".join(lines)
+
+
+__all__ = ["HELD_OUT", "SYNTHETIC", "TRACK_OUTPUT", "format_track_table", "run_track_demo"]

@@ -1,4 +1,5 @@
-"""The TCA demo: train ``video_tca`` on a generated near-duplicate benchmark, score it against two baselines.
+"""``python -m vitssl.demo tca [key=value ...]``: train ``video_tca`` on a generated near-duplicate benchmark and
+score it against baselines.
 
 :func:`run_tca_demo` writes the benchmark (:func:`vitssl.video.neardup.make_neardup_benchmark`: source clips,
 seven edited copies of each, distractors; sources split into train and held-out test), exports a frame backbone,
@@ -14,22 +15,25 @@ held-out split four ways with the video index of :mod:`vitssl.index.video`:
 
 mAP is over the held-out sources as queries and their copies as positives, the whole held-out split (copies and
 distractors) as the database. The frame backbone of the demo is a randomly initialised small ViT (no pretrained
-weights can be downloaded here): a fixed random feature map shared by TCA and the mean-of-frames baseline.
+weights can be downloaded here): a fixed random feature map shared by TCA and the mean-of-frames baseline. Writes
+``runs/demo_tca/results.json`` (``runs/demo_tca-<overrides>`` with overrides).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from vitssl.config import load_config
+from vitssl.demos.common import demo_root, train_or_reuse
 from vitssl.io import write_json
 
 _logger = logging.getLogger(__name__)
 
 RECIPE = "video/tca_demo"
+TCA_OUTPUT = "runs/demo_tca"
 METHODS = ("tca", "tca_chamfer", "mean_frames", "thumbnails")
 BENCHMARK = {"num_sources": 32, "num_distractors": 32, "size": 64}  # 16 sources per split, 7 copies each
 
@@ -117,23 +121,17 @@ def whitened_mean_baseline(checkpoint: str, benchmark: Path, cache_dir: Path) ->
     return {k: round(float(v), 4) for k, v in metrics.items() if k.startswith(("mAP", "recall@"))}
 
 
-def run_tca_demo(
-    root: Path,
-    settings: Sequence[str],
-    load_config: Callable[[str, list[str]], Any],
-    train: Callable[[Any], Any],
-) -> dict[str, Any]:
-    """Benchmark, frame backbone, TCA training, evaluation; writes ``<root>/results.json`` and returns it.
+def run_tca_demo(overrides: list[str]) -> dict[str, Any]:
+    """Benchmark, frame backbone, TCA training, evaluation; writes ``<demo folder>/results.json`` and returns it.
 
     Args:
-        root: the demo folder (``runs/demo_tca``).
-        settings: ``key=value`` overrides of the ``video/tca_demo`` recipe.
-        load_config: ``(recipe, overrides) -> config`` with the objectives registered.
-        train: runs (or resumes, or reuses) a training run of a config.
+        overrides: ``key=value`` overrides of the ``video/tca_demo`` recipe; ``output_dir=`` names the demo folder
+            (``runs/demo_tca`` by default).
     """
     from vitssl.engine.checkpoint import LAST_NAME
     from vitssl.video.neardup import make_neardup_benchmark
 
+    root, settings = demo_root(overrides, TCA_OUTPUT)
     start = time.perf_counter()
     benchmark = root / "benchmark"
     backbone_file = root / "frame_backbone.safetensors"
@@ -148,11 +146,9 @@ def run_tca_demo(
     print(f"writing the near-duplicate benchmark to {benchmark} (reused when it exists)")
     make_neardup_benchmark(benchmark, seed=int(cfg.seed), **BENCHMARK)
     export_frame_backbone(cfg, backbone_file)
-    run_dir = Path(cfg.output_dir)
-    if (run_dir / LAST_NAME).is_file():
-        print(f"reusing the run in {run_dir} (same settings; resume=auto continues or skips it)")
+    run_dir = root / "tca"
     trained = time.perf_counter()
-    train(cfg)
+    train_or_reuse(cfg)
     train_seconds = time.perf_counter() - trained
     models = {"tca": str(run_dir / LAST_NAME), "mean_frames": str(backbone_file), "thumbnails": "thumbnails"}
     results: dict[str, Any] = evaluate_methods(benchmark, models, root, fps=float(cfg.objective.fps))
@@ -184,3 +180,16 @@ def format_tca_table(results: dict[str, Any]) -> str:
             r = results[m]
             lines.append(f"{names[m]:<26}{r['mAP']:>8.3f}{r['recall@5']:>8.3f}{r['recall@10']:>8.3f}")
     return "\n".join(lines)
+
+
+__all__ = [
+    "BENCHMARK",
+    "METHODS",
+    "RECIPE",
+    "TCA_OUTPUT",
+    "evaluate_methods",
+    "export_frame_backbone",
+    "format_tca_table",
+    "run_tca_demo",
+    "whitened_mean_baseline",
+]
