@@ -11,7 +11,7 @@ greyscale, blur σ, solarize, flip — into a vector of ``NUM_PARAMS`` floats. T
   per sample, with no host synchronisation.
 
 The order is the official one: colour jitter → greyscale → blur → solarize → flip. Both executors reproduce the
-torchvision/PIL pipeline's distribution (tests/test_transforms_pipeline.py compares them with a transcription of it).
+torchvision/PIL pipeline's distribution (tests/data/test_transforms.py compares them with a transcription of it).
 """
 
 from __future__ import annotations

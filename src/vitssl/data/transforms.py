@@ -186,7 +186,7 @@ class MocoV3Views:
       them batched on its device (``vitssl.data.augment.prepare_view``), which also normalises.
 
     The recipe is the official one (torchvision's draws, PIL's formulas, blur σ as PIL's ``GaussianBlur`` radius on
-    the output-size crop); tests/test_transforms_pipeline.py holds both modes to its distribution.
+    the output-size crop); tests/data/test_transforms.py holds both modes to its distribution.
 
     Args:
         img_size: output side in pixels.

@@ -21,7 +21,7 @@ whole step) and two blocks' parameters at the gather dtype with their fp32 gradi
 prefetched next one). The largest batch is ``(memory - overhead - static) / activations per sample``; the
 overhead (CUDA context, allocator fragmentation, communication buffers) is a parameter.
 
-The block formula is checked against autograd's saved tensors measured on the CPU (``tests/test_plan.py``).
+The block formula is checked against autograd's saved tensors measured on the CPU (``tests/engine/test_plan.py``).
 """
 
 from __future__ import annotations
