@@ -29,9 +29,11 @@ def data():
 
 def test_parameters_follow_the_bank_and_query_sizes():
     assert knn_approx.approx_params(8000, 1500) == {"nlist": 64, "train_rows": 2048}  # sqrt(8000) ~ 89 -> 64
-    assert knn_approx.approx_params(8000, 400)["nlist"] == 16  # at most one list per 16 queries
+    assert knn_approx.approx_params(8000, 400)["nlist"] == 32  # at most sqrt(4 x 400) = 40 lists
+    assert knn_approx.approx_params(200_000, 10_000)["nlist"] == 128
     assert knn_approx.approx_params(100)["nlist"] == 1  # at least 64 rows per list
-    assert knn_approx.approx_params(1_281_167, 50_000) == {"nlist": 1024, "train_rows": 32768}
+    assert knn_approx.approx_params(1_281_167, 50_000) == {"nlist": 256, "train_rows": 8192}
+    assert knn_approx.approx_params(1_281_167)["nlist"] == 1024
 
 
 def test_approximate_search_holds_accuracy_while_probing_few_lists(data):
@@ -39,7 +41,7 @@ def test_approximate_search_holds_accuracy_while_probing_few_lists(data):
     exact = knn.knn_evaluate(train, labels, query, query_labels, ks=[10, 20], num_classes=CLASSES)
     approx = knn.knn_evaluate(train, labels, query, query_labels, ks=[10, 20], num_classes=CLASSES, approx=True)
     search = approx["search"]
-    assert search["index"] == "IVF-Flat" and search["nlist"] == 64 and search["sample_queries"] == 256
+    assert search["index"] == "IVF-Flat" and search["nlist"] == 64 and search["sample_queries"] == 128
     assert search["nprobe"] <= search["nlist"] // 4  # really approximate: a quarter of the lists at most
     assert search["sample_recall"] >= knn_approx.DEFAULT_RECALL_TARGET
     for k in ("10", "20"):

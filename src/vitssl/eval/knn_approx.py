@@ -12,38 +12,48 @@ How it works (:func:`knn_search_approx`):
    that overlap, neighbours spread over many lists) gets more probes instead of a worse answer.
 3. Queries go in chunks; each list is searched against every query of the chunk that probes it at once, one
    matmul and ``topk`` per list (a GEMM reuses each list across its queries; faiss's CPU IVF scan reads a list
-   once per query and runs at memory speed), and each query keeps the best k of its ``nprobe`` lists.
+   once per query and runs at memory speed), and each query keeps the best k of its ``nprobe`` lists. On the
+   CPU the lists are shared among one single-threaded worker per torch thread: the per-list operations are
+   small (~1 ms), and on the 2-core development VM, under load, running each on two threads was 3-5x slower
+   than one (the thread pool synchronises around every operation).
 
 Parameters from the sizes (:func:`approx_params`): ``nlist`` is the power of two nearest sqrt(N_train), with at
-least ``_MIN_ROWS_PER_LIST`` rows per list on average and at most N_query / ``_QUERIES_PER_LIST`` lists
-(assigning the bank costs N_train x nlist x D multiply-adds, exact search N_train x N_query x D: the cap keeps
-the build to a few percent of exact search). The k-means sees ``_TRAIN_ROWS_PER_LIST`` rows per list for
+least ``_MIN_ROWS_PER_LIST`` rows per list on average and at most sqrt(``_PROBES_GUESS`` x N_query) lists (the
+largest power of two below).
+That cap balances the two costs of a batch evaluation: assigning the bank to the lists costs N_train x nlist x
+D multiply-adds, scanning nprobe lists for every query N_query x N_train x D x nprobe / nlist; they meet at
+nlist = sqrt(nprobe x N_query), a few percent of exact search's N_query x N_train x D each (ImageNet, 1.28 M
+train x 50 k val: 256 lists; 200 k x 10 k: 128). The k-means sees ``_TRAIN_ROWS_PER_LIST`` rows per list for
 ``_KMEANS_ITERATIONS`` iterations. Everything runs on any torch device (the CPU, or a GPU when torch sees one).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
 
-from vitssl.eval._bank import bank_rows, block_rows_for, check_k, normalize_features, query_rows, unit_blocks
+from vitssl.eval._bank import bank_rows, block_rows_for, check_k, normalize_features, query_rows
 from vitssl.eval.knn_torch import as_tensor, full_float32, merge_topk, resolve_device, torch_search
+from vitssl.eval.store import row_blocks
 
 # IVF lists hold at least this many bank rows on average (fewer: k-means has too little to place a list).
 _MIN_ROWS_PER_LIST = 64
-# At most one list per this many queries: assigning the bank to nlist lists costs nlist / N_query of exact search.
-_QUERIES_PER_LIST = 16
+# The probes a query is expected to need, for the cost balance that caps nlist (see the module docstring).
+_PROBES_GUESS = 4
 # k-means training rows per list and iterations (the partition only needs to be coarse).
 _TRAIN_ROWS_PER_LIST = 32
 _KMEANS_ITERATIONS = 8
 # Share of the sample queries' true top-k neighbours the probed lists must hold (see calibrate_nprobe).
 DEFAULT_RECALL_TARGET = 0.99
-# Queries whose exact top-k calibrates nprobe.
-DEFAULT_SAMPLE_QUERIES = 256
+# Queries whose exact top-k calibrates nprobe: N_query / 64 within these bounds (the sample's exact search costs
+# sample / N_query of exact search over all queries).
+_SAMPLE_QUERIES = (128, 256)
 # Candidate scores a query chunk holds at once (chunk x nprobe x k): 16 Mi float32 = 64 MiB.
 _CANDIDATE_ELEMENTS = 1 << 24
 
@@ -58,7 +68,7 @@ def approx_params(n_train: int, n_query: int | None = None) -> dict[str, int]:
     nlist = 1 << max(0, round(math.log2(max(1.0, math.sqrt(max(1, n_train))))))
     cap = max(1, n_train // _MIN_ROWS_PER_LIST)
     if n_query is not None:
-        cap = min(cap, max(1, n_query // _QUERIES_PER_LIST))
+        cap = min(cap, max(1, math.isqrt(_PROBES_GUESS * n_query)))
     nlist = min(nlist, 1 << (cap.bit_length() - 1))  # powers of two both
     return {"nlist": nlist, "train_rows": min(n_train, _TRAIN_ROWS_PER_LIST * nlist)}
 
@@ -71,7 +81,9 @@ def spherical_kmeans(x: torch.Tensor, nlist: int, niter: int = _KMEANS_ITERATION
     centroids = x[torch.randperm(n, generator=gen)[:nlist].to(x.device)].clone()  # (L, D)
     for _ in range(niter):
         assign = _nearest(x, centroids)  # (n,)
-        sums = torch.zeros_like(centroids).index_add_(0, assign, x)  # (L, D)
+        onehot = torch.zeros((nlist, n), dtype=x.dtype, device=x.device)
+        onehot[assign, torch.arange(n, device=x.device)] = 1.0
+        sums = onehot @ x  # (L, D): a GEMM; index_add_ measured 10x slower on the CPU
         counts = torch.bincount(assign, minlength=nlist)
         empty = torch.nonzero(counts == 0).flatten()
         if len(empty):
@@ -121,7 +133,7 @@ def knn_search_approx(
     nprobe: int | None = None,
     seed: int = 0,
     recall_target: float = DEFAULT_RECALL_TARGET,
-    sample_queries: int = DEFAULT_SAMPLE_QUERIES,
+    sample_queries: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Approximate cosine top-k through an IVF-Flat index whose probes are calibrated on the queries (module doc).
 
@@ -138,7 +150,8 @@ def knn_search_approx(
         nprobe: lists searched per query; None = calibrated to ``recall_target`` (:func:`calibrate_nprobe`).
         seed: k-means and sampling seed.
         recall_target: share of the sample queries' exact top-k the probed lists must hold.
-        sample_queries: queries whose exact top-k calibrates nprobe (at most N_query).
+        sample_queries: queries whose exact top-k calibrates nprobe (at most N_query); None = N_query / 64,
+            at least 128 and at most 256.
 
     Returns:
         ``(similarities (N_query, k) sorted descending, indices (N_query, k), params)``: params holds ``index``
@@ -165,51 +178,52 @@ def knn_search_approx(
         train_x = as_tensor(normalize_features(np.asarray(bank[sample_rows]), "train_features")).to(dev)
         centroids = spherical_kmeans(train_x, nlist, seed=seed)  # (L, D)
         del train_x
-        lists, order, bounds = _lay_out_lists(bank, centroids, block_rows_for(dim))
+        unit, assign = _assign_bank(bank, centroids, block_rows_for(dim))
+        order = torch.argsort(assign, stable=True)  # bank rows list by list, ascending within a list
+        bounds = torch.searchsorted(assign[order], torch.arange(nlist + 1, device=dev))  # list l: order[b[l]:b[l+1]]
         params.update(sample_queries=None, recall_target=None, sample_recall=None)
         if nprobe is None:
-            n_sample = min(n_query, sample_queries)
+            lo, hi = _SAMPLE_QUERIES
+            n_sample = min(n_query, sample_queries or max(lo, min(hi, n_query // 64)))
             picked = np.sort(rng.choice(n_query, n_sample, replace=False))
             sample_np = normalize_features(np.asarray(queries[picked]), "query_features")
-            _, true_pos = torch_search(lists, sample_np, k, dev)  # positions in the list-ordered layout
-            list_of_pos = torch.bucketize(as_tensor(true_pos).to(dev), bounds[1:], right=True)  # (S, k)
+            _, true_rows = torch_search(unit, sample_np, k, dev)  # (S, k) exact neighbours
             sample = as_tensor(sample_np).to(dev)
-            nprobe, recall = calibrate_nprobe(sample, centroids, list_of_pos, recall_target)
+            nprobe, recall = calibrate_nprobe(sample, centroids, assign[as_tensor(true_rows).to(dev)], recall_target)
             params.update(sample_queries=n_sample, recall_target=recall_target, sample_recall=recall)
         nprobe = max(1, min(int(nprobe), nlist))
         params.update(nprobe=nprobe, build_seconds=time.perf_counter() - t0)
-        sims, idx = _search_lists(lists, order, bounds, centroids, queries, k, nprobe, chunk_size, dev)
+        threads = torch.get_num_threads()
+        try:
+            sims, idx = _search_lists(unit, order, bounds, centroids, queries, k, nprobe, chunk_size, dev)
+        finally:
+            torch.set_num_threads(threads)
     return sims, idx, {"index": "IVF-Flat", **params, "device": "gpu" if dev.type == "cuda" else "cpu"}
 
 
-def _lay_out_lists(
-    bank: Any, centroids: torch.Tensor, block_rows: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Assign every bank row to its list and lay the normalised rows out list by list.
+def _assign_bank(bank: Any, centroids: torch.Tensor, block_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalised bank (N, D) float32, in bank order (its one whole copy), and each row's list (N,).
 
-    Two passes over the bank (assign, then place), so only the list-ordered copy is ever held whole.
-
-    Returns:
-        ``(lists (N, D) float32: list l is lists[bounds[l]:bounds[l + 1]], order (N,): the bank row at each
-        position, bounds (L + 1,))``, on the centroids' device.
-    """
+    One pass over the bank; the lists are gathered from this copy when searched (a list-ordered second copy
+    would double the peak memory)."""
     dev = centroids.device
     n_train, dim = bank.shape
+    unit = torch.empty((n_train, dim), dtype=torch.float32, device=dev)
     assign = torch.empty(n_train, dtype=torch.int64, device=dev)
-    for start, block in unit_blocks(bank, block_rows):
-        assign[start : start + len(block)] = _nearest(as_tensor(block).to(dev), centroids)
-    order = torch.argsort(assign, stable=True)  # positions -> bank rows, list by list, ascending within a list
-    bounds = torch.searchsorted(assign[order], torch.arange(len(centroids) + 1, device=dev))
-    position = torch.empty_like(order)
-    position[order] = torch.arange(n_train, device=dev)  # bank row -> position
-    lists = torch.empty((n_train, dim), dtype=torch.float32, device=dev)
-    for start, block in unit_blocks(bank, block_rows):
-        lists[position[start : start + len(block)]] = as_tensor(block).to(dev)
-    return lists, order, bounds
+    for start, block in row_blocks(bank, block_rows):
+        rows = unit[start : start + len(block)]
+        rows.copy_(as_tensor(np.asarray(block)))  # float16 -> float32 in torch (threaded), no NumPy buffer
+        norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)  # (rows, 1)
+        if not bool(torch.isfinite(norms).all()):
+            bad = start + int(torch.nonzero(~torch.isfinite(norms.flatten()))[0])
+            raise ValueError(f"train_features row {bad} is not finite (NaN or inf); check the feature extraction")
+        rows.div_(norms.clamp_min(torch.finfo(torch.float32).tiny))  # zero rows stay zero
+        assign[start : start + len(block)] = _nearest(rows, centroids)
+    return unit, assign
 
 
 def _search_lists(
-    lists: torch.Tensor,
+    unit: torch.Tensor,
     order: torch.Tensor,
     bounds: torch.Tensor,
     centroids: torch.Tensor,
@@ -225,6 +239,7 @@ def _search_lists(
     sims = np.full((n_query, k), -np.inf, dtype=np.float32)
     idx = np.full((n_query, k), -1, dtype=np.int64)
     chunk = max(1, min(chunk_size, _CANDIDATE_ELEMENTS // (nprobe * k)))
+    workers = torch.get_num_threads() if dev.type == "cpu" else 1
     bounds_cpu = bounds.cpu().tolist()
     for qstart in range(0, n_query, chunk):
         q = as_tensor(normalize_features(queries[qstart : qstart + chunk], "query_features")).to(dev)
@@ -234,19 +249,52 @@ def _search_lists(
         starts = torch.searchsorted(probes[pairs], torch.arange(nlist + 1, device=dev)).cpu().tolist()
         cand_s = torch.full((nq, nprobe * k), -torch.inf, device=dev)
         cand_i = torch.full((nq, nprobe * k), -1, dtype=torch.int64, device=dev)
-        for lst in range(nlist):
-            a, b = bounds_cpu[lst], bounds_cpu[lst + 1]
-            pa, pb = starts[lst], starts[lst + 1]
-            if a == b or pa == pb:
-                continue
-            qi, slot = pairs[pa:pb] // nprobe, pairs[pa:pb] % nprobe
-            kk = min(k, b - a)
-            s, i = (q[qi] @ lists[a:b].T).topk(kk, dim=1)  # (m, kk)
-            cols = slot[:, None] * k + torch.arange(kk, device=dev)  # this probe's slots of the candidate row
-            cand_s[qi[:, None], cols] = s
-            cand_i[qi[:, None], cols] = i + a
+
+        scan = functools.partial(
+            _scan_lists, q=q, unit=unit, order=order, bounds=bounds_cpu, pairs=pairs, starts=starts, nprobe=nprobe,
+            k=k, cand_s=cand_s, cand_i=cand_i, one_thread=workers > 1
+        )  # fmt: skip
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:  # torch releases the GIL inside its operations
+                list(pool.map(scan, [range(w, nlist, workers) for w in range(workers)]))
+        else:
+            scan(range(nlist))
         top_s, top_i = merge_topk(cand_s[:, :0], cand_i[:, :0], cand_s, cand_i, k)  # lists are disjoint
         found = top_i >= 0
         sims[qstart : qstart + nq] = top_s.cpu().numpy()
         idx[qstart : qstart + nq] = torch.where(found, order[top_i.clamp(min=0)], -1).cpu().numpy()
     return sims, idx
+
+
+def _scan_lists(
+    lists: range,
+    q: torch.Tensor,
+    unit: torch.Tensor,
+    order: torch.Tensor,
+    bounds: list[int],
+    pairs: torch.Tensor,
+    starts: list[int],
+    nprobe: int,
+    k: int,
+    cand_s: torch.Tensor,
+    cand_i: torch.Tensor,
+    one_thread: bool,
+) -> None:
+    """Search ``lists`` against the queries probing them, writing each (query, probe slot)'s top-k candidates.
+
+    ``pairs[starts[l]:starts[l + 1]]`` are the flattened (query, slot) pairs probing list l; each cell of
+    ``cand_s`` / ``cand_i`` (``(nq, nprobe x k)``, positions into ``order``) is written by one list only, so
+    workers scanning disjoint lists never write the same cell."""
+    if one_thread:
+        torch.set_num_threads(1)  # lists in parallel, each on one thread (see the module docstring)
+    for lst in lists:
+        a, b = bounds[lst], bounds[lst + 1]
+        pa, pb = starts[lst], starts[lst + 1]
+        if a == b or pa == pb:
+            continue
+        qi, slot = pairs[pa:pb] // nprobe, pairs[pa:pb] % nprobe
+        kk = min(k, b - a)
+        s, i = (q[qi] @ unit[order[a:b]].T).topk(kk, dim=1)  # (m, kk)
+        cols = slot[:, None] * k + torch.arange(kk, device=q.device)  # this probe's slots of the candidate row
+        cand_s[qi[:, None], cols] = s
+        cand_i[qi[:, None], cols] = i + a
