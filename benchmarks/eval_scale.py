@@ -121,6 +121,14 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def _hwm_mb() -> float:
+    """This process's peak RSS since its exec (VmHWM; ru_maxrss would carry the forking parent's peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return _peak_rss_mb()
+
+
 def knn_bench(n: int, queries: int, dim: int, folder: Path, repeats: int) -> dict:
     """Exact (auto backend = torch on this CPU; the faiss backend), approx, bare faiss and bare torch, k = 20."""
     from vitssl._faiss import faiss
@@ -190,6 +198,54 @@ def knn_bench(n: int, queries: int, dim: int, folder: Path, repeats: int) -> dic
     return res
 
 
+def _knn_rss_main(folder: str, val_path: str, mode: str, out: str) -> None:
+    """One fresh process: open the store, run one k-NN evaluation, report the peak RSS before and after."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    from vitssl.eval import knn
+    from vitssl.eval.store import FeatureStore
+
+    store = FeatureStore(folder)
+    val = np.load(val_path)
+    vl = np.load(val_path.replace(".npy", "_labels.npy"))
+    before = _hwm_mb()
+    t0 = time.perf_counter()
+    res = knn.knn_evaluate(store.features, store.labels, val, vl, ks=[20], num_classes=KNN_DATA["num_classes"],
+                           approx=mode == "approx")  # fmt: skip
+    Path(out).write_text(json.dumps({"start_peak_mb": before, "peak_mb": _hwm_mb(), "seconds":
+                                     time.perf_counter() - t0, "top1": res["results"]["20"]["top1"]}))  # fmt: skip
+
+
+def knn_memory(n: int, queries: int, dim: int) -> dict:
+    """Peak RSS of exact and approximate k-NN from a float16 store, each in a fresh process (the bank's float16
+    bytes and its float32 bytes are given for scale)."""
+    from vitssl.eval.store import write_store
+
+    classes = KNN_DATA["num_classes"]
+    out: dict = {"n": n, "queries": queries, "dim": dim, "bank_float16_mb": n * dim * 2 / 2**20,
+                 "bank_float32_mb": n * dim * 4 / 2**20}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        train, tl = clustered_features(n, dim, classes, 0, 1, superclasses=KNN_DATA["superclasses"])
+        write_store(f"{tmp}/store", {"bench": "knn"}, train, tl, np.arange(n), [str(i) for i in range(n)], (0, n),
+                    {}, "float16")  # fmt: skip
+        del train
+        val, vl = clustered_features(queries, dim, classes, 0, 2, superclasses=KNN_DATA["superclasses"])
+        np.save(f"{tmp}/val.npy", val)
+        np.save(f"{tmp}/val_labels.npy", vl)
+        ctx = mp.get_context("spawn")
+        for mode in ("exact", "approx"):
+            args = (f"{tmp}/store", f"{tmp}/val.npy", mode, f"{tmp}/{mode}.json")
+            proc = ctx.Process(target=_knn_rss_main, args=args)
+            proc.start()
+            proc.join()
+            out[mode] = json.loads(Path(tmp, f"{mode}.json").read_text())
+            out[mode]["rise_mb"] = out[mode]["peak_mb"] - out[mode]["start_peak_mb"]
+            print(f"k-NN {mode} from a {n} x {dim} float16 store, {queries} queries, fresh process: peak RSS "
+                  f"{out[mode]['peak_mb']:.0f} MB ({out[mode]['rise_mb']:+.0f} MB during the search; bank "
+                  f"{out['bank_float16_mb']:.0f} MB float16, {out['bank_float32_mb']:.0f} MB float32)",
+                  flush=True)  # fmt: skip
+    return out
+
+
 def sweep_bench(n: int, dim: int, classes: int, lrs: int, wds: int, epochs: int) -> dict:
     import torch.nn.functional as F
 
@@ -241,7 +297,8 @@ def main() -> None:
     p.add_argument("--bank", type=int, default=200_000, help="largest k-NN bank (also measured at 1/4 and 1/2)")
     p.add_argument("--queries", type=int, default=10_000, help="queries at the largest bank (same ratio below)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs of exact and approx k-NN; the best is kept")
-    p.add_argument("--parts", default="extraction,knn,sweep", help="comma-separated parts to run")
+    p.add_argument("--parts", default="extraction,knn,knn_memory,sweep", help="comma-separated parts to run")
+    p.add_argument("--update", action="store_true", help="keep the --json file's other parts (rerun some only)")
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--json", default=str(Path(__file__).parent / "results" / "eval_scale.json"))
     args = p.parse_args()
@@ -259,10 +316,17 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             results["knn"] = [knn_bench(args.bank // d, args.queries // d, args.dim, Path(tmp) / f"s{d}", args.repeats)
                               for d in (4, 2, 1)]  # fmt: skip
+    if "knn_memory" in parts:
+        results["knn_memory"] = knn_memory(args.bank, args.queries, args.dim)
     if "sweep" in parts:
         results["sweep"] = sweep_bench(args.bank // 4, args.dim, 100, 13, 2, 1)
-    results["peak_rss_mb"] = _peak_rss_mb()
-    results["loadavg_end"] = os.getloadavg()
+    run = {"parts": args.parts, "peak_rss_mb": _peak_rss_mb(), "loadavg_start": results.pop("loadavg_start"),
+           "loadavg_end": os.getloadavg()}  # fmt: skip
+    if args.update and Path(args.json).exists():
+        old = json.loads(Path(args.json).read_text())
+        results = {**old, **results, "runs": [*old.get("runs", []), run]}
+    else:
+        results["runs"] = [run]
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     print(f"written to {args.json}")

@@ -452,7 +452,7 @@ def format_knn_table(result: dict[str, Any]) -> str:
     """A short fixed-width table of a :func:`knn_evaluate` result: one row per k."""
     lines = [
         f"k-NN (T={result['temperature']:g}, {result['num_train']} train, {result['num_val']} val, "
-        f"{result['num_classes']} classes, {result['device']}"
+        f"{result['num_classes']} classes, {result.get('backend', 'faiss')} {result['device']}"
         + (
             f", approximate: IVF nlist {result['search']['nlist']} nprobe {result['search']['nprobe']}"
             if isinstance(result.get("search"), dict)
