@@ -230,47 +230,6 @@ def test_k_above_the_bank_is_clamped_once_never_duplicated(data, tmp_path, caplo
     assert all(len(set(row)) == 12 for row in idx.tolist())  # every training row once per query
 
 
-def test_approximate_search_finds_the_exact_neighbours_of_clustered_features():
-    train, labels = _clustered(4000, 24, seed=1)
-    query, query_labels = _clustered(300, 24, seed=2)
-    params = knn.approx_params(len(train))
-    assert params == {"nlist": 32, "nprobe": 2, "train_rows": 1280}
-    assert knn.approx_params(100)["nlist"] == 1 and knn.approx_params(1_281_167)["nlist"] == 1024
-    exact = knn.knn_evaluate(train, labels, query, query_labels, ks=[20], num_classes=NUM_CLASSES)
-    approx = knn.knn_evaluate(train, labels, query, query_labels, ks=[20], num_classes=NUM_CLASSES, approx=True)
-    assert approx["search"]["index"] == "IVF-Flat" and approx["search"]["nprobe"] == 2
-    assert abs(approx["results"]["20"]["top1"] - exact["results"]["20"]["top1"]) <= 2.0
-    sims, idx, _ = knn.knn_search_approx(train, query, 20)
-    exact_sims, exact_idx = knn.knn_search(train, query, 20)
-    recall = np.mean([len(set(a) & set(b)) / 20 for a, b in zip(idx.tolist(), exact_idx.tolist())])
-    assert recall > 0.5
-    every, every_idx, _ = knn.knn_search_approx(train, query, 20, nlist=32, nprobe=32)  # all lists: exact
-    np.testing.assert_allclose(every, exact_sims, rtol=1e-5, atol=1e-6)
-    assert (np.sort(every_idx, axis=1) == np.sort(exact_idx, axis=1)).mean() > 0.99  # (ties may swap)
-    found = idx >= 0
-    np.testing.assert_allclose(sims[found], (knn.normalize_features(query) @ knn.normalize_features(train).T)[
-        np.nonzero(found)[0], idx[found]], rtol=1e-5, atol=1e-6)  # fmt: skip
-
-
-def test_neighbours_an_approximate_search_did_not_find_cast_no_vote():
-    train, labels = _clustered(300, 8, seed=5)
-    query, _ = _clustered(40, 8, seed=6)
-    sims, idx, params = knn.knn_search_approx(train, query, 250, nlist=4, nprobe=1)
-    assert params["nlist"] == 4 and (idx < 0).any()  # one list of ~75 rows cannot give 250 neighbours
-    assert np.isneginf(sims[idx < 0]).all()
-    for row in idx.tolist():
-        kept = [i for i in row if i >= 0]
-        assert len(kept) == len(set(kept))  # never a row twice
-    scores = knn.knn_scores_from_neighbours(sims, idx, labels, num_classes=NUM_CLASSES)
-    found = np.where(idx >= 0, idx, 0)
-    expected = np.zeros_like(scores, dtype=np.float64)
-    for i in range(len(query)):
-        for j in range(idx.shape[1]):
-            if idx[i, j] >= 0:
-                expected[i, labels[found[i, j]]] += np.exp(sims[i, j] / 0.07)
-    np.testing.assert_allclose(scores, expected, rtol=1e-5)
-
-
 class _RecordingFaissFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Stands in for faiss on import and records OPENBLAS_CORETYPE as OpenBLAS would see it while loading."""
 

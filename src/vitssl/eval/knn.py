@@ -1,34 +1,47 @@
-"""Weighted k-NN classification on frozen features (the DINO protocol), exact or approximate search with faiss.
+"""Weighted k-NN classification on frozen features (the DINO protocol), exact or approximate search.
 
 Protocol: features are L2-normalised, neighbours are the top-k training features by cosine similarity (an
 exact inner-product search), each neighbour votes for its label with weight ``exp(sim / T)``, and the class
 scores are the summed votes. ``knn_predict`` returns the scores; ``knn_evaluate`` turns them into top-1 /
 top-5 accuracy for several k at once (one search with the largest k: the top-k of a sorted list is a prefix).
 
-Speed and memory. Exact search is one float32 GEMM of queries against the training set plus a running top-k;
-faiss does both without materialising the (N_query, N_train) similarity matrix. Queries go in chunks; for each
-chunk the training set (the bank) is read block by block, from an array or straight from a memory-mapped
-feature store (float16 or float32, :mod:`vitssl.eval.store`), each block normalised into one reused buffer
-(or used as it is when it is unit-norm float32 already), searched, and the blocks' top-k merged in a faiss
-heap: memory is bounded by the chunk and block sizes, never by the bank, and no index is built. On a GPU
-(faiss-gpu) the bank is copied block by block into one GPU flat index. ``approx=True`` searches an IVF index
-instead (parameters from the bank size: :func:`approx_params`).
+Speed and memory. Exact search is one float32 GEMM of queries against the training set plus a running top-k,
+never materialising the (N_query, N_train) similarity matrix. Queries go in chunks; for each chunk the training
+set (the bank) is read block by block, from an array or straight from a memory-mapped feature store (float16 or
+float32, :mod:`vitssl.eval.store`), each block normalised into one reused buffer (or used as it is when it is
+unit-norm float32 already), searched, and the blocks' top-k merged: memory is bounded by the chunk and block
+sizes, never by the bank, and no index is built. Two backends do the search (:func:`choose_backend`): torch
+matmul + topk on the CPU or any CUDA device (:mod:`vitssl.eval.knn_torch`), and faiss (``faiss.knn`` and a
+heap on the CPU; with faiss-gpu, one GPU flat index filled block by block). ``approx=True`` searches an IVF
+index instead (:mod:`vitssl.eval.knn_approx`: lists from the bank and query sizes, probes calibrated on a
+sample of the queries).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections.abc import Iterator, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
 
 from vitssl._faiss import faiss, gpu_available
+from vitssl.eval._bank import (
+    TRAIN_BLOCK_BYTES,
+    bank_rows,
+    block_rows_for,
+    check_k,
+    normalize_features,
+    query_rows,
+    to_numpy,
+    unit_blocks,
+)
+from vitssl.eval.knn_approx import approx_params, knn_search_approx  # noqa: F401  (re-exported)
+from vitssl.eval.knn_torch import torch_search
 from vitssl.eval.metrics import accuracy_report, topk_hits
-from vitssl.eval.store import ShardedRows, row_blocks
+from vitssl.eval.store import ShardedRows
 
 _logger = logging.getLogger(__name__)
 
@@ -38,77 +51,20 @@ ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 # Queries per search pass: bounds the normalised-query copy and the (chunk, k) heaps. Each pass streams the
 # whole training set once, so passes should hold many queries.
 DEFAULT_QUERY_CHUNK = 16384
-# Training rows normalised and searched per faiss call when the features are not unit-norm yet: 64 MiB of
-# float32 (43690 rows at D = 384) bounds the buffer while keeping the number of calls (each has a fixed cost) low.
-_TRAIN_BLOCK_BYTES = 64 << 20
+# Training rows normalised and searched per call: 64 MiB of float32 (21845 rows at D = 768) bounds the buffer
+# while keeping the number of calls (each has a fixed cost) low.
+_TRAIN_BLOCK_BYTES = TRAIN_BLOCK_BYTES
 # exp(sim / T) with |sim| <= 1 must stay finite in float32 (max ~ e^88.7) after summing up to k votes.
 _MAX_INV_TEMPERATURE = 80.0
-# IVF lists hold at least this many bank rows on average (fewer: k-means has too little to place a list).
-_IVF_MIN_ROWS_PER_LIST = 64
-# nprobe = nlist / this (see approx_params).
-_NPROBE_DIVISOR = 16
-# Features whose norms all lie within this of 1 count as already normalised (float32 rounding is ~1e-7).
-_NORM_TOLERANCE = 1e-5
+# faiss GPU brute-force search supports k up to this value.
+_GPU_MAX_K = 2048
 
-
-def _to_numpy(x: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
-    """A NumPy view of ``x`` (a copy only where unavoidable: GPU tensors, other dtypes)."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach()
-        if x.device.type != "cpu":
-            x = x.cpu()
-        if x.dtype == torch.bfloat16:  # NumPy has no bfloat16 (features extracted under autocast)
-            x = x.float()
-        x = x.numpy()
-    elif not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
-    return x
-
-
-def _float32_rows(x: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
-    """(N, D) C-contiguous float32 NumPy rows of ``x``; a view when it already is one."""
-    arr = _to_numpy(x, name)
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(arr.shape)}")
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise TypeError(f"{name} must hold floating-point features, got dtype {arr.dtype}")
-    return np.ascontiguousarray(arr, dtype=np.float32)  # no copy when already contiguous float32
-
-
-def _inverse_norms(arr: np.ndarray, name: str, offset: int = 0) -> tuple[np.ndarray, bool]:
-    """Per-row 1 / L2 norm as float32 (0 for zero rows), and whether every non-zero row already has norm 1.
-
-    ``offset`` is the first row's index in the whole array (named in the error about a non-finite row)."""
-    # einsum computes the squared norms without an (N, D) temporary.
-    norms = np.sqrt(np.einsum("ij,ij->i", arr, arr, dtype=np.float64))  # (N,)
-    if not np.all(np.isfinite(norms)):
-        bad = offset + int(np.flatnonzero(~np.isfinite(norms))[0])
-        raise ValueError(f"{name} row {bad} is not finite (NaN or inf); check the feature extraction")
-    nonzero = norms > 0
-    is_unit = bool(np.all(np.abs(norms[nonzero] - 1.0) <= _NORM_TOLERANCE))
-    return np.where(nonzero, 1.0 / np.where(nonzero, norms, 1.0), 0.0).astype(np.float32), is_unit
-
-
-def normalize_features(x: np.ndarray | torch.Tensor, name: str = "features") -> np.ndarray:
-    """Return ``x`` as L2-normalised, C-contiguous float32 NumPy rows, copying only when needed.
-
-    Already-normalised contiguous float32 input (CPU tensor or array) is returned as is, without a copy; other
-    input is copied once. Zero rows stay zero (their similarity to everything is 0).
-
-    Args:
-        x: (N, D) features.
-        name: how errors refer to ``x``.
-
-    Returns:
-        (N, D) float32 array.
-    """
-    arr = _float32_rows(x, name)
-    inv, is_unit = _inverse_norms(arr, name)
-    return arr if is_unit else arr * inv[:, None]
+Backend = Literal["auto", "faiss", "torch"]
+BACKENDS: tuple[str, ...] = ("auto", "faiss", "torch")
 
 
 def _check_labels(labels: np.ndarray | torch.Tensor, n: int, num_classes: int | None) -> tuple[np.ndarray, int]:
-    lab = _to_numpy(labels, "train_labels")
+    lab = to_numpy(labels, "train_labels")
     if lab.ndim != 1 or lab.shape[0] != n:
         raise ValueError(f"train_labels must have shape ({n},) to match train_features, got {tuple(lab.shape)}")
     if not np.issubdtype(lab.dtype, np.integer):
@@ -124,54 +80,33 @@ def _check_labels(labels: np.ndarray | torch.Tensor, n: int, num_classes: int | 
     return lab, num_classes
 
 
-# faiss GPU brute-force search supports k up to this value.
-_GPU_MAX_K = 2048
+def choose_backend(backend: Backend, use_gpu: bool | None, k: int) -> tuple[str, str]:
+    """The exact-search backend and device a call runs on: ``("faiss" | "torch", "cpu" | "cuda")``.
 
+    ``auto`` takes faiss's GPU flat index when faiss has GPU support and sees a GPU (and k <= 2048), else torch
+    on a CUDA GPU when torch sees one (faiss-cpu installed: the usual pip setup), else torch on the CPU: measured
+    on the development VM (benchmarks/RESULTS.md, "Evaluation at scale"), torch's matmul + topk ran exact search
+    4-7x faster than faiss-cpu, whose bundled OpenBLAS 0.3.15 picks pre-AVX kernels on that CPU.
+    ``use_gpu`` False keeps every backend on the CPU; True requires a GPU.
 
-def _bank_rows(train_features: Any) -> Any:
-    """The bank as something :func:`~vitssl.eval.store.row_blocks` reads block by block, without a copy: a NumPy
-    array or memory map, a store's :class:`~vitssl.eval.store.ShardedRows`, or a CPU tensor's NumPy view."""
-    if isinstance(train_features, (ShardedRows, np.ndarray)):
-        bank = train_features
-    else:
-        bank = _to_numpy(train_features, "train_features")
-    if bank.ndim != 2:
-        raise ValueError(f"train_features must be 2-D (N, D), got shape {tuple(bank.shape)}")
-    if not np.issubdtype(bank.dtype, np.floating):
-        raise TypeError(f"train_features must hold floating-point features, got dtype {bank.dtype}")
-    return bank
-
-
-def _unit_blocks(bank: Any, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
-    """``(first row, L2-normalised float32 rows)`` blocks of the bank, read one at a time.
-
-    A block that is C-contiguous float32 and unit-norm already is used as it is (a view); others are converted
-    and normalised into one reused buffer. The arithmetic depends only on the block's values, so a bank in
-    memory and the same bank in a float32 store give the same blocks, bit for bit.
+    Raises:
+        ValueError: an unknown backend.
+        RuntimeError: a GPU is required but the backend cannot use one here.
     """
-    buffer: np.ndarray | None = None
-    for start, block in row_blocks(bank, block_rows):
-        if block.dtype == np.float32 and block.flags.c_contiguous:
-            inv, is_unit = _inverse_norms(block, "train_features", start)
-            if is_unit:
-                yield start, block
-                continue
-        if buffer is None:
-            buffer = np.empty((min(block_rows, len(bank)), bank.shape[1]), dtype=np.float32)
-        out = buffer[: len(block)]
-        np.copyto(out, block, casting="same_kind")  # float16 / float64 -> float32
-        inv, _ = _inverse_norms(out, "train_features", start)
-        np.multiply(out, inv[:, None], out=out)
-        yield start, out
-
-
-def _query_rows(query_features: Any, dim: int) -> Any:
-    queries = query_features if isinstance(query_features, ShardedRows) else _to_numpy(query_features, "query_features")
-    if queries.ndim != 2 or queries.shape[1] != dim:
-        raise ValueError(
-            f"query_features must have shape (N, {dim}) to match train_features, got {tuple(queries.shape)}"
-        )
-    return queries
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    faiss_gpu = use_gpu is not False and gpu_available() and k <= _GPU_MAX_K
+    torch_gpu = use_gpu is not False and torch.cuda.is_available()
+    if backend == "faiss" or (backend == "auto" and faiss_gpu):
+        if use_gpu and not faiss_gpu:
+            raise RuntimeError(
+                "use_gpu=True but faiss has no GPU support or sees no GPU (or k > 2048); install faiss-gpu, "
+                "pass backend='torch' or use_gpu=False"
+            )
+        return "faiss", "cuda" if faiss_gpu else "cpu"
+    if use_gpu and not torch_gpu:
+        raise RuntimeError("use_gpu=True but torch sees no CUDA GPU; pass use_gpu=False")
+    return "torch", "cuda" if torch_gpu else "cpu"
 
 
 def knn_search(
@@ -180,48 +115,48 @@ def knn_search(
     k: int,
     chunk_size: int = DEFAULT_QUERY_CHUNK,
     use_gpu: bool | None = None,
+    backend: Backend = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine-similarity top-k neighbours of each query among the training features, streamed.
 
     Queries are taken ``chunk_size`` at a time; for each chunk the bank is read block by block
-    (``_TRAIN_BLOCK_BYTES`` of float32), normalised (:func:`_unit_blocks`), searched with ``faiss.knn`` and the
-    blocks' top-k merged in a faiss heap. Memory is bounded by the chunk and block sizes, not by the bank, which
-    may be a memory-mapped feature store (float16 or float32): it is never copied whole, and no index is built.
-    Blocks are large because every faiss call has a fixed cost (measured on the development VM, noisily: 16 MiB
-    blocks 2.9 s, 32 MiB 2.6 s, one call 2.4 s for 10k x 100k x 384).
+    (``_TRAIN_BLOCK_BYTES`` of float32), normalised (:func:`vitssl.eval._bank.unit_blocks`), searched and the
+    blocks' top-k merged: by ``faiss.knn`` and a faiss heap (``backend="faiss"``), or by torch matmul + topk
+    (``"torch"``, :func:`vitssl.eval.knn_torch.torch_search`). Both see the same blocks and give the same
+    neighbours (ids equal except among equal scores, scores to 1e-5). Memory is bounded by the chunk and block
+    sizes, not by the bank, which may be a memory-mapped feature store (float16 or float32): it is never copied
+    whole, and no index is built.
 
     Args:
         train_features: (N_train, D) features: an array, tensor, memory map or a store's ``ShardedRows``.
         query_features: (N_query, D) features, read ``chunk_size`` rows at a time.
         k: neighbours per query; must not exceed N_train.
         chunk_size: queries per search pass (bounds the normalised query copy and the heaps).
-        use_gpu: search on the GPU (faiss's GPU flat index, filled block by block); None = when faiss has GPU
-            support and sees a GPU.
+        use_gpu: search on a GPU; None = when the backend can (see :func:`choose_backend`), False = never.
+        backend: "faiss", "torch" or "auto" (:func:`choose_backend`).
 
     Returns:
         ``(similarities (N_query, k) float32 sorted descending, indices (N_query, k) int64 into the train rows)``.
     """
-    bank = _bank_rows(train_features)
+    bank = bank_rows(train_features)
     n_train, dim = bank.shape
-    queries = _query_rows(query_features, dim)
-    if not 1 <= k <= n_train:
-        raise ValueError(f"k must lie in [1, {n_train}] (the number of training features), got {k}")
+    queries = query_rows(query_features, dim)
+    check_k(k, n_train)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if use_gpu is None:
-        use_gpu = gpu_available() and k <= _GPU_MAX_K
-    elif use_gpu and not gpu_available():
-        raise RuntimeError("use_gpu=True but faiss has no GPU support or sees no GPU; install faiss-gpu or pass False")
-    block_rows = max(1, _TRAIN_BLOCK_BYTES // (4 * dim))
+    backend, device = choose_backend(backend, use_gpu, k)
+    block_rows = block_rows_for(dim, _TRAIN_BLOCK_BYTES)
+    if backend == "torch":
+        return torch_search(bank, queries, k, device, chunk_size, block_rows)
 
     n_query = queries.shape[0]
     sims = np.empty((n_query, k), dtype=np.float32)
     idx = np.empty((n_query, k), dtype=np.int64)
-    if use_gpu:
+    if device == "cuda":
         # The GPU index holds the one device copy of the (normalised) training set, filled block by block.
         resources = faiss.StandardGpuResources()
         index = faiss.GpuIndexFlatIP(resources, dim)
-        for _, block in _unit_blocks(bank, block_rows):
+        for _, block in unit_blocks(bank, block_rows):
             index.add(block)
         for start in range(0, n_query, chunk_size):
             q = normalize_features(queries[start : start + chunk_size], "query_features")
@@ -230,150 +165,11 @@ def knn_search(
     for start in range(0, n_query, chunk_size):
         q = normalize_features(queries[start : start + chunk_size], "query_features")
         heap = faiss.ResultHeap(len(q), k, keep_max=True)
-        for offset, block in _unit_blocks(bank, block_rows):
+        for offset, block in unit_blocks(bank, block_rows):
             block_sims, block_idx = faiss.knn(q, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
             heap.add_result(block_sims, block_idx + offset)
         heap.finalize()  # sorts each row, best first
         sims[start : start + len(q)], idx[start : start + len(q)] = heap.D, heap.I
-    return sims, idx
-
-
-def approx_params(n_train: int) -> dict[str, int]:
-    """IVF parameters from the bank size: ``nlist`` lists (a power of two near sqrt(N), at least one list per
-    ``_IVF_MIN_ROWS_PER_LIST`` rows), ``nprobe`` = nlist / ``_NPROBE_DIVISOR`` lists searched per query and
-    ``train_rows`` = 40 x nlist rows for k-means (faiss asks for at least 39 per centroid).
-
-    A query then compares with about nlist + N x nprobe / nlist vectors instead of N; on clustered features the
-    true neighbours sit in a few nearby lists, so top-1 changes little (benchmarks/eval_scale.py measures both).
-    """
-    nlist = 1 << max(0, round(math.log2(max(1.0, math.sqrt(max(1, n_train))))))
-    cap = max(1, n_train // _IVF_MIN_ROWS_PER_LIST)
-    nlist = min(nlist, 1 << (cap.bit_length() - 1))  # powers of two both
-    return {"nlist": nlist, "nprobe": max(1, nlist // _NPROBE_DIVISOR), "train_rows": min(n_train, 40 * nlist)}
-
-
-def knn_search_approx(
-    train_features: np.ndarray | torch.Tensor | ShardedRows,
-    query_features: np.ndarray | torch.Tensor | ShardedRows,
-    k: int,
-    chunk_size: int = DEFAULT_QUERY_CHUNK,
-    use_gpu: bool | None = None,
-    nlist: int | None = None,
-    nprobe: int | None = None,
-    seed: int = 0,
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Approximate cosine top-k through an inverted file (IVF-Flat, inner product).
-
-    Spherical k-means on ``train_rows`` bank rows places ``nlist`` centroids; every bank row (normalised, read
-    block by block) joins the list of its nearest centroid; a query searches the ``nprobe`` lists nearest to
-    it. Similarities of the neighbours found are exact; a query whose lists hold fewer than k rows gets index
-    -1 and similarity -inf for the rest (no vote). The lists hold the bank as float32 in memory (N x D x 4
-    bytes), unlike the exact search.
-
-    On the CPU the lists are searched list by list, every query that probes a list at once, as one BLAS GEMM
-    (``faiss.knn``): faiss's own IVF scan reads each probed list once per query and runs at memory speed (about
-    2.6 GFLOP/s measured on the development VM at D = 768), a GEMM reuses each list across its queries. On a
-    GPU, faiss's ``GpuIndexIVFFlat`` does the whole search.
-
-    Args:
-        train_features: (N_train, D) features (array, tensor, memory map or ``ShardedRows``).
-        query_features: (N_query, D) features.
-        k: neighbours per query (at most N_train).
-        chunk_size: queries per pass (bounds the (chunk, nprobe x k) candidate buffers).
-        use_gpu: build and search on the GPU; None = when faiss has GPU support and sees a GPU.
-        nlist: inverted lists; None = :func:`approx_params`.
-        nprobe: lists searched per query; None = nlist / ``_NPROBE_DIVISOR``.
-        seed: k-means and sampling seed.
-
-    Returns:
-        ``(similarities (N_query, k) sorted descending, indices (N_query, k), params)`` with the parameters used.
-    """
-    bank = _bank_rows(train_features)
-    n_train, dim = bank.shape
-    queries = _query_rows(query_features, dim)
-    if not 1 <= k <= n_train:
-        raise ValueError(f"k must lie in [1, {n_train}] (the number of training features), got {k}")
-    params = approx_params(n_train)
-    if nlist:
-        params.update(nlist=min(int(nlist), n_train), train_rows=min(n_train, 40 * int(nlist)))
-    params["nprobe"] = min(params["nlist"], int(nprobe or max(1, params["nlist"] // _NPROBE_DIVISOR)))
-    gpu = (gpu_available() and k <= _GPU_MAX_K and params["nprobe"] <= _GPU_MAX_K) if use_gpu is None else use_gpu
-    rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(n_train, params["train_rows"], replace=False))
-    kmeans = faiss.Kmeans(dim, params["nlist"], niter=10, seed=seed, spherical=True, gpu=bool(gpu))
-    kmeans.train(normalize_features(np.asarray(bank[sample], dtype=np.float32), "train_features"))
-    centroids = np.ascontiguousarray(kmeans.centroids, dtype=np.float32)  # (nlist, D), unit norm
-    block_rows = max(1, _TRAIN_BLOCK_BYTES // (4 * dim))
-    search = _ivf_search_gpu if gpu else _ivf_search_cpu
-    sims, idx = search(bank, queries, centroids, params["nprobe"], k, chunk_size, block_rows)
-    return sims, idx, {**params, "index": "IVF-Flat", "device": "gpu" if gpu else "cpu"}
-
-
-def _ivf_search_gpu(
-    bank: Any, queries: Any, centroids: np.ndarray, nprobe: int, k: int, chunk_size: int, block_rows: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """faiss's GPU IVF-Flat with the given (already trained) centroids."""
-    nlist, dim = centroids.shape
-    quantizer = faiss.IndexFlatIP(dim)
-    quantizer.add(centroids)
-    cpu_index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-    cpu_index.is_trained = True
-    index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, cpu_index)
-    for _, block in _unit_blocks(bank, block_rows):
-        index.add(block)
-    index.nprobe = nprobe
-    sims = np.empty((queries.shape[0], k), dtype=np.float32)
-    idx = np.empty((queries.shape[0], k), dtype=np.int64)
-    for start in range(0, queries.shape[0], chunk_size):
-        q = normalize_features(queries[start : start + chunk_size], "query_features")
-        sims[start : start + len(q)], idx[start : start + len(q)] = index.search(q, k)
-    sims[idx < 0] = -np.inf
-    return sims, idx
-
-
-def _ivf_search_cpu(
-    bank: Any, queries: Any, centroids: np.ndarray, nprobe: int, k: int, chunk_size: int, block_rows: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """IVF search list by list, each list against all the queries that probe it (one GEMM per list)."""
-    nlist, dim = centroids.shape
-    n_train = bank.shape[0]
-    # Normalise and assign every bank row to its nearest centroid, then lay the rows out list by list.
-    unit = np.empty((n_train, dim), dtype=np.float32)
-    assign = np.empty(n_train, dtype=np.int64)
-    for start, block in _unit_blocks(bank, block_rows):
-        unit[start : start + len(block)] = block
-        assign[start : start + len(block)] = faiss.knn(block, centroids, 1, metric=faiss.METRIC_INNER_PRODUCT)[1][:, 0]
-    order = np.argsort(assign, kind="stable")  # bank rows, list by list, ascending within a list
-    bounds = np.searchsorted(assign[order], np.arange(nlist + 1))
-    lists = unit[order]  # (N, D): list l is lists[bounds[l]:bounds[l + 1]]
-    del unit
-    n_query = queries.shape[0]
-    sims = np.full((n_query, k), -np.inf, dtype=np.float32)
-    idx = np.full((n_query, k), -1, dtype=np.int64)
-    for qstart in range(0, n_query, chunk_size):
-        q = normalize_features(queries[qstart : qstart + chunk_size], "query_features")
-        nq = len(q)
-        probes = faiss.knn(q, centroids, nprobe, metric=faiss.METRIC_INNER_PRODUCT)[1]  # (nq, nprobe)
-        cand_s = np.full((nq, nprobe * k), -np.inf, dtype=np.float32)
-        cand_i = np.full((nq, nprobe * k), -1, dtype=np.int64)
-        pairs = np.argsort(probes.ravel(), kind="stable")  # (query, slot) pairs, grouped by list
-        starts = np.searchsorted(probes.ravel()[pairs], np.arange(nlist + 1))
-        for lst in range(nlist):
-            a, b = bounds[lst], bounds[lst + 1]
-            pa, pb = starts[lst], starts[lst + 1]
-            if a == b or pa == pb:
-                continue
-            qi, slot = np.divmod(pairs[pa:pb], nprobe)
-            kk = int(min(k, b - a))
-            s, i = faiss.knn(q[qi], lists[a:b], kk, metric=faiss.METRIC_INNER_PRODUCT)  # (m, kk)
-            cols = slot[:, None] * k + np.arange(kk)  # (m, kk): this probe's slots of the candidate row
-            cand_s[qi[:, None], cols] = s
-            cand_i[qi[:, None], cols] = order[a + i]
-        top = np.argsort(-cand_s, axis=1, kind="stable")[:, :k]  # (nq, k); lists are disjoint: no row twice
-        sims[qstart : qstart + nq] = np.take_along_axis(cand_s, top, axis=1)
-        idx[qstart : qstart + nq] = np.where(
-            np.isneginf(sims[qstart : qstart + nq]), -1, np.take_along_axis(cand_i, top, axis=1)
-        )
     return sims, idx
 
 
@@ -416,9 +212,7 @@ def knn_scores_from_neighbours(
         (N_query, num_classes) float32 NumPy scores.
     """
     check_temperature(temperature)
-    labels, num_classes = _check_labels(
-        train_labels, int(_to_numpy(train_labels, "train_labels").shape[0]), num_classes
-    )
+    labels, num_classes = _check_labels(train_labels, int(to_numpy(train_labels, "train_labels").shape[0]), num_classes)
     sims = np.asarray(sims, dtype=np.float32)
     neighbours = np.asarray(neighbours, dtype=np.int64)
     if sims.shape != neighbours.shape or sims.ndim != 2:
@@ -454,6 +248,7 @@ def knn_predict_multi_k(
     num_classes: int | None = None,
     chunk_size: int = DEFAULT_QUERY_CHUNK,
     use_gpu: bool | None = None,
+    backend: Backend = "auto",
 ) -> dict[int, ArrayT]:
     """Weighted k-NN class scores for several k from ONE search with the largest k.
 
@@ -469,13 +264,22 @@ def knn_predict_multi_k(
         num_classes: number of classes; None = max label + 1.
         chunk_size: queries per faiss call.
         use_gpu: see :func:`knn_search`.
+        backend: exact-search backend (:func:`choose_backend`).
 
     Returns:
         ``{k used: scores (N_query, num_classes) float32}``, torch tensors on the query's device when
         ``query_features`` is a tensor, NumPy arrays otherwise.
     """
     used, sims, neighbour_labels, num_classes, _ = _search_max_k(
-        train_features, train_labels, query_features, ks, temperature, num_classes, chunk_size, use_gpu
+        train_features,
+        train_labels,
+        query_features,
+        ks,
+        temperature,
+        num_classes,
+        chunk_size,
+        use_gpu,
+        backend=backend,
     )
     return {
         k: _like(_vote(sims[:, :k], neighbour_labels[:, :k], temperature, num_classes), query_features) for k in used
@@ -512,6 +316,7 @@ def _search_max_k(
     chunk_size: int,
     use_gpu: bool | None,
     approx: bool = False,
+    backend: Backend = "auto",
 ) -> tuple[list[int], np.ndarray, np.ndarray, int, dict[str, Any] | None]:
     """Validate, clamp the ks (:func:`clamp_ks`), search once with the largest.
 
@@ -527,7 +332,7 @@ def _search_max_k(
     if approx:
         sims, idx, params = knn_search_approx(train_features, query_features, used[-1], chunk_size, use_gpu)
     else:
-        sims, idx = knn_search(train_features, query_features, used[-1], chunk_size=chunk_size, use_gpu=use_gpu)
+        sims, idx = knn_search(train_features, query_features, used[-1], chunk_size, use_gpu, backend)
     return used, sims, labels[np.maximum(idx, 0)], num_classes, params  # labels: (N_query, k_max)
 
 
@@ -540,6 +345,7 @@ def knn_predict(
     num_classes: int | None = None,
     chunk_size: int = DEFAULT_QUERY_CHUNK,
     use_gpu: bool | None = None,
+    backend: Backend = "auto",
 ) -> ArrayT:
     """Weighted k-NN class scores (DINO): sum over the k most cosine-similar training features of exp(sim / T).
 
@@ -553,13 +359,14 @@ def knn_predict(
         num_classes: number of classes; None = max label + 1.
         chunk_size: queries per faiss call.
         use_gpu: see :func:`knn_search`.
+        backend: exact-search backend (:func:`choose_backend`).
 
     Returns:
         (N_query, num_classes) float32 scores: a torch tensor on the query's device when ``query_features`` is
         a tensor, a NumPy array otherwise.
     """
     scores = knn_predict_multi_k(
-        train_features, train_labels, query_features, (k,), temperature, num_classes, chunk_size, use_gpu
+        train_features, train_labels, query_features, (k,), temperature, num_classes, chunk_size, use_gpu, backend
     )
     return next(iter(scores.values()))
 
@@ -575,6 +382,7 @@ def knn_evaluate(
     chunk_size: int = DEFAULT_QUERY_CHUNK,
     use_gpu: bool | None = None,
     approx: bool = False,
+    backend: Backend = "auto",
 ) -> dict[str, Any]:
     """Weighted k-NN accuracy of ``val`` against ``train`` for several k (one search).
 
@@ -588,29 +396,34 @@ def knn_evaluate(
         num_classes: number of classes; None = max label + 1 over train and val.
         chunk_size: queries per faiss call.
         use_gpu: see :func:`knn_search`.
-        approx: search an IVF index (:func:`knn_search_approx`) instead of exactly.
+        approx: search an IVF index (:func:`~vitssl.eval.knn_approx.knn_search_approx`, parameters from the bank
+            and query sizes, probes calibrated on a sample of the queries) instead of exactly.
+        backend: exact-search backend (:func:`choose_backend`); the IVF always runs on torch.
 
     Returns:
-        JSON-serialisable dict: ``temperature``, ``num_train``, ``num_val``, ``num_classes``, ``device``,
-        ``search`` ("exact" or the IVF parameters), ``search_seconds`` and ``results``: ``{str(k): {"k",
-        "top1", "top5", "mean_per_class_top1", "per_class_top1"}}`` (percentages; ``per_class_top1`` holds None
-        for classes absent from val; top-5 is top-min(5, num_classes)).
+        JSON-serialisable dict: ``temperature``, ``num_train``, ``num_val``, ``num_classes``, ``device`` ("cpu"
+        or "gpu"), ``backend`` ("faiss" or "torch"), ``search`` ("exact" or the IVF parameters), ``search_seconds``
+        and ``results``: ``{str(k): {"k", "top1", "top5", "mean_per_class_top1", "per_class_top1"}}``
+        (percentages; ``per_class_top1`` holds None for classes absent from val; top-5 is top-min(5, C)).
     """
-    vlab = _to_numpy(val_labels, "val_labels")
+    vlab = to_numpy(val_labels, "val_labels")
     if vlab.ndim != 1 or vlab.shape[0] != val_features.shape[0]:
         raise ValueError(f"val_labels must have shape ({val_features.shape[0]},), got {tuple(vlab.shape)}")
     vlab = vlab.astype(np.int64)
     if num_classes is None:
-        tlab = _to_numpy(train_labels, "train_labels")
+        tlab = to_numpy(train_labels, "train_labels")
         num_classes = int(max(tlab.max(initial=-1), vlab.max(initial=-1))) + 1
     if vlab.size and (vlab.min() < 0 or vlab.max() >= num_classes):
         raise ValueError(f"val_labels must lie in [0, {num_classes}), found [{int(vlab.min())}, {int(vlab.max())}]")
-    bank = _bank_rows(train_features)
-    gpu = (gpu_available() and max(ks) <= _GPU_MAX_K) if use_gpu is None else use_gpu
+    bank = bank_rows(train_features)
     t0 = time.perf_counter()
     used, sims, neighbour_labels, num_classes, params = _search_max_k(
-        bank, train_labels, val_features, ks, temperature, num_classes, chunk_size, gpu, approx
+        bank, train_labels, val_features, ks, temperature, num_classes, chunk_size, use_gpu, approx, backend
     )
+    if params is not None:
+        backend_used, device = "torch", "cuda" if params["device"] == "gpu" else "cpu"
+    else:
+        backend_used, device = choose_backend(backend, use_gpu, used[-1])
     seconds = time.perf_counter() - t0
     # Vote and score chunk by chunk: the (N_val, num_classes) score matrices are never all held at once.
     top = min(5, num_classes)
@@ -627,7 +440,8 @@ def knn_evaluate(
         "num_train": int(bank.shape[0]),
         "num_val": int(vlab.shape[0]),
         "num_classes": num_classes,
-        "device": "gpu" if gpu else "cpu",
+        "device": "gpu" if device == "cuda" else "cpu",
+        "backend": backend_used,
         "search": params if params is not None else "exact",
         "search_seconds": seconds,
         "results": results,
@@ -638,7 +452,7 @@ def format_knn_table(result: dict[str, Any]) -> str:
     """A short fixed-width table of a :func:`knn_evaluate` result: one row per k."""
     lines = [
         f"k-NN (T={result['temperature']:g}, {result['num_train']} train, {result['num_val']} val, "
-        f"{result['num_classes']} classes, {result['device']}"
+        f"{result['num_classes']} classes, {result.get('backend', 'faiss')} {result['device']}"
         + (
             f", approximate: IVF nlist {result['search']['nlist']} nprobe {result['search']['nprobe']}"
             if isinstance(result.get("search"), dict)
