@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitssl.eval.store import ShardedRows, row_blocks
+from vitssl.eval.store_view import ShardedRows, row_blocks
 
 # Features whose norms all lie within this of 1 count as already normalised (float32 rounding is ~1e-7).
 _NORM_TOLERANCE = 1e-5

@@ -41,7 +41,7 @@ from vitssl.eval._bank import (
 from vitssl.eval.knn_approx import approx_params, knn_search_approx  # noqa: F401  (re-exported)
 from vitssl.eval.knn_torch import torch_search
 from vitssl.eval.metrics import accuracy_report, topk_hits
-from vitssl.eval.store import ShardedRows
+from vitssl.eval.store_view import ShardedRows
 
 _logger = logging.getLogger(__name__)
 

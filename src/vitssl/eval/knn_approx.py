@@ -40,7 +40,7 @@ import torch
 
 from vitssl.eval._bank import bank_rows, block_rows_for, check_k, normalize_features, query_rows
 from vitssl.eval.knn_torch import as_tensor, full_float32, merge_topk, resolve_device, torch_search
-from vitssl.eval.store import row_blocks
+from vitssl.eval.store_view import row_blocks
 
 # IVF lists hold at least this many bank rows on average (fewer: k-means has too little to place a list).
 _MIN_ROWS_PER_LIST = 64

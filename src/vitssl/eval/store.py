@@ -25,13 +25,15 @@ one line naming what differs.
 
 :class:`FeatureStore` opens a complete store; its ``features`` is one memory-mapped (N, C) view over all shards
 (:class:`ShardedRows`), read block by block by the streaming k-NN and linear probes.
+
+The layout's names, the shard plan and the manifest are :mod:`vitssl.eval.store_format`; reading is
+:mod:`vitssl.eval.store_view`; this module writes stores and exports the public names of all three.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -44,90 +46,33 @@ import torch
 from torch.utils.data import Dataset
 
 from vitssl import distributed as dist
-from vitssl.errors import UserError
 from vitssl.eval.extract import CorruptSampleError, embed_batches
 from vitssl.eval.progress import Progress
+from vitssl.eval.store_format import (
+    DEFAULT_DTYPE,
+    DEFAULT_SHARD_ROWS,
+    DTYPES,
+    FEATURES_FILE,
+    IDS_FILE,
+    LABELS_FILE,
+    MANIFEST_FILE,
+    PARTIAL_SUFFIX,
+    ROWS_FILE,
+    SHARD_INFO_FILE,
+    STORE_FORMAT,
+    FeatureStoreError,
+    is_store,
+    manifest_difference,
+    plan_shards,
+    read_manifest,
+)
+from vitssl.eval.store_view import FeatureStore, ShardedRows, row_blocks
 from vitssl.io import atomic_dir, atomic_write
 
 _logger = logging.getLogger(__name__)
 
-STORE_FORMAT = 1  # bump when the layout or the meaning of a manifest entry changes
-MANIFEST_FILE = "manifest.json"
-SHARD_INFO_FILE = "shard.json"
-FEATURES_FILE = "features.npy"
-LABELS_FILE = "labels.npy"
-ROWS_FILE = "rows.npy"
-IDS_FILE = "ids.json"
-PARTIAL_SUFFIX = ".partial"
-DTYPES = ("float16", "float32")
-DEFAULT_DTYPE = "float16"
-# Rows per shard at most: the unit of resumption (65536 x 1024 fp16 = 128 MiB).
-DEFAULT_SHARD_ROWS = 65536
 # The .npy header this module writes: fixed-size, so the final row count can be written over the first guess.
 _NPY_HEADER_BYTES = 128
-
-
-class FeatureStoreError(UserError, ValueError):
-    """A feature store is incomplete, damaged, or holds other features than the ones asked for."""
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Plan and manifest
-# --------------------------------------------------------------------------------------------------------------
-
-
-def plan_shards(start: int, stop: int, world_size: int, shard_rows: int = DEFAULT_SHARD_ROWS) -> list[list[int]]:
-    """Contiguous ``[start, stop)`` row ranges: a multiple of ``world_size`` shards of at most ``shard_rows`` rows.
-
-    Args:
-        start: first dataset row.
-        stop: one past the last.
-        world_size: ranks that will write (each gets the same number of shards).
-        shard_rows: rows per shard at most.
-    """
-    n = max(0, stop - start)
-    per_rank = max(1, math.ceil(n / (world_size * max(1, shard_rows))))
-    count = world_size * per_rank
-    bounds = [start + (n * i) // count for i in range(count + 1)]
-    return [[bounds[i], bounds[i + 1]] for i in range(count)]
-
-
-def _describe(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def manifest_difference(found: dict[str, Any], wanted: dict[str, Any]) -> str | None:
-    """What differs between two cache keys, as one phrase (the first differing entries), or None when equal."""
-    parts = []
-    for name in sorted(set(found) | set(wanted)):
-        if found.get(name) != wanted.get(name):
-            parts.append(f"{name} {_describe(found.get(name))} (wanted {_describe(wanted.get(name))})")
-    return "; ".join(parts[:3]) + ("; ..." if len(parts) > 3 else "") if parts else None
-
-
-def read_manifest(folder: Path) -> dict[str, Any]:
-    """The manifest of a store folder.
-
-    Raises:
-        FeatureStoreError: the folder or its manifest is missing or unreadable.
-    """
-    path = Path(folder) / MANIFEST_FILE
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise FeatureStoreError(f"feature store {folder}: cannot read {MANIFEST_FILE} ({err})") from None
-    if not isinstance(manifest, dict) or manifest.get("store_format") != STORE_FORMAT or "key" not in manifest:
-        raise FeatureStoreError(
-            f"feature store {folder}: {MANIFEST_FILE} is not a vitssl feature-store manifest of format "
-            f"{STORE_FORMAT}; extract the features again (vitssl eval features)"
-        )
-    return manifest
-
-
-def is_store(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` holds a feature-store manifest (complete or not)."""
-    return (Path(folder) / MANIFEST_FILE).is_file()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -423,186 +368,6 @@ def write_store(
     )  # fmt: skip
     _complete(partial, folder, time.perf_counter() - t0)
     return folder
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Reading
-# --------------------------------------------------------------------------------------------------------------
-
-
-class ShardedRows:
-    """Rows of several memory-mapped (n_i, C) arrays seen as one read-only (N, C) array.
-
-    Supports ``len``, ``shape``, ``dtype``, integer / slice / integer-array / boolean-mask row indexing (slices
-    within one shard are views of its memory map, nothing is read until used) and ``np.asarray`` (reads all).
-
-    Args:
-        parts: the shards' arrays, in row order; all of one dtype and width (empty ones may have width 0).
-    """
-
-    ndim = 2
-
-    def __init__(self, parts: Sequence[np.ndarray]) -> None:
-        self.parts = [p for p in parts if len(p)]
-        dims = {int(p.shape[1]) for p in self.parts}
-        dtypes = {p.dtype for p in self.parts}
-        if len(dims) > 1 or len(dtypes) > 1:
-            raise FeatureStoreError(f"shards of different widths {sorted(dims)} or dtypes {sorted(map(str, dtypes))}")
-        self.dim = dims.pop() if dims else 0
-        self.dtype = dtypes.pop() if dtypes else np.dtype(np.float32)
-        self.offsets = np.cumsum([0, *(len(p) for p in self.parts)]).astype(np.int64)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (int(self.offsets[-1]), self.dim)
-
-    def __len__(self) -> int:
-        return int(self.offsets[-1])
-
-    def _range(self, start: int, stop: int) -> np.ndarray:
-        if stop <= start:
-            return np.zeros((0, self.dim), dtype=self.dtype)
-        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
-        last = int(np.searchsorted(self.offsets, stop, side="left")) - 1
-        pieces = [
-            self.parts[i][
-                max(start, self.offsets[i]) - self.offsets[i] : min(stop, self.offsets[i + 1]) - self.offsets[i]
-            ]
-            for i in range(first, last + 1)
-        ]
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-
-    def __getitem__(self, index: Any) -> np.ndarray:
-        n = len(self)
-        if isinstance(index, (int, np.integer)):
-            i = int(index) + (n if index < 0 else 0)
-            if not 0 <= i < n:
-                raise IndexError(f"row {index} out of range for {n} rows")
-            return self._range(i, i + 1)[0]
-        if isinstance(index, slice):
-            start, stop, step = index.indices(n)
-            return self._range(start, stop) if step == 1 else self[np.arange(start, stop, step)]
-        rows = np.asarray(index)
-        if rows.dtype == bool:
-            if rows.shape != (n,):
-                raise IndexError(f"boolean mask of shape {rows.shape} for {n} rows")
-            rows = np.flatnonzero(rows)
-        rows = rows.astype(np.int64).ravel()
-        rows = np.where(rows < 0, rows + n, rows)
-        if len(rows) and (rows.min() < 0 or rows.max() >= n):
-            raise IndexError(f"row indices outside [0, {n})")
-        out = np.empty((len(rows), self.dim), dtype=self.dtype)
-        shard = np.searchsorted(self.offsets, rows, side="right") - 1
-        for s in np.unique(shard):
-            sel = shard == s
-            out[sel] = self.parts[s][rows[sel] - self.offsets[s]]
-        return out
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        out = self._range(0, len(self))
-        return np.array(out, dtype=dtype) if dtype is not None else np.array(out)
-
-    def blocks(self, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
-        """``(first row, rows)`` blocks of at most ``block_rows`` rows, in order, read one at a time."""
-        for start in range(0, len(self), block_rows):
-            yield start, self._range(start, min(start + block_rows, len(self)))
-
-
-def row_blocks(features: Any, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
-    """``(first row, rows)`` blocks of an (N, C) array, memory map or :class:`ShardedRows`, in order."""
-    if isinstance(features, ShardedRows):
-        yield from features.blocks(block_rows)
-        return
-    for start in range(0, len(features), block_rows):
-        yield start, features[start : start + block_rows]
-
-
-class FeatureStore:
-    """A complete feature store, opened for reading (nothing but labels and rows is read at once).
-
-    Args:
-        folder: the store folder.
-
-    Attributes:
-        manifest: the manifest.
-        features: (N, C) memory-mapped view of every shard (a :class:`ShardedRows`, or the one shard's memory
-            map when the store has a single non-empty shard).
-        labels: (N,) int64.
-        rows: (N,) int64 dataset rows.
-
-    Raises:
-        FeatureStoreError: not a complete store, or a shard is missing or inconsistent.
-    """
-
-    def __init__(self, folder: str | os.PathLike) -> None:
-        self.path = Path(folder)
-        if not self.path.is_dir():
-            partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
-            more = f" (an unfinished extraction is in {partial}: run it again to finish)" if partial.is_dir() else ""
-            raise FeatureStoreError(f"feature store {self.path} does not exist{more}")
-        self.manifest = read_manifest(self.path)
-        if not self.manifest.get("complete"):
-            raise FeatureStoreError(f"feature store {self.path} is unfinished; run its extraction again to finish it")
-        parts, labels, rows, self._shard_dirs = [], [], [], []
-        for i, (bounds, count) in enumerate(zip(self.manifest["shards"], self.manifest["shard_counts"])):
-            shard = self.path / f"shard-{i:05d}"
-            try:
-                feats = np.load(shard / FEATURES_FILE, mmap_mode="r") if count else None
-                lab, r = np.load(shard / LABELS_FILE), np.load(shard / ROWS_FILE)
-            except (OSError, ValueError) as err:
-                raise FeatureStoreError(f"feature store {self.path}: shard {i} is unreadable ({err})") from None
-            if (feats is not None and (feats.ndim != 2 or len(feats) != count)) or len(lab) != count or len(r) != count:
-                raise FeatureStoreError(
-                    f"feature store {self.path}: shard {i} holds other row counts than its manifest ({count}); "
-                    "extract again"
-                )
-            if count and (str(feats.dtype) != self.manifest["dtype"] or r[0] < bounds[0] or r[-1] >= bounds[1]):
-                raise FeatureStoreError(f"feature store {self.path}: shard {i} does not match the manifest")
-            if feats is not None:
-                parts.append(feats)
-            labels.append(lab)
-            rows.append(r)
-            self._shard_dirs.append(shard)
-        view = ShardedRows(parts)
-        self.features: np.ndarray | ShardedRows = parts[0] if len(parts) == 1 else view
-        self.labels = np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, dtype=np.int64)
-        self.rows = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, dtype=np.int64)
-
-    @property
-    def key(self) -> dict[str, Any]:
-        return dict(self.manifest["key"])
-
-    @property
-    def dtype(self) -> str:
-        return str(self.manifest["dtype"])
-
-    def sample_ids(self) -> list[str]:
-        """Every sample id, in row order (read from the shards' ``ids.json``)."""
-        ids: list[str] = []
-        for shard in self._shard_dirs:
-            try:
-                ids.extend(str(i) for i in json.loads((shard / IDS_FILE).read_text(encoding="utf-8")))
-            except (OSError, ValueError) as err:
-                raise FeatureStoreError(
-                    f"feature store {self.path}: {shard.name}/{IDS_FILE} is unreadable ({err})"
-                ) from None
-        if len(ids) != len(self.rows):
-            raise FeatureStoreError(f"feature store {self.path}: {len(ids)} sample ids for {len(self.rows)} rows")
-        return ids
-
-    def check(self, expected: dict[str, Any], what: str = "") -> None:
-        """Refuse the store, naming what differs, unless its key holds ``expected`` entries.
-
-        Args:
-            expected: key entries the caller needs (e.g. ``checkpoint_sha256`` and ``layer``).
-            what: how the store was given (``--train-features``), for the message.
-        """
-        found = {name: self.manifest["key"].get(name) for name in expected}
-        differs = manifest_difference(found, expected)
-        if differs:
-            raise FeatureStoreError(
-                f"{what + ' ' if what else ''}feature store {self.path} holds other features: {differs}"
-            )
 
 
 __all__ = [

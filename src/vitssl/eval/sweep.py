@@ -37,7 +37,7 @@ from vitssl.distributed import resolve_device
 from vitssl.eval.linear import ProbeError, stratified_holdout
 from vitssl.eval.metrics import classification_report
 from vitssl.eval.progress import Progress
-from vitssl.eval.store import row_blocks
+from vitssl.eval.store_view import row_blocks
 
 _logger = logging.getLogger(__name__)
 
