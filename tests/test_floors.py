@@ -75,6 +75,7 @@ PLUGIN_EDGES: dict[tuple[str, str], str] = {
     ("vitssl.video.heads", "vitssl.video.heads"): "VIDEO_HEADS: the built-in heads register below the registry",
     ("vitssl.index.pipeline", "vitssl.index.corpora"): "CORPORA: the built-in corpus kinds (images, videos)",
     ("vitssl.index.pipeline", "vitssl.index.embedders"): "EMBEDDERS: image, video, thumbnails, tca",
+    ("vitssl.eval.jobs", "vitssl.eval.probe_jobs"): "EVAL_JOBS: the k-NN and linear-probe jobs",
 }
 
 # Violations being worked off: each entry is an upward edge (importer, imported) or a cycle (its modules, sorted).
@@ -327,6 +328,7 @@ def test_each_provider_registers_into_its_registry():
         "vitssl.backbones._base": ("BACKBONES",),
         "vitssl.video.heads": ("VIDEO_HEADS",),
         "vitssl.index.pipeline": ("CORPORA", "EMBEDDERS"),
+        "vitssl.eval.jobs": ("EVAL_JOBS",),
     }
     assert {m for m, _ in PLUGIN_EDGES} == set(registries)
     for (module, provider), _ in PLUGIN_EDGES.items():

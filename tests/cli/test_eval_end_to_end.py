@@ -146,7 +146,7 @@ def test_index_build_query_and_eval(ckpt, image_folder, tmp_path, capsys):
     queries = [corpus.sample_ids[3], corpus.sample_ids[17]]
     grid, answer = tmp_path / "grid.png", tmp_path / "q.json"
     argv = ["index", "query", tmp_path / "Flat", "--image", queries[0], "--image", queries[1], "-k", 5]
-    assert _run(*argv, "--grid", grid, "--json", answer) == 0
+    assert _run(*argv, "--grid", grid, "--out", answer) == 0
     got = json.loads(answer.read_text())["queries"]
     normed = corpus.features / np.linalg.norm(corpus.features, axis=1, keepdims=True)
     for q, row in zip(queries, got):
@@ -157,18 +157,18 @@ def test_index_build_query_and_eval(ckpt, image_folder, tmp_path, capsys):
         np.testing.assert_allclose([h["score"] for h in row["neighbours"]], sims[exact], rtol=1e-5, atol=1e-5)
     assert grid.read_bytes()[:8] == PNG_MAGIC
     argv[2] = tmp_path / "HNSW32"  # a graph over 24 vectors searched with efSearch 64 is exact
-    assert _run(*argv, "--json", tmp_path / "hnsw.json") == 0
+    assert _run(*argv, "--out", tmp_path / "hnsw.json") == 0
     hnsw = json.loads((tmp_path / "hnsw.json").read_text())["queries"]
     assert [[h["id"] for h in r["neighbours"]] for r in hnsw] == [[h["id"] for h in r["neighbours"]] for r in got]
 
     capsys.readouterr()
-    assert _run("index", "eval", tmp_path / "HNSW32", "-k", 5, "--json", tmp_path / "eval.json") == 0
+    assert _run("index", "eval", tmp_path / "HNSW32", "-k", 5, "--out", tmp_path / "eval.json") == 0
     assert "R@1 1.0000" in capsys.readouterr().out
     assert json.loads((tmp_path / "eval.json").read_text())["recall"]["5"] == pytest.approx(1.0)
     truth = tmp_path / "truth.jsonl"
     same_class = [s for s in corpus.sample_ids if Path(s).parent == Path(queries[0]).parent]
     truth.write_text(json.dumps({"query": queries[0], "relevant": same_class}) + "\n")
-    assert _run("index", "eval", tmp_path / "Flat", "--ground-truth", truth, "--json", tmp_path / "map.json") == 0
+    assert _run("index", "eval", tmp_path / "Flat", "--ground-truth", truth, "--out", tmp_path / "map.json") == 0
     result = json.loads((tmp_path / "map.json").read_text())
     assert result["num_queries"] == 1 and 0 < result["map"] <= 1 and result["map"] == result["map_exact"]
 
@@ -285,7 +285,7 @@ def test_query_grid_draws_dataset_items_that_are_not_files(ckpt, tmp_path, capsy
     query = tmp_path / "query.png"
     digits[7][0].save(query)  # a corpus item as a query file: its nearest neighbour is itself
     grid, answer = tmp_path / "grid.png", tmp_path / "q.json"
-    assert _run("index", "query", out, "--image", query, "-k", 3, "--grid", grid, "--json", answer) == 0
+    assert _run("index", "query", out, "--image", query, "-k", 3, "--grid", grid, "--out", answer) == 0
     assert grid.read_bytes()[:8] == PNG_MAGIC and f"query grid: {grid}" in capsys.readouterr().out
     hits = json.loads(answer.read_text())["queries"][0]["neighbours"]
     assert hits[0]["sample"] == "digits/val/7"  # not a file: drawn grey before

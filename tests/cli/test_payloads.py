@@ -1,5 +1,7 @@
-"""The typed payloads of the evaluation and index jobs (vitssl.cli.eval, vitssl.cli.index): what a command builds,
-that they travel (pickle) and that run_eval_job dispatches on their type; and that the parser needs no torch."""
+"""The typed payloads of the evaluation and index jobs (vitssl.eval.jobs, vitssl.index.jobs) as the commands build
+them (vitssl.cli.eval, vitssl.cli.index): that they travel (pickle), that run_eval_job dispatches on their type
+through the job registry, also in a fresh interpreter and from the launch-target names older submissions pickled;
+and that the parser needs no torch."""
 
 from __future__ import annotations
 
@@ -15,18 +17,21 @@ from vitssl.cli import eval as cli_eval
 from vitssl.cli import index as cli_index
 from vitssl.cli import main
 from vitssl.config import LaunchConfig
+from vitssl.eval import jobs as eval_jobs
+from vitssl.index import jobs as index_jobs
+from vitssl.launch import resolve_target
 
 BASE = {"checkpoint": "/runs/x/checkpoint_last.pth", "device": "cpu", "layer": "last4", "num_workers": 2}
 PROBE = {"train": "digits:split=train", "val": "digits:split=val", "train_split": "train", "val_split": "val"}
 INDEX = {"data": "digits:split=val", "split": "val", "out": "/idx", "factory": "IVF2,Flat"}
 PAYLOADS = [
-    cli_eval.FeaturesJob(**BASE, data="shapes:num_samples=8", split="val"),
-    cli_eval.KnnJob(**BASE, **PROBE, out="/r/knn.json", ks=(10, 20), temperature=0.1),
-    cli_eval.LinearJob(**BASE, **PROBE, out="/r/lin.json", lrs=(0.1, 1.0), method="both", finetune_aug=True),
-    cli_index.IndexBuildJob(**BASE, **INDEX, train_size=100),
-    cli_index.IndexTrainJob(**BASE, **INDEX),
-    cli_index.IndexShardJob(**BASE, **INDEX, shard=(1, 3), trained="/idx.build/trained.faiss"),
-    cli_index.IndexMergeJob(shard_dirs=("/a", "/b"), out="/idx", keep_shards=True),
+    eval_jobs.FeaturesJob(**BASE, data="shapes:num_samples=8", split="val"),
+    eval_jobs.KnnJob(**BASE, **PROBE, out="/r/knn.json", ks=(10, 20), temperature=0.1),
+    eval_jobs.LinearJob(**BASE, **PROBE, out="/r/lin.json", lrs=(0.1, 1.0), method="both", finetune_aug=True),
+    index_jobs.IndexBuildJob(**BASE, **INDEX, train_size=100),
+    index_jobs.IndexTrainJob(**BASE, **INDEX),
+    index_jobs.IndexShardJob(**BASE, **INDEX, shard=(1, 3), trained="/idx.build/trained.faiss"),
+    index_jobs.IndexMergeJob(shard_dirs=("/a", "/b"), out="/idx", keep_shards=True),
 ]
 
 
@@ -36,20 +41,45 @@ def test_payloads_round_trip_through_pickle_and_are_frozen(payload):
     assert again == payload and type(again) is type(payload)
     with pytest.raises(dataclasses.FrozenInstanceError):
         payload.out = "/elsewhere"  # type: ignore[misc]
-    assert type(payload) in cli_eval._JOBS  # run_eval_job has a job for it
+    assert callable(eval_jobs.job_for(payload))  # run_eval_job has a job for it
 
 
 def test_run_eval_job_refuses_other_payloads():
     with pytest.raises(TypeError, match=r"got a dict; evaluation payloads are .*KnnJob.*IndexMergeJob"):
-        cli_eval.run_eval_job({"command": "knn"})
+        eval_jobs.run_eval_job({"command": "knn"})
+    with pytest.raises(TypeError, match="got a dict"):  # before anything is launched
+        eval_jobs.launch_job({"command": "knn"}, LaunchConfig(), "/nowhere")
+
+
+def test_a_fresh_interpreter_finds_the_job_of_an_unpickled_payload():
+    """What a spawned process or SLURM job does: resolve the target by name, unpickle the payload, dispatch; the
+    targets older submissions pickled (vitssl.cli.eval:run_eval_job / run_eval_call) still resolve, to the same."""
+    blobs = [pickle.dumps(p) for p in (PAYLOADS[1], PAYLOADS[3])]
+    code = (
+        "import pickle, sys\n"
+        "from vitssl.launch import resolve_target\n"
+        "from vitssl.eval.jobs import JOB_TARGET, job_for\n"
+        "assert resolve_target(JOB_TARGET) is resolve_target('vitssl.cli.eval:run_eval_job')\n"
+        "assert resolve_target('vitssl.cli.eval:run_eval_call').__module__ == 'vitssl.eval.jobs'\n"
+        f"for blob in {blobs!r}:\n"
+        "    payload = pickle.loads(blob)\n"
+        "    print(type(payload).__name__, job_for(payload).__module__, job_for(payload).__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:2] == ["KnnJob vitssl.eval.probe_jobs run_knn", "IndexBuildJob vitssl.index.jobs run_index_build"]
+
+
+def test_the_payloads_older_submissions_pickled_still_load():
+    assert cli_eval.KnnJob is eval_jobs.KnnJob and cli_index.IndexBuildJob is index_jobs.IndexBuildJob
+    assert resolve_target(eval_jobs.CALL_TARGET) is resolve_target("vitssl.cli.eval:run_eval_call")
 
 
 @pytest.fixture
 def launched(monkeypatch):
     """What commands hand to the launcher, instead of running it."""
     calls: list[tuple] = []
-    monkeypatch.setattr(cli_eval, "launch_job", lambda cfg, payload, out: calls.append((cfg, payload, Path(out))))
-    monkeypatch.setattr(cli_index, "launch_job", lambda cfg, payload, out: calls.append((cfg, payload, Path(out))))
+    monkeypatch.setattr(cli_eval, "launch_job", lambda payload, cfg, out: calls.append((cfg, payload, Path(out))))
+    monkeypatch.setattr(cli_index, "launch_job", lambda payload, cfg, out: calls.append((cfg, payload, Path(out))))
     return calls
 
 
@@ -63,7 +93,7 @@ def test_knn_command_builds_its_payload_and_launch_settings(tmp_path, launched):
     assert isinstance(launch_cfg, LaunchConfig) and launch_cfg.backend == "local" and launch_cfg.tasks_per_node == 2
     (out,) = [Path(payload.out)]  # the default name says what was evaluated, with a digest of every input
     assert out.parent == ckpt.parent / "eval" and out.name.startswith("knn-digits-digits-val-pooled-")
-    assert payload == cli_eval.KnnJob(
+    assert payload == eval_jobs.KnnJob(
         checkpoint=str(ckpt), device="cpu", **PROBE, out=str(out), ks=(10, 20, 100, 200), num_workers=None
     )
     assert output_dir == out.parent and pickle.loads(pickle.dumps(payload)) == payload
@@ -75,7 +105,7 @@ def test_index_build_command_builds_its_payload(tmp_path, launched):
     argv = ["index", "build", ckpt, "--data", "digits", "--split", "train", "--out", tmp_path / "idx"]
     assert main([str(a) for a in [*argv, "--factory", "HNSW32", "--no-vectors", "--layer", "mean", "device=cpu"]]) == 0
     ((_, payload, output_dir),) = launched
-    assert isinstance(payload, cli_index.IndexBuildJob) and payload.device == "cpu" and payload.layer == "mean"
+    assert isinstance(payload, index_jobs.IndexBuildJob) and payload.device == "cpu" and payload.layer == "mean"
     assert (payload.data, payload.split, payload.factory, payload.store_vectors) == ("digits", "train", "HNSW32", False)
     assert payload.out == str(tmp_path / "idx") and output_dir == tmp_path / "idx.build"
 

@@ -142,7 +142,7 @@ def test_index_eval_with_integer_ids_needs_no_checkpoint(tmp_path, capsys):
         + "\n"
     )
     out = tmp_path / "map.json"
-    assert _run("index", "eval", idx, "--ground-truth", gt, "-k", 30, "--json", out) == 0
+    assert _run("index", "eval", idx, "--ground-truth", gt, "-k", 30, "--out", out) == 0
     result = json.loads(out.read_text())
     expected = core.evaluate_index(idx, vectors[[3, 5]], [[3, 11, 12], [5, 20]], k=30)
     assert result["map_name"] == "mAP" and result["map"] == pytest.approx(expected["map"])

@@ -48,7 +48,7 @@ def test_index_from_an_exported_backbone_builds_and_answers_queries(backbone_fil
     query = tmp_path / "q.png"
     digits.load_image(5).save(query)
     answer = tmp_path / "q.json"
-    assert _run("index", "query", idx, "--image", query, "-k", 3, "--json", answer) == 0
+    assert _run("index", "query", idx, "--image", query, "-k", 3, "--out", answer) == 0
     best = json.loads(answer.read_text())["queries"][0]["neighbours"][0]
     assert best["sample"] == "digits/val/5" and best["score"] == pytest.approx(1.0, abs=1e-4)
 

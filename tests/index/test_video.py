@@ -36,7 +36,7 @@ def test_every_repeated_video_query_is_answered_in_order(corpus, index, tmp_path
     a, b = corpus / "v2.mp4", corpus / "v0.mp4"
     capsys.readouterr()
     out = tmp_path / "hits.json"
-    assert _run("index", "query", index, "--video", a, "--video", b, "-k", "2", "--json", out, "--grid",
+    assert _run("index", "query", index, "--video", a, "--video", b, "-k", "2", "--out", out, "--grid",
                 tmp_path / "sheet.png") == 0  # fmt: skip
     printed = capsys.readouterr().out
     assert f"{a}:" in printed and f"{b}:" in printed and printed.index(f"{a}:") < printed.index(f"{b}:")
@@ -81,7 +81,7 @@ def test_a_damaged_mp4_stops_the_build_in_one_line_or_is_skipped_by_name(corpus,
     assert not (tmp_path / "i1").exists() and not (tmp_path / "i1.build").exists()
 
     summary = tmp_path / "build.json"
-    argv = ["index", "build", "thumbnails:size=4", "--data", spec, "--skip-corrupt", "--json", summary]
+    argv = ["index", "build", "thumbnails:size=4", "--data", spec, "--skip-corrupt", "--summary", summary]
     assert _run(*argv, "--out", tmp_path / "i2") == 0
     printed = capsys.readouterr().out
     assert "skipped 1 damaged or unreadable videos" in printed and str(bad) in printed

@@ -223,7 +223,7 @@ def test_index_build_query_eval_with_an_image_checkpoint(bench, ckpt, tmp_path, 
     out = tmp_path / "q.json"
     grid = tmp_path / "sheet.png"
     assert (
-        _run("index", "query", idx, "--video", query, "-k", "3", "--rerank", "chamfer", "--json", out, "--grid", grid)
+        _run("index", "query", idx, "--video", query, "-k", "3", "--rerank", "chamfer", "--out", out, "--grid", grid)
         == 0
     )
     hits = json.loads(out.read_text())["queries"][0]["neighbours"]
@@ -234,7 +234,7 @@ def test_index_build_query_eval_with_an_image_checkpoint(bench, ckpt, tmp_path, 
     for rerank in ((), ("--rerank", "chamfer")):
         res = tmp_path / f"eval{len(rerank)}.json"
         gt = bench / "ground_truth.jsonl"
-        assert _run("index", "eval", idx, "--ground-truth", gt, "--json", res, *rerank) == 0
+        assert _run("index", "eval", idx, "--ground-truth", gt, "--out", res, *rerank) == 0
         result = json.loads(res.read_text())
         assert 0.0 < result["mAP"] <= 1.0 and 0.0 <= result["recall@1"] <= result["recall@10"] <= 1.0
         assert result["num_queries"] == sum(1 for q in G.read_ground_truth(gt).queries if q in test)

@@ -1,37 +1,11 @@
 """What ``vitssl index`` commands of images (:mod:`vitssl.cli.index`) and videos (:mod:`vitssl.cli.video_index`)
-share: the error translation, the summary writer and the ground-truth options. Imports no torch or faiss."""
+share: the ground-truth options and ``-k/--k``. Imports no torch or faiss (the error translation and the summary
+writer they share with the index jobs are :mod:`vitssl.index.jobs`)."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
-
-from vitssl.config import ConfigError
-from vitssl.errors import UserError
-
-
-@contextmanager
-def index_errors() -> Iterator[None]:
-    """faiss-side problems a user fixes by changing the command (factory, training size, index folders)."""
-    try:
-        yield
-    except UserError:
-        raise  # says what to fix already (IndexFormatError, IndexSpecError, ConfigError, ...)
-    except ValueError as err:  # faiss and the index builder reject factories and sizes with ValueError
-        raise ConfigError(str(err)) from None
-
-
-def write_summary(summary: dict[str, Any], path: str | None) -> dict[str, Any]:
-    """A job's summary, also written to ``path`` (``--json``) when given; returned as it is."""
-    if path:
-        from vitssl.io import write_json
-
-        write_json(summary, Path(path), default=str)
-        print(f"summary written to {path}")
-    return summary
 
 
 def gt_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -51,4 +25,4 @@ def add_k_option(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("-k", "--k", dest="k", type=int, default=10, help=help)
 
 
-__all__ = ["add_k_option", "gt_options", "index_errors", "write_summary"]
+__all__ = ["add_k_option", "gt_options"]

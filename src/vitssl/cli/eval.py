@@ -9,122 +9,44 @@ anywhere on the command line, e.g.::
     vitssl eval knn runs/moco/checkpoint_last.pth --train imagefolder:root=/data/in1k,split=train \\
         --val imagefolder:root=/data/in1k,split=val launch=slurm launch.gpus_per_node=8
 
-The launched job is :func:`run_eval_job`, which runs the payload's library function on this rank and prints its
-report on rank 0. The job's folder (``jobs.jsonl``, SLURM logs under ``submitit/``) is the folder of its results.
+The launched job is :func:`vitssl.eval.jobs.run_eval_job`, which runs the payload's library function (registered
+in :data:`vitssl.eval.jobs.EVAL_JOBS`) on this rank and prints its report on rank 0. The job's folder
+(``jobs.jsonl``, SLURM logs under ``submitit/``) is the folder of its results.
 ``eval zeroshot|retrieval`` run here, in this process.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from vitssl.cli._args import ListWithOverrides, add_deprecated_spelling, add_parser, number_or_override
 from vitssl.config import ConfigError
 
-# The payloads and what the jobs share live in the library; the index commands import them from here too.
+# The payloads, the job registry and the launch targets live in the library; the index commands import the
+# shared ones from here too.
 from vitssl.eval.jobs import (
+    CALL_TARGET,
     DEFAULT_KS,
+    JOB_TARGET,
     EvalJob,
     FeaturesJob,
-    JobResult,
     KnnJob,
     LinearJob,
     ProbeJob,
-    data_workers,
     default_result_path,
-    is_main,
-    job_features,
-    run_features,
+    launch_job,
+    run_eval_call,
+    run_eval_job,
     write_result,
 )
-from vitssl.eval.probe_jobs import run_knn, run_linear
 from vitssl.eval.spec import LAYER_HELP, SPEC_SYNTAX  # imports no torch: building the parser stays light
 
-# The launch targets, by name: spawned processes and SLURM jobs import them from here.
-JOB_TARGET = "vitssl.cli.eval:run_eval_job"
-CALL_TARGET = "vitssl.cli.eval:run_eval_call"
-
-PayloadT = TypeVar("PayloadT")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The job entry points
-# --------------------------------------------------------------------------------------------------------------
-
-# Payload type -> the library function that runs it on one rank: a JobResult (printed here) or a result dict on
-# rank 0. vitssl.cli.index adds the index jobs when it is imported, which unpickling one of its payloads always
-# does first.
-_JOBS: dict[type, Callable[[Any], Any]] = {FeaturesJob: run_features, KnnJob: run_knn, LinearJob: run_linear}
-
-
-def eval_job(
-    payload_type: type[PayloadT],
-) -> Callable[[Callable[[PayloadT], dict[str, Any]]], Callable[[PayloadT], dict[str, Any]]]:
-    """Register the function that runs payloads of ``payload_type`` (a decorator)."""
-
-    def register(fn: Callable[[PayloadT], dict[str, Any]]) -> Callable[[PayloadT], dict[str, Any]]:
-        _JOBS[payload_type] = fn
-        return fn
-
-    return register
-
-
-def run_eval_job(payload: Any) -> dict[str, Any]:
-    """Run one evaluation job on this rank (the launch target of every evaluation command).
-
-    Args:
-        payload: one of the payload dataclasses (:class:`FeaturesJob`, :class:`KnnJob`, ...).
-
-    Returns:
-        The job's result on rank 0 (what it also writes as JSON), ``{}`` on other ranks.
-    """
-    from vitssl.distributed import init_distributed
-
-    job = _JOBS.get(type(payload))
-    if job is None:
-        known = ", ".join(t.__name__ for t in _JOBS)
-        raise TypeError(f"run_eval_job got a {type(payload).__name__}; evaluation payloads are {known}")
-    init_distributed()
-    with user_errors():
-        result = job(payload)
-    if isinstance(result, JobResult):  # None on the ranks that only extracted their shards
-        print(result.report)
-        return result.record
-    return result or {}
-
-
-def run_eval_call(payload: Any, launch_cfg: Any, output_dir: str) -> Any:
-    """Array-task / dependent-job entry (``submit_array_then`` calls ``target(*args)``): one evaluation job.
-
-    Locally it goes through :func:`vitssl.launch.launch`, so ``launch.tasks_per_node`` processes still apply;
-    inside a SLURM job it runs on this task directly.
-
-    Args:
-        payload: the job's payload.
-        launch_cfg: the launch settings it was submitted with (a ``LaunchConfig``).
-        output_dir: the job's folder.
-    """
-    from vitssl.launch.common import as_launch_config
-
-    lcfg = as_launch_config(launch_cfg)
-    if lcfg.backend == "local":
-        from vitssl.launch import launch
-
-        return launch(JOB_TARGET, payload, lcfg, output_dir, kind="eval")
-    return run_eval_job(payload)
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn library errors about user input that are not :class:`~vitssl.errors.UserError` into ConfigError."""
-    try:
-        yield
-    except FileExistsError as err:  # an output folder the user named exists already
-        raise ConfigError(f"{err}") from None
+# Submissions made before the job registry moved to vitssl.eval.jobs pickled the targets
+# "vitssl.cli.eval:run_eval_job" / "vitssl.cli.eval:run_eval_call" (requeued and pending SLURM jobs unpickle
+# them again): the two names imported above stay importable from here for one release.
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -159,13 +81,6 @@ def launch_settings(args: argparse.Namespace) -> tuple[Any, str]:
         )
     cfg = load_config(None, [f"device={args.device}", *overrides])  # validates the keys and values
     return as_launch_config(cfg.launch), str(cfg.device)
-
-
-def launch_job(launch_cfg: Any, payload: Any, output_dir: Path) -> Any:
-    """Run ``payload`` through :func:`vitssl.launch.launch` (here, in N local processes, or on SLURM)."""
-    from vitssl.launch import launch
-
-    return launch(JOB_TARGET, payload, launch_cfg, output_dir, kind="eval")
 
 
 def extraction_fields(
@@ -221,7 +136,7 @@ def _cmd_features(args: argparse.Namespace) -> int:
     split = split_of(args.data, "val", args.split)
     launch_cfg, device = launch_settings(args)
     job = FeaturesJob(**extraction_fields(args, device), data=args.data, split=split, feature_dtype=args.feature_dtype)
-    launch_job(launch_cfg, job, Path(job.cache_dir) if job.cache_dir else default_cache_dir(job.checkpoint))
+    launch_job(job, launch_cfg, Path(job.cache_dir) if job.cache_dir else default_cache_dir(job.checkpoint))
     return 0
 
 
@@ -274,7 +189,7 @@ def _cmd_knn(args: argparse.Namespace) -> int:
         approx=bool(args.approx),
     )
     job.check()
-    launch_job(launch_cfg, job, Path(job.out).parent)
+    launch_job(job, launch_cfg, Path(job.out).parent)
     return 0
 
 
@@ -295,7 +210,7 @@ def _cmd_linear(args: argparse.Namespace) -> int:
         seed=int(args.seed),
     )
     job.check()
-    launch_job(launch_cfg, job, Path(job.out).parent)
+    launch_job(job, launch_cfg, Path(job.out).parent)
     return 0
 
 
@@ -555,11 +470,7 @@ __all__ = [
     "add_extraction_options",
     "check_spec",
     "checkpoint_arg",
-    "data_workers",
-    "eval_job",
     "extraction_fields",
-    "is_main",
-    "job_features",
     "launch_job",
     "launch_settings",
     "register_commands",

@@ -15,8 +15,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from vitssl.cli._index_common import gt_options, index_errors
+from vitssl.cli._index_common import gt_options
 from vitssl.config import ConfigError
+from vitssl.index.jobs import index_errors
 
 THUMBNAIL_PREFIX = "thumbnails"
 # The parser is built without importing numpy, torch or faiss: these mirror vitssl.eval.retrieval_metrics.FORMATS /
@@ -71,9 +72,9 @@ def refuse_image_query(directory: Path) -> None:
 def cmd_query(args: argparse.Namespace) -> int:
     """``index query IDX --video FILE [--video FILE ...]``: the k most similar videos of each query, printed, as
     JSON (one entry per query, in the order given) and as contact sheets."""
-    from vitssl.cli.eval import write_result
     from vitssl.data.common import CorruptImageError
     from vitssl.eval.features import corrupt_sample_error
+    from vitssl.eval.jobs import write_result
     from vitssl.index.video import rank, save_video_grid
 
     if args.image:
@@ -102,9 +103,9 @@ def cmd_query(args: argparse.Namespace) -> int:
         print(f"{video}:" + (f" (re-ranked by {args.rerank})" if args.rerank else ""))
         for r, (path, score) in enumerate(hits, 1):
             print(f"  {r:>3}  {score:.4f}  {path}")
-    if args.json:
-        write_result({"index": str(args.dir), "k": args.k, "rerank": args.rerank, "queries": results}, args.json)
-        print(f"written to {args.json}")
+    if args.out:
+        write_result({"index": str(args.dir), "k": args.k, "rerank": args.rerank, "queries": results}, args.out)
+        print(f"written to {args.out}")
     if args.grid:
         for path, result in zip(_grid_paths(Path(args.grid), len(results)), results):
             hits = [(h["sample"], h["score"]) for h in result["neighbours"]]
@@ -122,7 +123,7 @@ def _grid_paths(grid: Path, count: int) -> list[Path]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """``index eval IDX --ground-truth FILE`` on a video index: mAP and recall@k (video level or chamfer)."""
-    from vitssl.cli.eval import write_result
+    from vitssl.eval.jobs import write_result
     from vitssl.eval.retrieval_metrics import read_ground_truth
     from vitssl.index.video import evaluate_video_index
 
@@ -146,9 +147,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         f"{truth.name}: mAP {result['mAP']:.4f}  {recalls}  ({result['num_queries']} queries, "
         f"{result['database']} videos, {how})"
     )
-    if args.json:
-        write_result({"index": str(args.dir), **result}, args.json)
-        print(f"written to {args.json}")
+    if args.out:
+        write_result({"index": str(args.dir), **result}, args.out)
+        print(f"written to {args.out}")
     return 0
 
 

@@ -16,6 +16,19 @@ line builds the same payloads and hands them to :func:`vitssl.launch.launch`; a 
 
 Every probe reads frozen features through the cache of :mod:`vitssl.eval.features`, so running a job again on
 the same checkpoint and data costs no backbone forward.
+
+The job registry (:data:`EVAL_JOBS`) maps each payload type to its job function, and :func:`run_eval_job`, the
+launch target of every evaluation and index job (:data:`JOB_TARGET`), runs a payload on this rank through it. To
+run a payload in N local processes or on SLURM, as the command line does, hand it to :func:`launch_job`::
+
+    from vitssl.config import LaunchConfig
+    from vitssl.eval.jobs import launch_job
+
+    launch_job(job, LaunchConfig(backend="slurm", gpus_per_node=8), "/runs/moco/eval")
+
+A payload defined elsewhere registers its function with :func:`register_job` when its module is imported (the
+index jobs of :mod:`vitssl.index.jobs` do), which unpickling the payload in a spawned process or SLURM job always
+does first.
 """
 
 from __future__ import annotations
@@ -24,13 +37,21 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from vitssl.config import ConfigError
+from vitssl.registry import Registry
 
 DEFAULT_KS = (10, 20, 100, 200)
+# The launch targets, by name: spawned processes and SLURM jobs import them from here.
+JOB_TARGET = "vitssl.eval.jobs:run_eval_job"
+CALL_TARGET = "vitssl.eval.jobs:run_eval_call"
+
+PayloadT = TypeVar("PayloadT")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -288,8 +309,118 @@ def run_features(job: FeaturesJob) -> JobResult | None:
     return JobResult("features", record, report)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# The job registry and the launch targets
+# --------------------------------------------------------------------------------------------------------------
+
+# Payload type (by module and qualified name) -> the function that runs it on one rank and returns a JobResult (or
+# a result dict) on rank 0. The probes register when vitssl.eval.probe_jobs is imported (its first lookup does);
+# payloads of higher floors (vitssl.index.jobs) register when their module is imported.
+EVAL_JOBS: Registry[Callable[[Any], Any]] = Registry("evaluation job", providers=("vitssl.eval.probe_jobs",))
+
+
+def job_key(payload_type: type) -> str:
+    """The registry key of a payload type: its module and qualified name."""
+    return f"{payload_type.__module__}.{payload_type.__qualname__}"
+
+
+def register_job(payload_type: type[PayloadT]) -> Callable[[Callable[[PayloadT], Any]], Callable[[PayloadT], Any]]:
+    """Register the function that runs payloads of ``payload_type`` (a decorator); it returns a
+    :class:`JobResult` (printed by :func:`run_eval_job`), a result dict, or None on ranks without a result."""
+
+    def register(fn: Callable[[PayloadT], Any]) -> Callable[[PayloadT], Any]:
+        EVAL_JOBS.register(job_key(payload_type), fn)
+        return fn
+
+    return register
+
+
+def job_for(payload: Any) -> Callable[[Any], Any]:
+    """The registered job function of ``payload``.
+
+    Raises:
+        TypeError: ``payload`` is no registered payload type.
+    """
+    key = job_key(type(payload))
+    if key not in EVAL_JOBS:
+        known = ", ".join(name.rsplit(".", 1)[-1] for name in EVAL_JOBS)
+        raise TypeError(f"run_eval_job got a {type(payload).__name__}; evaluation payloads are {known}")
+    return EVAL_JOBS.get(key)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn library errors about user input that are not :class:`~vitssl.errors.UserError` into ConfigError."""
+    try:
+        yield
+    except FileExistsError as err:  # an output folder the user named exists already
+        raise ConfigError(f"{err}") from None
+
+
+def run_eval_job(payload: Any) -> dict[str, Any]:
+    """Run one evaluation job on this rank (the launch target of every evaluation and index job).
+
+    Args:
+        payload: a registered payload (:class:`FeaturesJob`, :class:`KnnJob`, :class:`LinearJob`, the index jobs).
+
+    Returns:
+        The job's result on rank 0 (what it also writes as JSON), ``{}`` on other ranks.
+    """
+    from vitssl.distributed import init_distributed
+
+    job = job_for(payload)
+    init_distributed()
+    with user_errors():
+        result = job(payload)
+    if isinstance(result, JobResult):  # None on the ranks that only extracted their shards
+        print(result.report)
+        return result.record
+    return result or {}
+
+
+def run_eval_call(payload: Any, launch_cfg: Any, output_dir: str) -> Any:
+    """Array-task / dependent-job entry (``submit_array_then`` calls ``target(*args)``): one evaluation job.
+
+    Locally it goes through :func:`vitssl.launch.launch`, so ``launch.tasks_per_node`` processes still apply;
+    inside a SLURM job it runs on this task directly.
+
+    Args:
+        payload: the job's payload.
+        launch_cfg: the launch settings it was submitted with (a ``LaunchConfig``).
+        output_dir: the job's folder.
+    """
+    from vitssl.launch.common import as_launch_config
+
+    if as_launch_config(launch_cfg).backend == "local":
+        return launch_job(payload, launch_cfg, output_dir)
+    return run_eval_job(payload)
+
+
+def launch_job(payload: Any, launch_cfg: Any, output_dir: str | Path) -> Any:
+    """Run ``payload`` as ``launch_cfg`` says: here, in N local processes, or as a SLURM job.
+
+    Args:
+        payload: a registered payload.
+        launch_cfg: a ``LaunchConfig`` (or its mapping).
+        output_dir: the job's folder (``jobs.jsonl``, SLURM logs under ``submitit/``).
+
+    Returns:
+        Locally, the job's result on rank 0; on SLURM, the submitted job.
+    """
+    from vitssl.launch import launch
+
+    job_for(payload)  # fail here, not in the job, on a payload nothing runs
+    return launch(JOB_TARGET, payload, launch_cfg, output_dir, kind="eval")
+
+
+EVAL_JOBS.register(job_key(FeaturesJob), run_features)
+
+
 __all__ = [
+    "CALL_TARGET",
     "DEFAULT_KS",
+    "EVAL_JOBS",
+    "JOB_TARGET",
     "EvalJob",
     "FeaturesJob",
     "JobResult",
@@ -301,7 +432,14 @@ __all__ = [
     "eval_model",
     "is_main",
     "job_features",
+    "job_for",
+    "job_key",
+    "launch_job",
     "provenance",
+    "register_job",
+    "run_eval_call",
+    "run_eval_job",
     "run_features",
+    "user_errors",
     "write_result",
 ]

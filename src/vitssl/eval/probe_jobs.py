@@ -25,6 +25,7 @@ from vitssl.eval.jobs import (
     is_main,
     job_features,
     provenance,
+    register_job,
     write_result,
 )
 
@@ -106,6 +107,7 @@ def _probe_record(task: str, model: Any, job: ProbeJob, train: Any, val: Any) ->
     }
 
 
+@register_job(KnnJob)
 def run_knn(job: KnnJob) -> JobResult | None:
     """Weighted k-NN top-1 / top-5 of ``job.val`` against the bank ``job.train``, for every k of ``job.ks``.
 
@@ -154,6 +156,7 @@ def _sgd_options(model: Any, job: LinearJob) -> dict[str, Any]:
     }
 
 
+@register_job(LinearJob)
 def run_linear(job: LinearJob) -> JobResult | None:
     """The linear probe(s) of ``job.method`` trained on ``job.train`` and scored on ``job.val``.
 
