@@ -12,6 +12,8 @@ import json
 import sys
 
 from vitssl.cli._args import add_deprecated_spelling
+from vitssl.cli.eval import check_spec
+from vitssl.eval.spec import SPEC_SYNTAX  # imports no torch
 
 DECODER_CHOICES = ("auto", "torchcodec", "decord", "pyav")  # vitssl.video.io.DECODERS (kept import-free here)
 
@@ -57,6 +59,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from vitssl.video.action_report import evaluate_action_checkpoint, format_action_scores
 
+    check_spec(args.data, "--data")  # a malformed spec fails before the checkpoint is read
     scores = evaluate_action_checkpoint(
         args.checkpoint,
         args.data,
@@ -142,8 +145,9 @@ def register_commands(subparsers: argparse._SubParsersAction, groups: dict[str, 
     e.add_argument(
         "--data",
         required=True,
-        help="NAME[:key=value,...], e.g. videofolder:root=DIR or video_csv:root=val.csv,prefix=DIR "
-        "(num_frames defaults to the checkpoint's)",
+        metavar="SPEC",
+        help=f"labelled videos, e.g. videofolder:root=DIR or video_csv:root=val.csv,prefix=DIR (num_frames defaults "
+        f"to the checkpoint's); syntax {SPEC_SYNTAX}",
     )
     e.add_argument("--split", default=None, help="split (default: the spec's own, else val)")
     e.add_argument("--views", default="1x1", help="CLIPSxCROPS per video, e.g. 1x3 or 4x3 (default 1x1)")
