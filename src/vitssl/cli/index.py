@@ -240,7 +240,7 @@ def register_commands(
     )
     add_extraction_options(p)
     add_data_options(p, "corpus")
-    p.add_argument("--out", required=True, metavar="DIR", help="index folder to write")
+    p.add_argument("--out", required=True, help="index folder to write")
     p.add_argument("--factory", default="Flat", help="faiss index factory: Flat (default), IVF4096,PQ64, HNSW32, ...")
     p.add_argument("--metric", choices=("ip", "l2"), default="ip", help="ip (cosine on normalised vectors) or l2")
     p.add_argument("--no-normalize", action="store_true", help="do not L2-normalise vectors and queries")
