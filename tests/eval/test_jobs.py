@@ -43,6 +43,16 @@ def test_knn_from_python_equals_the_command(ckpt, tmp_path, capsys):
     assert json.loads(result.path.read_text()) == json.loads(json.dumps(result.record, default=str))
     assert result.report.splitlines()[:-1] == printed.splitlines()[:-1]  # the same table; only the path differs
     assert result.report.endswith(f"written to {tmp_path / 'api.json'}")
+    # the exact-search backends agree, from the command (--knn-backend) and from Python
+    assert main([*argv, "--num-workers", "0", "--out", str(tmp_path / "faiss.json"), "--knn-backend", "faiss"]) == 0
+    torch_run = run_knn(KnnJob(checkpoint=str(ckpt), **PROBE, ks=(3, 5), out=str(tmp_path / "t.json"), backend="torch"))
+    faiss_run = json.loads((tmp_path / "faiss.json").read_text())
+    for k in ("3", "5"):
+        assert (
+            torch_run.record["results"][k]["top1"]
+            == faiss_run["results"][k]["top1"]
+            == result.record["results"][k]["top1"]
+        )
 
 
 def test_linear_and_features_from_python(ckpt, tmp_path):
@@ -64,6 +74,7 @@ def test_linear_and_features_from_python(ckpt, tmp_path):
     [
         (KnnJob(checkpoint="/x", **PROBE, out="/o.json", ks=(0,)), "--k 0: neighbour counts must be positive"),
         (KnnJob(checkpoint="/x", **PROBE, out="/o.json", temperature=0.0), "--temperature 0.0"),
+        (KnnJob(checkpoint="/x", **PROBE, out="/o.json", backend="blas"), "--knn-backend blas: choose one of"),
         (LinearJob(checkpoint="/x", **PROBE, out="/o.json", probe_batch_size=1), "--probe-batch-size 1"),
         (LinearJob(checkpoint="/x", **PROBE, out="/o.json", method="logreg", finetune_aug=True), "--finetune-aug"),
     ],

@@ -187,6 +187,7 @@ def _cmd_knn(args: argparse.Namespace) -> int:
         ks=tuple(int(k) for k in args.k),
         temperature=float(args.temperature),
         approx=bool(args.approx),
+        backend=args.knn_backend,
     )
     job.check()
     launch_job(job, launch_cfg, Path(job.out).parent)
@@ -374,6 +375,12 @@ def register_commands(
     p.add_argument("--temperature", type=float, default=0.07, help="vote temperature T (default 0.07)")
     p.add_argument(
         "--approx", action="store_true", help="approximate search (IVF, lists and probes chosen from the bank size)"
+    )
+    p.add_argument(
+        "--knn-backend",
+        choices=("auto", "faiss", "torch"),
+        default="auto",
+        help="exact search: torch matmul + top-k, or faiss (default auto: faiss-gpu where installed, else torch)",
     )
     p.set_defaults(func=_cmd_knn)
 

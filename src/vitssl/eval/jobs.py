@@ -102,6 +102,7 @@ class KnnJob(ProbeJob):
     ks: tuple[int, ...] = DEFAULT_KS  # neighbour counts
     temperature: float = 0.07  # vote temperature T: a neighbour votes exp(similarity / T)
     approx: bool = False  # search an IVF index (parameters from the bank size) instead of exactly
+    backend: str = "auto"  # exact search: torch (matmul + top-k) | faiss | auto (faiss-gpu if installed, else torch)
 
     def check(self) -> None:
         """Fail, naming the command-line option, on settings no data can make work.
@@ -109,8 +110,10 @@ class KnnJob(ProbeJob):
         Raises:
             ConfigError: a neighbour count below 1 or a temperature that is not a positive finite number.
         """
-        from vitssl.eval.knn import check_temperature
+        from vitssl.eval.knn import BACKENDS, check_temperature
 
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"--knn-backend {self.backend}: choose one of {', '.join(BACKENDS)}")
         if any(k < 1 for k in self.ks):
             raise ConfigError(f"--k {' '.join(map(str, self.ks))}: neighbour counts must be positive")
         try:

@@ -132,7 +132,15 @@ def run_knn(job: KnnJob) -> JobResult | None:
     record = _probe_record("knn", model, job, train, val)
     _check_overwrite(job.out, record)
     result = knn_evaluate(
-        train.features, train.labels, val.features, val.labels, job.ks, job.temperature, num_classes, approx=job.approx
+        train.features,
+        train.labels,
+        val.features,
+        val.labels,
+        job.ks,
+        job.temperature,
+        num_classes,
+        approx=job.approx,
+        backend=job.backend,
     )
     out = {
         **record,
