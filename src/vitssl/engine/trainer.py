@@ -110,6 +110,10 @@ class _Trainer:
         self.callbacks = list(callbacks)
         if cfg.train.log_grad_norm and cfg.optim.clip_grad is None:  # clipping logs the same norm already
             self.callbacks.append(GradNormLog())  # last: the norm of what the other callbacks left
+        # A callback need not derive from Callback; one written before this hook existed simply has none.
+        self._pre_step_hooks = [
+            c.on_before_optimizer_step for c in self.callbacks if hasattr(c, "on_before_optimizer_step")
+        ]
         if self.rank == 0:
             _logger.info(
                 "training on %s (%d samples): %d epochs x %d steps of %d images on %d process(es)",
@@ -202,10 +206,10 @@ class _Trainer:
                 "or use precision=fp32"
             )
         clip = self.cfg.optim.clip_grad
-        if clip is not None or self.callbacks:
+        if clip is not None or self._pre_step_hooks:
             run.scaler.unscale_(self.optimizer)  # the hooks and clipping see the true gradients (fp16)
-        for callback in self.callbacks:  # documented order: unscale, hooks, clipping, step (engine.callbacks)
-            metrics.update(callback.on_before_optimizer_step(p.step + 1, self.objective, self.optimizer) or {})
+        for hook in self._pre_step_hooks:  # documented order: unscale, hooks, clipping, step (engine.callbacks)
+            metrics.update(hook(p.step + 1, self.objective, self.optimizer) or {})
         if clip is not None:
             params = [q for g in self.optimizer.param_groups for q in g["params"] if q.grad is not None]
             metrics["grad_norm"] = run.parallel.clip_grad_norm(params, clip)
