@@ -78,6 +78,7 @@ PLUGIN_EDGES: dict[tuple[str, str], str] = {
     ("vitssl.index.pipeline", "vitssl.index.corpora"): "CORPORA: the built-in corpus kinds (images, videos)",
     ("vitssl.index.pipeline", "vitssl.index.embedders"): "EMBEDDERS: image, video, thumbnails, tca",
     ("vitssl.eval.jobs", "vitssl.eval.probe_jobs"): "EVAL_JOBS: the k-NN and linear-probe jobs",
+    ("vitssl.eval.jobs", "vitssl.index.jobs"): "EVAL_JOBS: the index train, shard, merge and build jobs",
 }
 
 # Violations being worked off: each entry is an upward edge (importer, imported) or a cycle (its modules, sorted).

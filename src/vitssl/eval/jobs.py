@@ -317,9 +317,11 @@ def run_features(job: FeaturesJob) -> JobResult | None:
 # --------------------------------------------------------------------------------------------------------------
 
 # Payload type (by module and qualified name) -> the function that runs it on one rank and returns a JobResult (or
-# a result dict) on rank 0. The probes register when vitssl.eval.probe_jobs is imported (its first lookup does);
-# payloads of higher floors (vitssl.index.jobs) register when their module is imported.
-EVAL_JOBS: Registry[Callable[[Any], Any]] = Registry("evaluation job", providers=("vitssl.eval.probe_jobs",))
+# a result dict) on rank 0. Its first lookup imports the providers: the probes (vitssl.eval.probe_jobs) and the
+# index build jobs of the floor above (vitssl.index.jobs), so a fresh interpreter lists every job.
+EVAL_JOBS: Registry[Callable[[Any], Any]] = Registry(
+    "evaluation job", providers=("vitssl.eval.probe_jobs", "vitssl.index.jobs")
+)
 
 
 def job_key(payload_type: type) -> str:
