@@ -99,6 +99,21 @@ def test_knn_command_builds_its_payload_and_launch_settings(tmp_path, launched):
     assert output_dir == out.parent and pickle.loads(pickle.dumps(payload)) == payload
 
 
+def test_default_result_files_differ_by_the_probe_options(tmp_path, launched):
+    ckpt = tmp_path / "run" / "checkpoint_last.pth"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"x")
+    base = ["eval", "knn", str(ckpt), "--train", "digits", "--val", "digits", "--device", "cpu"]
+    for extra in (["-k", "10"], ["-k", "20"], ["-k", "20", "--temperature", "0.1"], ["-k", "20"]):
+        assert main([*base, *extra]) == 0
+    outs = [payload.out for _, payload, _ in launched]
+    assert len(set(outs[:3])) == 3 and outs[3] == outs[1]  # other options, other files; the same, the same file
+    linear = ["eval", "linear", str(ckpt), "--train", "digits", "--val", "digits", "--device", "cpu"]
+    for lr in ("0.1", "0.3"):
+        assert main([*linear, "--lrs", lr]) == 0
+    assert launched[-1][1].out != launched[-2][1].out
+
+
 def test_index_build_command_builds_its_payload(tmp_path, launched):
     ckpt = tmp_path / "ckpt.pth"
     ckpt.write_bytes(b"x")

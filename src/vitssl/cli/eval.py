@@ -140,8 +140,9 @@ def _cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
-def _probe_fields(args: argparse.Namespace, task: str, device: str) -> dict[str, Any]:
-    """The :class:`ProbeJob` fields of ``eval knn`` / ``eval linear``."""
+def _probe_fields(args: argparse.Namespace, task: str, device: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`ProbeJob` fields of ``eval knn`` / ``eval linear``, ``options`` (the task's own fields) included:
+    they are part of the default result file's digest, so ``-k 10`` and ``-k 20`` write two files."""
     from vitssl.eval.store import DTYPES
 
     fields = extraction_fields(args, device)
@@ -165,10 +166,12 @@ def _probe_fields(args: argparse.Namespace, task: str, device: str) -> dict[str,
         "train_features": stores.get("--train"),
         "val_features": stores.get("--val"),
         "layer": args.layer,
+        "options": options,
     }
     out = Path(args.out) if args.out else default_result_path(fields["checkpoint"], task, what)
     return {
         **fields,
+        **options,
         "train": args.train or "",
         "val": args.val or "",
         "train_split": train_split,
@@ -182,13 +185,13 @@ def _probe_fields(args: argparse.Namespace, task: str, device: str) -> dict[str,
 
 def _cmd_knn(args: argparse.Namespace) -> int:
     launch_cfg, device = launch_settings(args)
-    job = KnnJob(
-        **_probe_fields(args, "knn", device),
-        ks=tuple(int(k) for k in args.k),
-        temperature=float(args.temperature),
-        approx=bool(args.approx),
-        backend=args.knn_backend,
-    )
+    options = {
+        "ks": tuple(int(k) for k in args.k),
+        "temperature": float(args.temperature),
+        "approx": bool(args.approx),
+        "backend": args.knn_backend,
+    }
+    job = KnnJob(**_probe_fields(args, "knn", device, options))
     job.check()
     launch_job(job, launch_cfg, Path(job.out).parent)
     return 0
@@ -196,20 +199,20 @@ def _cmd_knn(args: argparse.Namespace) -> int:
 
 def _cmd_linear(args: argparse.Namespace) -> int:
     launch_cfg, device = launch_settings(args)
-    job = LinearJob(
-        **_probe_fields(args, "linear", device),
-        method=args.method,
-        wds=tuple(float(x) for x in args.wds),
-        finetune_aug=bool(args.finetune_aug),
-        aug_scale_min=float(args.aug_scale_min),
-        epochs=int(args.epochs),
-        lrs=tuple(float(x) for x in args.lrs) if args.lrs else None,
-        cs=tuple(float(x) for x in args.cs),
-        max_iter=int(args.max_iter),
-        probe_batch_size=int(args.probe_batch_size),
-        holdout_fraction=float(args.holdout_fraction),
-        seed=int(args.seed),
-    )
+    options = {
+        "method": args.method,
+        "wds": tuple(float(x) for x in args.wds),
+        "finetune_aug": bool(args.finetune_aug),
+        "aug_scale_min": float(args.aug_scale_min),
+        "epochs": int(args.epochs),
+        "lrs": tuple(float(x) for x in args.lrs) if args.lrs else None,
+        "cs": tuple(float(x) for x in args.cs),
+        "max_iter": int(args.max_iter),
+        "probe_batch_size": int(args.probe_batch_size),
+        "holdout_fraction": float(args.holdout_fraction),
+        "seed": int(args.seed),
+    }
+    job = LinearJob(**_probe_fields(args, "linear", device, options))
     job.check()
     launch_job(job, launch_cfg, Path(job.out).parent)
     return 0

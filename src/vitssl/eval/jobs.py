@@ -261,13 +261,14 @@ def default_result_path(checkpoint: str, task: str, what: dict[str, Any]) -> Pat
     ``<checkpoint folder>/eval/<task>-<train data>-<val data>-<val split>-<layer>-<digest>.json``.
 
     The name says what was evaluated, and the digest of every input (checkpoint file, both data specs with their
-    options and splits or feature stores, layer) keeps two evaluations from writing to one file.
+    options and splits or feature stores, layer, the probe's own options such as k or the learning rates) keeps
+    two evaluations from writing to one file.
 
     Args:
         checkpoint: the checkpoint's absolute path.
         task: ``knn`` or ``linear``.
         what: ``train``, ``val`` (data specs or None), ``train_split``, ``val_split``, ``train_features``,
-            ``val_features`` (store folders or None) and ``layer``.
+            ``val_features`` (store folders or None), ``layer`` and ``options`` (the probe's fields, JSON-able).
     """
     from vitssl.eval.spec import parse_data_spec
 
