@@ -250,7 +250,10 @@ def test_user_errors_exit_2_with_one_clear_line(ckpt, tmp_path, capsys):
     missing = "imagefolder:root=/nonexistent/data"
     cases = [
         # eval commands take another checkpoint, not resume=auto (a training setting)
-        (["eval", "knn", truncated, "--train", TRAIN, "--val", VAL, *workers], f"another checkpoint, e.g. {earlier}"),
+        (
+            ["eval", "knn", truncated, "--train", TRAIN, "--val", VAL, *workers],
+            f"cut short: the file was not written to the end); pass another checkpoint, e.g. {earlier}",
+        ),
         (["eval", "knn", tmp_path / "missing.pth", "--train", TRAIN, "--val", VAL], "does not exist"),
         (["eval", "features", ckpt, "--data", missing, *workers], f"--data {missing!r}: "),
         (["eval", "knn", ckpt, "--train", missing, "--val", VAL, *workers], f"--train {missing!r}: "),

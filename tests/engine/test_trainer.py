@@ -153,6 +153,29 @@ def test_garbage_and_foreign_checkpoints(tmp_path):
         load_checkpoint(tmp_path / "missing.pth")
 
 
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"", "the file is empty"),
+        (b"<html>502 Bad Gateway</html>", "not a PyTorch file"),
+        ("half", "zip archive is cut short"),
+        ("object", "Python objects other than tensors"),
+    ],
+)
+def test_an_unloadable_checkpoint_says_why_in_one_line(tmp_path, content, reason):
+    path = tmp_path / "ckpt.pth"
+    if content == "half":
+        torch.save({"w": torch.zeros(4096)}, path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif content == "object":
+        torch.save({"step": 1, "sampler": range(3)}, path)  # a pickle weights_only refuses
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=reason) as info:
+        load_checkpoint(path)
+    assert "\n" not in str(info.value) and "weights_only" not in str(info.value)
+
+
 def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path):
     cfg = make_cfg(tmp_path, "objective.name=nan_after", "objective.nan_at_step=4")
     with pytest.raises(NonFiniteLossError, match="step 4"):

@@ -147,6 +147,32 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"checkpoint {p} does not exist: give a checkpoint file or the run folder that holds it")
 
 
+def why_unloadable(path: str | Path, err: BaseException) -> str:
+    """A short reason ``torch.load(path, weights_only=True)`` failed with ``err``, for a one-line error.
+
+    torch's own message for a file that is not a checkpoint at all is a paragraph about ``weights_only`` (whose
+    advice, loading with ``weights_only=False``, would run arbitrary code from the file); the first bytes say more.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+            f.seek(max(0, f.seek(0, os.SEEK_END) - (1 << 16) - 22))
+            tail = f.read()  # a whole zip ends with its end-of-central-directory record in the last 64 KiB + 22
+    except OSError as os_err:
+        return f"cannot read it: {os_err.strerror or os_err}"
+    if not head:
+        return "the file is empty"
+    if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":
+        return "not a PyTorch file: it starts like neither a zip archive nor a pickle"
+    if head[:4] == b"PK\x03\x04" and b"PK\x05\x06" not in tail:
+        return "its zip archive is cut short: the file was not written to the end"
+    text = str(err)
+    if "Weights only load failed" in text:
+        return "it holds Python objects other than tensors and plain containers, so it was not written by vitssl"
+    first = text.splitlines()[0] if text else ""
+    return f"{type(err).__name__}: {first[:200]}" if first else type(err).__name__
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", tensors: bool = True) -> dict[str, Any]:
     """Load and validate a checkpoint (``weights_only=True``): a file, or a sharded checkpoint folder.
 
@@ -169,7 +195,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises RuntimeError / UnpicklingError / EOFError / zip errors
         raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({type(err).__name__}: {err}); "
+            f"checkpoint {path} is truncated or corrupt ({why_unloadable(path, err)}); "
             "use an older checkpoint_<step>.pth from the same folder, or resume=auto to pick the newest good one"
         ) from None
     if not isinstance(state, dict):

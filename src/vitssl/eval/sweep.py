@@ -94,6 +94,8 @@ class _Grid:
     ) -> None:
         self.heads = [(v, lr, wd) for v in variants for lr in lrs for wd in wds]
         self.cols = {v: torch.as_tensor(c, dtype=torch.long, device=device) for v, c in variants.items()}
+        # variants that are every column in order read the features as they are, without a gather
+        self.whole = {v: bool(np.array_equal(c, np.arange(len(c)))) for v, c in variants.items()}
         self.weight: dict[str, torch.Tensor] = {}
         self.bias: dict[str, torch.Tensor] = {}
         self.base_lr: dict[str, torch.Tensor] = {}
@@ -110,11 +112,14 @@ class _Grid:
         self.momentum.update({f"b{v}": torch.zeros_like(b) for v, b in self.bias.items()})
 
     def logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per variant the logits of its heads, (H_v, B, C), from normalised features x (B, D)."""
-        return {
-            v: torch.einsum("bd,hcd->hbc", x[:, self.cols[v]], self.weight[v]) + self.bias[v][:, None, :]
-            for v in self.weight
-        }
+        """Per variant the logits of its heads, (B, H_v, C), from normalised features x (B, D): one matmul of
+        the variant's columns against all its heads' weights stacked as (H_v x C, D_v)."""
+        out = {}
+        for v, w in self.weight.items():
+            xv = x if len(self.cols[v]) == x.shape[1] and self.whole[v] else x[:, self.cols[v]]
+            h, c, d = w.shape
+            out[v] = torch.addmm(self.bias[v].view(1, h * c), xv, w.view(h * c, d).T).view(-1, h, c)
+        return out
 
     @torch.no_grad()
     def step(self, scale: float, diverged: dict[str, torch.Tensor]) -> None:
@@ -185,7 +190,7 @@ def _grid_predictions(
         part = rows[start : start + _EVAL_ROWS]
         block = np.asarray(features[part[0] : part[-1] + 1])[part - part[0]]
         x = bn(torch.from_numpy(np.ascontiguousarray(block)).to(device).float())  # (b, D)
-        preds.append(torch.cat([lg.argmax(dim=2) for lg in grid.logits(x).values()]).cpu())  # (H, b)
+        preds.append(torch.cat([lg.argmax(dim=2).T for lg in grid.logits(x).values()]).cpu())  # (H, b)
     return torch.cat(preds, dim=1) if preds else torch.zeros((len(grid.heads), 0), dtype=torch.long)
 
 
@@ -300,13 +305,15 @@ def train_linear_sweep(
             for x, y in batches:
                 if step >= total:
                     break
-                logits = grid.logits(bn(x))  # per variant (H_v, B, C)
+                logits = grid.logits(bn(x))  # per variant (B, H_v, C)
                 loss = 0.0
                 for v, lg in logits.items():
-                    per_head = F.cross_entropy(lg.flatten(0, 1), y.repeat(len(lg)), reduction="none").view(len(lg), -1)
-                    last_loss[v] = per_head.mean(dim=1).detach()  # (H_v,)
+                    b, h, c = lg.shape
+                    per_row = F.cross_entropy(lg.reshape(b * h, c), y.repeat_interleave(h), reduction="none")
+                    per_head = per_row.view(b, h).mean(dim=0)  # (H_v,)
+                    last_loss[v] = per_head.detach()
                     diverged[v] |= ~torch.isfinite(last_loss[v])
-                    loss = loss + torch.nan_to_num(per_head.mean(dim=1), nan=0.0, posinf=0.0).sum()
+                    loss = loss + torch.nan_to_num(per_head, nan=0.0, posinf=0.0).sum()
                 loss.backward()
                 grid.step(0.5 * (1 + math.cos(math.pi * step / total)), diverged)
                 step += 1
