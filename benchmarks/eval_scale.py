@@ -323,8 +323,8 @@ def main() -> None:
     if "sweep" in parts:
         # 26 heads, one epoch, at 1/8 and 1/4 of the bank (the scaling: both times grow with the rows)
         results["sweep"] = [sweep_bench(args.bank // d, args.dim, 100, 13, 2, 1) for d in (8, 4)]
-    run = {"parts": args.parts, "peak_rss_mb": _peak_rss_mb(), "loadavg_start": results.pop("loadavg_start"),
-           "loadavg_end": os.getloadavg()}  # fmt: skip
+    run = {"parts": args.parts, "machine": results["machine"], "peak_rss_mb": _peak_rss_mb(),
+           "loadavg_start": results.pop("loadavg_start"), "loadavg_end": os.getloadavg()}  # fmt: skip
     if args.update and Path(args.json).exists():
         old = json.loads(Path(args.json).read_text())
         results = {**old, **results, "runs": [*old.get("runs", []), run]}
