@@ -30,7 +30,7 @@ from vitssl.index import core
 from vitssl.index.chamfer import chamfer_scores, chamfer_similarity
 from vitssl.index.corpora import VIDEO_DATASETS, VideoCorpus, is_video_spec, read_video_list, video_corpus
 from vitssl.index.frames import FRAMES_DIR, FrameStore, merge_video_frames, write_frames
-from vitssl.index.pipeline import Embedding, IndexSpec, StoreOptions
+from vitssl.index.pipeline import Embedding, IndexSpec, StoreOptions, corpus_metadata
 from vitssl.index.store import record_manifest
 from vitssl.index.video_embed import METHODS, Embedded, VideoEmbedder, checkpoint_objective, embed_shared
 from vitssl.index.video_grid import save_video_grid
@@ -93,6 +93,8 @@ def build_video_index(
         first_id=first_id,
         trained=trained,
         source=source or None,
+        # corpus holds only ``paths``, so its rows are the local ones (the embedding's are offset by first_id)
+        metadata=corpus_metadata(corpus, rows),
     )
 
 
