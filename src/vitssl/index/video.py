@@ -142,6 +142,12 @@ class VideoIndex:
             self._row_of_sample = {s: r for r, s in enumerate(self.loaded.samples)}
         return self._row_of_sample.get(sample)
 
+    def meta_of_sample(self, sample: str) -> dict[str, Any]:
+        """The stored metadata of a video (``{}`` when its row has none or it is not in the index)."""
+        row = self.row_of_sample(sample)
+        metadata = self.loaded.metadata
+        return dict(metadata[row]) if metadata is not None and row is not None else {}
+
 
 def load_video_index(
     directory: str | os.PathLike, checkpoint: str | os.PathLike | None = None, device: str = "cpu"
