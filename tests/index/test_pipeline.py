@@ -1,6 +1,8 @@
 """The index pipeline's room for the next thing (vitssl.index.pipeline): a corpus kind and an embedder defined here,
 outside the package, each registered in one line, are built by the library function ``vitssl index build`` runs
-(whole and in shards + merge) and queried; the spec in the manifest refuses a query of another embedding."""
+(whole and in shards + merge) and queried; the spec in the manifest refuses a query of another embedding. A corpus
+with the optional ``metadata`` hook has it stored per row, the same through shards and merge; one without (written
+against the older protocol) keeps working unchanged."""
 
 from __future__ import annotations
 
@@ -23,8 +25,10 @@ from vitssl.index.pipeline import (
     EmbedOptions,
     IndexSpec,
     IndexSpecError,
+    MetadataError,
     StoreOptions,
     corpus_kind_of,
+    corpus_metadata,
     embedding_rows,
 )
 
@@ -98,7 +102,27 @@ class LetterHash:
         return {}
 
 
+class TaggedLetters(Letters):
+    """``tagged_letters:n=N``: the letters, with the optional metadata hook: every row but each third has some."""
+
+    kind: ClassVar[str] = "tagged_letters"
+
+    def metadata(self, row: int) -> dict[str, Any]:
+        return {} if row % 3 == 2 else {"parity": "odd" if row % 2 else "even", "row": row, "tags": [row, None]}
+
+
+class BadLetters(Letters):
+    """``bad_letters:n=N``: metadata that cannot be stored from row 2 on (a set is no JSON)."""
+
+    kind: ClassVar[str] = "bad_letters"
+
+    def metadata(self, row: int) -> Any:
+        return {"ok": row} if row < 2 else {"tags": {row}}
+
+
 CORPORA.register("letters", Letters)  # one line each: that is all a new kind needs
+CORPORA.register("tagged_letters", TaggedLetters)
+CORPORA.register("bad_letters", BadLetters)
 EMBEDDERS.register("letter_hash", LetterHash)
 
 
@@ -199,3 +223,54 @@ def test_the_spec_rebuilds_the_index_it_describes(tmp_path):
     old = core.build_index_dir(tmp_path / "old", np.ones((2, DIM), dtype=np.float32), ["x", "y"])
     with pytest.raises(IndexSpecError, match="written before index specs"):
         index_rebuild(old, tmp_path / "c")
+
+
+def test_a_corpus_without_metadata_writes_ids_as_before_and_loads_none(tmp_path):
+    out = index_build("letters:n=4", "val", "salt-a", tmp_path / "idx").out
+    expected = "".join(json.dumps({"id": i, "sample": f"letters/{i}"}) + "\n" for i in range(4))
+    assert (out / core.IDS_FILE).read_text(encoding="utf-8") == expected
+    assert core.load_index_dir(out).metadata is None and corpus_metadata(Letters("letters:n=4", "val", 4), [0]) is None
+
+
+def test_a_corpus_with_metadata_carries_it_through_one_build_and_through_shards_and_merge(tmp_path):
+    corpus = TaggedLetters("tagged_letters:n=7", "val", 7)
+    assert isinstance(corpus, Corpus)
+    expected = [corpus.metadata(r) for r in range(7)]
+    whole = index_build("tagged_letters:n=7", "val", "salt-m", tmp_path / "whole")
+    loaded = core.load_index_dir(whole.out)
+    assert loaded.metadata == expected and loaded.metadata[2] == {} and loaded.meta_of(4) == expected[4]
+    lines = [json.loads(line) for line in (whole.out / core.IDS_FILE).read_text().splitlines()]
+    assert [line.get("meta") for line in lines] == [m or None for m in expected]  # no key on rows without
+    shards = [index_build("tagged_letters:n=7", "val", "salt-m", tmp_path / f"s{i}", shard=(i, 2)) for i in (0, 1)]
+    assert [s.rows for s in shards] == [(0, 3), (3, 7)]
+    assert core.load_index_dir(shards[1].out).metadata == expected[3:]
+    index_merge([s.out for s in reversed(shards)], tmp_path / "merged")
+    merged_ids = (tmp_path / "merged" / core.IDS_FILE).read_bytes()
+    assert merged_ids == (whole.out / core.IDS_FILE).read_bytes()  # same ids, samples, metadata, order
+    again = index_rebuild(whole.out, tmp_path / "again")
+    assert core.load_index_dir(again.out).metadata == expected
+
+
+def test_metadata_that_is_no_json_object_fails_in_one_line_naming_the_kind_and_row(tmp_path, capsys):
+    from vitssl.cli import main
+    from vitssl.errors import UserError
+
+    with pytest.raises(MetadataError) as err:
+        index_build("bad_letters:n=4", "val", "salt", tmp_path / "idx")
+    assert isinstance(err.value, UserError) and "\n" not in str(err.value)
+    assert "corpus kind 'bad_letters' row 2: metadata is not JSON-able" in str(err.value)
+    assert not (tmp_path / "idx").exists()
+    for bad, needle in (([1], "must be a dict of JSON values, got list"), ({1: "x"}, "keys must be strings, got 1")):
+        corpus = Letters("letters:n=2", "val", 2)
+        corpus.metadata = lambda row, bad=bad: bad  # type: ignore[attr-defined]
+        with pytest.raises(MetadataError, match=f"corpus kind 'letters' row 0: metadata {needle}"):
+            corpus_metadata(corpus, [0, 1])
+    nan = Letters("letters:n=1", "val", 1)
+    nan.metadata = lambda row: {"score": float("nan")}  # type: ignore[attr-defined]
+    with pytest.raises(MetadataError, match="row 0: metadata is not JSON-able"):
+        corpus_metadata(nan, [0])
+    capsys.readouterr()
+    argv = ["index", "build", "salt", "--data", "bad_letters:n=4", "--out", str(tmp_path / "cli"), "--device", "cpu"]
+    assert main(argv) == 2
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(err_lines) == 1 and "corpus kind 'bad_letters' row 2" in err_lines[0]

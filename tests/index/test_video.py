@@ -152,3 +152,15 @@ def test_a_failed_sharded_build_leaves_nothing_and_keeps_the_finished_index(corp
     monkeypatch.setattr(build, "merge_shards", interrupted)  # the merge step index_merge runs
     assert _run(*base, "--overwrite", "--factory", "IVF1,Flat") == 130
     assert sorted(p.name for p in work.iterdir()) == ["notes.txt"] and _fingerprint(out) == finished
+
+
+def test_a_video_query_returns_each_neighbours_file_size(corpus, index, tmp_path, capsys):
+    out = tmp_path / "hits.json"
+    capsys.readouterr()
+    assert _run("index", "query", index, "--video", corpus / "v1.mp4", "-k", "3", "--out", out) == 0
+    printed = capsys.readouterr().out.splitlines()
+    hits = json.loads(out.read_text())["queries"][0]["neighbours"]
+    assert len(hits) == 3 and hits[0]["sample"] == str(corpus / "v1.mp4")
+    for h, line in zip(hits, printed[1:]):
+        size = Path(h["sample"]).stat().st_size
+        assert h["meta"] == {"bytes": size} and line.endswith(f"{h['sample']}  bytes={size}")

@@ -142,7 +142,7 @@ def _cmd_index_merge(args: argparse.Namespace) -> int:
 
 def _cmd_index_query(args: argparse.Namespace) -> int:
     from vitssl.index.grid import Neighbour, save_query_grid
-    from vitssl.index.query import query_images
+    from vitssl.index.query import format_meta, query_images
 
     if args.video:
         return video_index.cmd_query(args)
@@ -157,7 +157,7 @@ def _cmd_index_query(args: argparse.Namespace) -> int:
     for r in results:
         print(f"{r['query']}:")
         for h in r["neighbours"]:
-            print(f"  {h['rank']:>3}  {h['score']:.4f}  {h['sample']}")
+            print(f"  {h['rank']:>3}  {h['score']:.4f}  {h['sample']}{format_meta(h.get('meta'))}")
     if args.out:
         write_result({"index": str(args.dir), "k": args.k, "layer": layer, "queries": results}, args.out)
         print(f"written to {args.out}")

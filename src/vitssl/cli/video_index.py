@@ -75,6 +75,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     from vitssl.data.common import CorruptImageError
     from vitssl.eval.features import corrupt_sample_error
     from vitssl.eval.jobs import write_result
+    from vitssl.index.query import format_meta
     from vitssl.index.video import rank, save_video_grid
 
     if args.image:
@@ -97,12 +98,14 @@ def cmd_query(args: argparse.Namespace) -> int:
             nprobe=args.nprobe,
             ef_search=args.ef_search,
         )
-        results.append(
-            {"query": video, "neighbours": [{"rank": r, "sample": p, "score": s} for r, (p, s) in enumerate(hits, 1)]}
-        )
+        neighbours = []
+        for r, (p, s) in enumerate(hits, 1):
+            meta = index.meta_of_sample(p)
+            neighbours.append({"rank": r, "sample": p, "score": s, **({"meta": meta} if meta else {})})
+        results.append({"query": video, "neighbours": neighbours})
         print(f"{video}:" + (f" (re-ranked by {args.rerank})" if args.rerank else ""))
-        for r, (path, score) in enumerate(hits, 1):
-            print(f"  {r:>3}  {score:.4f}  {path}")
+        for h in neighbours:
+            print(f"  {h['rank']:>3}  {h['score']:.4f}  {h['sample']}{format_meta(h.get('meta'))}")
     if args.out:
         write_result({"index": str(args.dir), "k": args.k, "rerank": args.rerank, "queries": results}, args.out)
         print(f"written to {args.out}")

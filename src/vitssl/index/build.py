@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from vitssl.index.pipeline import (
     EmbedOptions,
     IndexSpec,
     StoreOptions,
+    corpus_metadata,
     open_corpus,
     open_embedder,
 )
@@ -55,6 +56,7 @@ def build_index_dir(
     store_vectors: bool = True,
     overwrite: bool = False,
     use_gpu: bool | None = None,
+    metadata: Sequence[Mapping[str, Any]] | None = None,
 ) -> Path:
     """Build an index over ``embeddings`` and write it as an index directory (single-process build).
 
@@ -72,6 +74,7 @@ def build_index_dir(
         store_vectors: also write vectors.npy (exact re-search, evaluation, merging).
         overwrite: replace an existing directory.
         use_gpu: build IVF-Flat indexes on a GPU; None = when faiss has one, False = never (see :func:`build_index`).
+        metadata: optional JSON object per vector (``{}`` for none), row order; stored in ids.jsonl.
 
     Returns:
         The directory.
@@ -91,7 +94,7 @@ def build_index_dir(
         "search_params": default_search_params(index),
         "build_seconds": time.perf_counter() - t0,
     }
-    return write_index_dir(directory, index, list(samples), manifest, x if store_vectors else None, overwrite)
+    return write_index_dir(directory, index, list(samples), manifest, x if store_vectors else None, overwrite, metadata)
 
 
 def write_index(
@@ -105,6 +108,7 @@ def write_index(
     first_id: int = 0,
     trained: str | Path | None = None,
     source: dict[str, Any] | None = None,
+    metadata: Sequence[Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write the index folder (or shard) of an embedding, atomically: the faiss index and ids, the frame vectors
     when the embedding has them, and a manifest with the :class:`~vitssl.index.pipeline.IndexSpec`, the ``source``
@@ -121,12 +125,20 @@ def write_index(
         first_id: corpus row of the shard's first item.
         trained: the trained quantizer the shards share (factories that need training).
         source: the manifest's ``source`` (default: the embedder's).
+        metadata: one JSON object per embedded row (default: the corpus's
+            :func:`~vitssl.index.pipeline.corpus_metadata` of ``embedding.rows``).
+
+    Raises:
+        MetadataError: the corpus's metadata of a row is not a dict of JSON values.
     """
     from vitssl.index.frames import write_frames
 
     directory = Path(directory)
     _check_overwrite(directory, store.overwrite)
     spec = IndexSpec.of(corpus, embedder, store, embedding.vectors.shape[1])
+    # Read before the folder is started: a corpus with bad metadata fails with nothing written.
+    if metadata is None:
+        metadata = corpus_metadata(corpus, embedding.rows)
     common: dict[str, Any] = dict(
         factory=store.factory,
         metric=store.metric,
@@ -135,6 +147,7 @@ def write_index(
         feature_key=embedder.feature_key,
         store_vectors=store.store_vectors,
         overwrite=True,
+        metadata=metadata,
     )
     with atomic_dir(directory, overwrite=store.overwrite) as tmp:
         if shard is None:

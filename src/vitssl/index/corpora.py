@@ -2,14 +2,16 @@
 
 ``images``: the rows of an image dataset spec (``digits``, ``imagefolder:root=...``, image-text pairs
 ``image_text_csv:...`` and the streamed shards ``webdataset_stream:...``, whose images are indexed); sample ids are
-``dataset.sample_id(row)`` (file paths, or ``digits/val/17``).
+``dataset.sample_id(row)`` (file paths, or ``digits/val/17``); metadata ``{"label": <class name>}`` when the
+dataset has classes (read from its ``targets`` list, never by decoding an image).
 
 ``videos`` (``--data``): ``videos:root=DIR`` (every video file under DIR, searched recursively, sorted),
 ``videos:list=FILE`` (the paths listed in FILE, one a line, in that order, e.g. a benchmark's ``test.txt``), or the
 video datasets ``videofolder:root=...`` and ``video_csv:root=...`` (their listed files). Every spec also takes
 ``fps`` (frames sampled per second, default 1, as TCA) or ``num_frames`` (a fixed count per video). What an
 embedder makes of a video - the mean of its frame features, raw thumbnails, a TCA frame set - is the embedder's
-business (:mod:`vitssl.index.embedders`), not another corpus.
+business (:mod:`vitssl.index.embedders`), not another corpus. Metadata: ``{"bytes": <file size>}`` (a stat; the
+sampled frame count is left out, as it takes opening the video).
 """
 
 from __future__ import annotations
@@ -60,6 +62,23 @@ class ImageCorpus:
     def item(self, row: int) -> Any:
         return self.dataset[row]
 
+    def metadata(self, row: int) -> dict[str, Any]:
+        """``{"label": <class name>}`` of a row whose dataset has classes and int targets; ``{}`` otherwise.
+
+        Only the dataset's in-memory ``targets`` are read: ``dataset[row]`` would decode the image a second time,
+        so a dataset without them (a streamed one) gets no label rather than a build twice as slow.
+        """
+        dataset = self.dataset
+        classes, targets = getattr(dataset, "classes", None), getattr(dataset, "targets", None)
+        if not classes or targets is None:
+            return {}
+        target = targets[row]
+        if hasattr(target, "item"):  # a numpy / torch scalar
+            target = target.item()
+        if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < len(classes):
+            return {}  # a caption, a multi-label target, ...: no class name to give
+        return {"label": str(classes[target])}
+
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "data": self.data, "split": self.split}
 
@@ -98,6 +117,13 @@ class VideoCorpus:
 
     def item(self, row: int) -> str:
         return self.paths[row]
+
+    def metadata(self, row: int) -> dict[str, Any]:
+        """``{"bytes": <file size>}`` of a row's video (``{}`` when it cannot be stat'ed: a skipped, missing file)."""
+        try:
+            return {"bytes": os.path.getsize(self.paths[row])}
+        except OSError:
+            return {}
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -1,6 +1,8 @@
 """One pipeline for every index: Corpus -> Embedder -> Store.
 
-A **corpus** is what is indexed: rows with a sample id each (image dataset rows, video files, ...). An
+A **corpus** is what is indexed: rows with a sample id each (image dataset rows, video files, ...) and, when the
+corpus defines :meth:`Corpus.metadata`, a small JSON object per row (a class label, a file size) that the store keeps
+in ``ids.jsonl`` and queries return beside each neighbour. An
 **embedder** turns rows of a corpus into vectors (:class:`Embedding`): every process of a distributed job embeds a
 share and all get the whole back. The **store** is the faiss index folder (:mod:`vitssl.index.store`), written by
 :func:`vitssl.index.build.write_index` with an :class:`IndexSpec` in its manifest: what was indexed, with which
@@ -23,6 +25,7 @@ and are then built by ``vitssl index build`` (``--data letters:...``; ``--embedd
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +46,10 @@ EMBEDDERS: Registry[Any] = Registry("embedder", providers=("vitssl.index.embedde
 
 class IndexSpecError(UserError, ValueError):
     """A query does not fit the index: another embedder, checkpoint, feature layer, dimension or normalisation."""
+
+
+class MetadataError(UserError, ValueError):
+    """A corpus's :meth:`Corpus.metadata` returned something other than a JSON object for a row."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,13 @@ class Embedding:
 @runtime_checkable
 class Corpus(Protocol):
     """What is indexed: ``len(corpus)`` rows, each with a sample id and an item an embedder reads.
+
+    A corpus may also define ``metadata(row) -> dict[str, Any]``: a JSON object of the row (string keys; strings,
+    numbers, booleans, None, lists and objects of them), stored in ``ids.jsonl`` as the row's ``"meta"`` and
+    returned with the row by queries; ``{}`` for a row without any. It is optional and not part of the protocol's
+    checked methods, so corpora written before it existed still satisfy it: the pipeline looks it up with
+    ``getattr`` (:func:`corpus_metadata`). It should be cheap (read what the dataset keeps in memory, stat a file),
+    never decode the item a second time.
 
     Attributes:
         kind: the registered corpus kind.
@@ -303,6 +317,45 @@ def embedding_rows(count: int, rows: Any) -> np.ndarray:
     return np.asarray(rows, dtype=np.int64)
 
 
+def _check_metadata(kind: str, row: int, meta: Any) -> dict[str, Any]:
+    """One row's metadata as the store writes it, or a one-line :class:`MetadataError` naming the kind and row."""
+    where = f"corpus kind {kind!r} row {row}: metadata"
+    if meta is None:
+        return {}
+    if not isinstance(meta, Mapping):
+        raise MetadataError(f"{where} must be a dict of JSON values, got {type(meta).__name__}; return {{}} for none")
+    bad_keys = [k for k in meta if not isinstance(k, str)]
+    if bad_keys:
+        # json.dumps would turn 1 into "1" silently, and the row would read back with other keys than it was written
+        raise MetadataError(f"{where} keys must be strings, got {bad_keys[0]!r}")
+    try:
+        json.dumps(dict(meta), allow_nan=False)  # NaN / Infinity are not JSON: other readers of ids.jsonl refuse them
+    except (TypeError, ValueError) as err:
+        raise MetadataError(f"{where} is not JSON-able ({err})") from None
+    return dict(meta)
+
+
+def corpus_metadata(corpus: Corpus, rows: Any) -> list[dict[str, Any]] | None:
+    """The metadata of corpus ``rows`` (an array or sequence of row numbers), one dict per row, checked.
+
+    Args:
+        corpus: the corpus; one without a ``metadata`` method has none.
+        rows: the corpus rows, in the order they are stored.
+
+    Returns:
+        One dict per row (``{}`` for a row without metadata), or None when no row has any.
+
+    Raises:
+        MetadataError: a row's metadata is not a dict of JSON values.
+    """
+    metadata = getattr(corpus, "metadata", None)
+    if metadata is None:
+        return None
+    kind = str(getattr(corpus, "kind", type(corpus).__name__))
+    found = [_check_metadata(kind, int(r), metadata(int(r))) for r in np.asarray(rows, dtype=np.int64).tolist()]
+    return found if any(found) else None
+
+
 def check_embedding(embedding: Embedding, what: str) -> Embedding:
     """An embedder's output, checked: one id and row per vector, frames one per row (``ValueError`` otherwise)."""
     n = len(embedding.vectors)
@@ -325,9 +378,11 @@ __all__ = [
     "Embedding",
     "IndexSpec",
     "IndexSpecError",
+    "MetadataError",
     "StoreOptions",
     "check_embedding",
     "corpus_kind_of",
+    "corpus_metadata",
     "embedding_rows",
     "open_corpus",
     "open_embedder",

@@ -63,7 +63,7 @@ def query_images(
 
     Returns:
         ``(index, results, layer)``: per query ``{"query", "neighbours": [{"rank", "sample", "id", "score"}]}``,
-        in the order given.
+        in the order given; a neighbour whose row has metadata also has ``"meta"`` (see :func:`neighbour`).
     """
     embedder, loaded = open_image_index(directory, checkpoint, device)
     queries = embedder.embed_queries(list(images))
@@ -71,12 +71,29 @@ def query_images(
     results = []
     for q, row_scores, row_ids, row_samples in zip(images, scores, ids, loaded.lookup(ids)):
         hits = [
-            {"rank": r + 1, "sample": s, "id": int(i), "score": float(sc)}
+            neighbour(loaded, r + 1, s, int(i), float(sc))
             for r, (s, i, sc) in enumerate(zip(row_samples, row_ids, row_scores))
             if i >= 0
         ]
         results.append({"query": str(q), "neighbours": hits})
     return loaded, results, embedder.options.layer
+
+
+def neighbour(loaded: LoadedIndex, rank: int, sample: str, faiss_id: int, score: float) -> dict[str, Any]:
+    """One neighbour of a query result: ``{"rank", "sample", "id", "score"}``, and ``"meta"`` when its row has any
+    (rows without metadata get no key, so results of an index without metadata read as before)."""
+    hit: dict[str, Any] = {"rank": rank, "sample": sample, "id": faiss_id, "score": score}
+    meta = loaded.meta_of(faiss_id)
+    if meta:
+        hit["meta"] = meta
+    return hit
+
+
+def format_meta(meta: dict[str, Any] | None) -> str:
+    """A neighbour's metadata for a printed line: ``"  label=cat bytes=1024"``; ``""`` for none."""
+    if not meta:
+        return ""
+    return "  " + " ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in meta.items())
 
 
 def _query_file(query: str, as_written: Any, ground_truth: str) -> str:
@@ -141,4 +158,4 @@ def ground_truth_inputs(
     return loaded, np.stack(vectors), positives
 
 
-__all__ = ["ground_truth_inputs", "open_image_index", "query_images"]
+__all__ = ["format_meta", "ground_truth_inputs", "neighbour", "open_image_index", "query_images"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +136,7 @@ def build_shard(
     store_vectors: bool = True,
     overwrite: bool = False,
     use_gpu: bool | None = None,
+    metadata: Sequence[Mapping[str, Any]] | None = None,
 ) -> Path:
     """Build shard ``i/n`` of a corpus as its own index directory (see the module doc for the flow).
 
@@ -154,6 +155,7 @@ def build_shard(
         store_vectors: also write vectors.npy (needed to merge HNSW shards).
         overwrite: replace an existing directory.
         use_gpu: assign vectors to IVF lists on a GPU; None = when faiss has one, False = never.
+        metadata: optional JSON object per vector (``{}`` for none), in the order of ``samples``; the merge keeps it.
 
     Returns:
         The shard directory.
@@ -196,7 +198,7 @@ def build_shard(
         "build_seconds": time.perf_counter() - t0,
     }
     ids = {first_id + r: s for r, s in enumerate(samples)}
-    return write_index_dir(directory, index, ids, manifest, x if store_vectors else None, overwrite)
+    return write_index_dir(directory, index, ids, manifest, x if store_vectors else None, overwrite, metadata)
 
 
 _MERGE_KEYS = ("factory", "metric", "normalize", "dimension", "checkpoint", "feature_key", "trained_sha256")
@@ -254,6 +256,10 @@ def merge_shards(shard_dirs: Sequence[str | Path], out_dir: str | Path, overwrit
             _merge_non_ivf(base, s)
     has_vectors = all(s.manifest.get("has_vectors") for s in shards)
     samples = [x for s in shards for x in s.samples]
+    # Shard by shard as the ids; a shard without metadata (its rows had none) contributes empty rows.
+    metadata = None
+    if any(s.metadata is not None for s in shards):
+        metadata = [m for s in shards for m in (s.metadata if s.metadata is not None else [{}] * len(s.samples))]
     manifest = {k: v for k, v in ref.items() if k not in ("files", "count", "dimension", "has_vectors", "created")}
     manifest.update(
         shard=None,
@@ -262,7 +268,7 @@ def merge_shards(shard_dirs: Sequence[str | Path], out_dir: str | Path, overwrit
     )
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         faiss.write_index(base, str(tmp / INDEX_FILE))
-        _write_ids(tmp / IDS_FILE, faiss_ids, samples)
+        _write_ids(tmp / IDS_FILE, faiss_ids, samples, metadata)
         if has_vectors:
             # Streamed shard by shard, so the merged vectors never need to fit in memory.
             out = np.lib.format.open_memmap(

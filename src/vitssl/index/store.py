@@ -6,7 +6,9 @@ Index directory (written atomically: a temporary sibling directory renamed into 
                     checkpoint hash, feature key (layer / transform), search parameters, build seconds,
                     vitssl / faiss versions, shard info, trained-index hash, and a checksum of each file
     index.faiss     the faiss index (``faiss.write_index``); vectors carry faiss ids (int64)
-    ids.jsonl       one line per stored vector in row order: {"id": <faiss id>, "sample": "<sample id>"}
+    ids.jsonl       one line per stored vector in row order: {"id": <faiss id>, "sample": "<sample id>"}, and
+                    "meta": {...} on the rows whose corpus gave metadata (a label, a file size); no other row has
+                    the key, so an index without metadata is written as before it existed
     vectors.npy     optional (N, D) float32 vectors as added (normalised when ``normalize``), row order of
                     ids.jsonl: exact re-search for recall and merging of non-IVF shards need them; they cost
                     N x D x 4 bytes (1M x 384 = 1.5 GB) on top of the index
@@ -72,10 +74,25 @@ def _check_overwrite(directory: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{directory} already exists; pass overwrite=True (--overwrite) to replace it")
 
 
-def _write_ids(path: Path, faiss_ids: np.ndarray, samples: Sequence[str]) -> None:
+def _check_metadata(metadata: Sequence[Mapping[str, Any]] | None, count: int) -> list[dict[str, Any]] | None:
+    """Metadata as the store keeps it: one dict per row, or None when no row has any."""
+    if metadata is None:
+        return None
+    if len(metadata) != count:
+        raise IndexFormatError(f"the metadata has {len(metadata)} entries but the index holds {count} vectors")
+    rows = [dict(m) if m else {} for m in metadata]
+    return rows if any(rows) else None
+
+
+def _write_ids(
+    path: Path, faiss_ids: np.ndarray, samples: Sequence[str], metadata: Sequence[Mapping[str, Any]] | None = None
+) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        for i, s in zip(faiss_ids.tolist(), samples):
-            f.write(json.dumps({"id": i, "sample": s}) + "\n")
+        for r, (i, s) in enumerate(zip(faiss_ids.tolist(), samples)):
+            entry: dict[str, Any] = {"id": i, "sample": s}
+            if metadata is not None and metadata[r]:
+                entry["meta"] = dict(metadata[r])
+            f.write(json.dumps(entry, allow_nan=False) + "\n")
 
 
 _REQUIRED_MANIFEST = ("factory", "metric", "normalize")
@@ -88,6 +105,7 @@ def write_index_dir(
     manifest: Mapping[str, Any],
     vectors: np.ndarray | None = None,
     overwrite: bool = False,
+    metadata: Sequence[Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write an index directory atomically (see the module doc for the layout).
 
@@ -101,6 +119,8 @@ def write_index_dir(
             checksums are filled in here.
         vectors: optional (N, D) float32 vectors as added, in row order; stored as vectors.npy.
         overwrite: replace an existing directory.
+        metadata: optional JSON object per stored vector, in row order (``{}`` for a row without); written as the
+            rows' ``"meta"`` in ids.jsonl (:func:`vitssl.index.pipeline.corpus_metadata` checks a corpus's).
 
     Returns:
         The directory.
@@ -113,6 +133,7 @@ def write_index_dir(
     if _gpu.is_gpu_index(index):  # faiss writes only CPU indexes
         index = _gpu.index_gpu_to_cpu(index)
     faiss_ids, samples = _normalise_ids(ids, int(index.ntotal))
+    rows_meta = _check_metadata(metadata, int(index.ntotal))
     if vectors is not None and (vectors.shape != (index.ntotal, index.d) or vectors.dtype != np.float32):
         raise ValueError(
             f"vectors must be float32 of shape ({index.ntotal}, {index.d}) to match the index, "
@@ -121,7 +142,7 @@ def write_index_dir(
     # The folder is the unit of atomicity: files inside the temporary folder need no temporaries of their own.
     with atomic_dir(directory, overwrite=overwrite) as tmp:
         faiss.write_index(index, str(tmp / INDEX_FILE))
-        _write_ids(tmp / IDS_FILE, faiss_ids, samples)
+        _write_ids(tmp / IDS_FILE, faiss_ids, samples, rows_meta)
         if vectors is not None:
             np.save(tmp / VECTORS_FILE, vectors)
         _write_manifest(tmp, manifest, int(index.ntotal), int(index.d))
@@ -168,6 +189,8 @@ class LoadedIndex:
         manifest: the parsed manifest.json.
         faiss_ids: (N,) int64 faiss ids in row order.
         samples: N sample ids (paths) in row order.
+        metadata: N metadata dicts in row order (``{}`` for a row without), or None when no row has any (every
+            index written before metadata existed).
     """
 
     directory: Path
@@ -175,6 +198,7 @@ class LoadedIndex:
     manifest: dict[str, Any]
     faiss_ids: np.ndarray
     samples: list[str]
+    metadata: list[dict[str, Any]] | None = None
     _row_of: dict[int, int] = field(default_factory=dict, repr=False)
     _gpu_index: Any = field(default=None, repr=False)  # GPU copy made by the first GPU search, then reused
 
@@ -187,6 +211,11 @@ class LoadedIndex:
     def lookup(self, ids: np.ndarray) -> list[list[str | None]]:
         """Sample ids for an array of faiss ids, shaped like it (-1 = no result -> None)."""
         return [[None if i < 0 else self.samples[self.row_of(i)] for i in row] for row in np.atleast_2d(ids)]
+
+    def meta_of(self, faiss_id: int) -> dict[str, Any]:
+        """Metadata of a faiss id's row (``{}`` when it has none; KeyError for unknown ids)."""
+        row = self.row_of(faiss_id)
+        return dict(self.metadata[row]) if self.metadata is not None else {}
 
     def vectors(self) -> np.ndarray:
         """The stored (N, D) float32 vectors, memory-mapped read-only."""
@@ -261,7 +290,7 @@ def load_index_dir(
         index = faiss.read_index(str(directory / INDEX_FILE))
     except RuntimeError as err:
         raise _fail(directory, f"{INDEX_FILE} cannot be read by faiss ({_faiss_message(err)})") from None
-    faiss_ids, samples = _read_ids(directory)
+    faiss_ids, samples, metadata = _read_ids(directory)
     if not (index.ntotal == len(samples) == manifest["count"]):
         raise _fail(
             directory,
@@ -296,20 +325,24 @@ def load_index_dir(
             )
     params = manifest.get("search_params", {})
     set_search_params(index, params.get("nprobe"), params.get("efSearch"))
-    return LoadedIndex(directory, index, manifest, faiss_ids, samples)
+    return LoadedIndex(directory, index, manifest, faiss_ids, samples, metadata)
 
 
-def _read_ids(directory: Path) -> tuple[np.ndarray, list[str]]:
-    ids, samples = [], []
+def _read_ids(directory: Path) -> tuple[np.ndarray, list[str], list[dict[str, Any]] | None]:
+    ids, samples, metadata = [], [], []
     with open(directory / IDS_FILE, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             try:
                 entry = json.loads(line)
                 ids.append(int(entry["id"]))
                 samples.append(str(entry["sample"]))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                meta = entry.get("meta", {})
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
                 raise _fail(directory, f"{IDS_FILE} line {line_no} is not a {{'id', 'sample'}} JSON object") from None
-    return np.asarray(ids, dtype=np.int64), samples
+            if not isinstance(meta, dict):
+                raise _fail(directory, f"{IDS_FILE} line {line_no} has a 'meta' that is not a JSON object")
+            metadata.append(meta)
+    return np.asarray(ids, dtype=np.int64), samples, metadata if any(metadata) else None
 
 
 def record_manifest(directory: str | os.PathLike, **entries: Any) -> None:

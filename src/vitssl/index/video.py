@@ -30,7 +30,7 @@ from vitssl.index import core
 from vitssl.index.chamfer import chamfer_scores, chamfer_similarity
 from vitssl.index.corpora import VIDEO_DATASETS, VideoCorpus, is_video_spec, read_video_list, video_corpus
 from vitssl.index.frames import FRAMES_DIR, FrameStore, merge_video_frames, write_frames
-from vitssl.index.pipeline import Embedding, IndexSpec, StoreOptions
+from vitssl.index.pipeline import Embedding, IndexSpec, StoreOptions, corpus_metadata
 from vitssl.index.store import record_manifest
 from vitssl.index.video_embed import METHODS, Embedded, VideoEmbedder, checkpoint_objective, embed_shared
 from vitssl.index.video_grid import save_video_grid
@@ -93,6 +93,8 @@ def build_video_index(
         first_id=first_id,
         trained=trained,
         source=source or None,
+        # corpus holds only ``paths``, so its rows are the local ones (the embedding's are offset by first_id)
+        metadata=corpus_metadata(corpus, rows),
     )
 
 
@@ -139,6 +141,12 @@ class VideoIndex:
         if not self._row_of_sample:
             self._row_of_sample = {s: r for r, s in enumerate(self.loaded.samples)}
         return self._row_of_sample.get(sample)
+
+    def meta_of_sample(self, sample: str) -> dict[str, Any]:
+        """The stored metadata of a video (``{}`` when its row has none or it is not in the index)."""
+        row = self.row_of_sample(sample)
+        metadata = self.loaded.metadata
+        return dict(metadata[row]) if metadata is not None and row is not None else {}
 
 
 def load_video_index(
