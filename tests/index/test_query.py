@@ -55,3 +55,4 @@ def test_a_neighbour_without_metadata_has_no_meta_key(tmp_path):
 def test_printed_metadata_is_short_key_value_pairs():
     assert format_meta(None) == "" and format_meta({}) == ""
     assert format_meta({"label": "cat", "bytes": 12, "tags": ["a", None]}) == '  label=cat bytes=12 tags=["a", null]'
+    assert format_meta({"label": "tabby cat", "note": "", "eq": "a=b"}) == '  label="tabby cat" note="" eq="a=b"'

@@ -90,10 +90,16 @@ def neighbour(loaded: LoadedIndex, rank: int, sample: str, faiss_id: int, score:
 
 
 def format_meta(meta: dict[str, Any] | None) -> str:
-    """A neighbour's metadata for a printed line: ``"  label=cat bytes=1024"``; ``""`` for none."""
+    """A neighbour's metadata for a printed line: ``"  label=cat bytes=1024"``; ``""`` for none. A string value
+    that is empty or holds a space or ``=`` is printed quoted (``label="tabby cat"``), so the line splits one way."""
     if not meta:
         return ""
-    return "  " + " ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in meta.items())
+
+    def show(v: Any) -> str:
+        plain = isinstance(v, str) and v and not any(c.isspace() or c in '="' for c in v)
+        return v if plain else json.dumps(v)
+
+    return "  " + " ".join(f"{k}={show(v)}" for k, v in meta.items())
 
 
 def _query_file(query: str, as_written: Any, ground_truth: str) -> str:
