@@ -56,12 +56,69 @@ class ImageDataset(Dataset):
         return f"{type(self).__name__}(len={len(self)}, classes={len(self.classes)})"
 
 
-def open_rgb(source: str | os.PathLike | Any, name: str | None = None) -> Image.Image:
-    """Decode an image fully (not lazily) and convert it to RGB.
+# EXIF orientation values (tag 0x0112) other than 1 ("as stored"): the image is shown rotated or mirrored.
+EXIF_ORIENTATION = 0x0112
+# What shows an image of each orientation as displayed (the EXIF specification's table, as PIL's exif_transpose).
+_EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation of an opened image (1, as stored, when it has none or it cannot be read)."""
+    try:
+        value = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # a damaged EXIF block: the pixels may still be fine, and PIL shows them as stored
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def to_rgb(img: Image.Image, orient: bool = True) -> Image.Image:
+    """An opened image as 8-bit RGB, the way it is displayed: EXIF orientation applied, high bit depths scaled.
+
+    PIL's ``convert("RGB")`` clips 16-bit and 32-bit greyscale (modes ``I;16``, ``I``, ``F``) at 255, which turns
+    a 16-bit PNG white; here such pixels are scaled to 8 bits instead (16-bit data by 1/257, float data in [0, 1]
+    by 255, anything else by its own range). Phone photos store pixels as the sensor read them and say in EXIF how
+    to turn them (as video files say in their display matrix): the orientation is applied so that the model, the
+    index and the query grids see what the user sees. (torchvision's default loader ignores EXIF; on ImageNet,
+    whose files nearly all lack the tag, the two agree.) ``orient=False`` keeps the stored geometry, for
+    annotations drawn on it (detection boxes read as the reference detection code reads its images).
+    """
+    orientation = exif_orientation(img) if orient else 1
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        import numpy as np
+
+        pixels = np.asarray(img, dtype=np.float64)
+        top = float(pixels.max()) if pixels.size else 0.0
+        low = float(pixels.min()) if pixels.size else 0.0
+        if img.mode.startswith("I;16") or (img.mode == "I" and low >= 0 and top <= 65535):
+            scale, offset = 255.0 / 65535.0, 0.0
+        elif img.mode == "F" and low >= 0 and top <= 1:
+            scale, offset = 255.0, 0.0
+        else:  # signed or out-of-range data: its own range onto 0..255
+            scale, offset = (255.0 / (top - low) if top > low else 0.0), low
+        eight = np.clip(np.rint((pixels - offset) * scale), 0, 255).astype(np.uint8)
+        img = Image.fromarray(eight, "L").convert("RGB")
+    else:
+        img = img.convert("RGB")
+    if orientation != 1:
+        img = img.transpose(_EXIF_TRANSPOSE[orientation])
+    return img
+
+
+def open_rgb(source: str | os.PathLike | Any, name: str | None = None, orient: bool = True) -> Image.Image:
+    """Decode an image fully (not lazily) and convert it to RGB as it is displayed (:func:`to_rgb`).
 
     Args:
         source: a path or a binary file object.
         name: what to call the sample in the error message; defaults to the path.
+        orient: apply the EXIF orientation (False: the stored geometry, which box annotations refer to).
 
     Raises:
         CorruptImageError: the file is missing, truncated or not an image; the message names it.
@@ -69,8 +126,8 @@ def open_rgb(source: str | os.PathLike | Any, name: str | None = None) -> Image.
     label = name if name is not None else str(source)
     try:
         with Image.open(source) as img:
-            # convert() forces the full decode here, so a truncated file fails now and not inside a transform.
-            return img.convert("RGB")
+            # converting forces the full decode here, so a truncated file fails now and not inside a transform.
+            return to_rgb(img, orient)
     except FileNotFoundError as exc:
         raise CorruptImageError(f"image file not found: {label} ({SKIP_HINT})") from exc
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from PIL.JpegImagePlugin import JpegImageFile
 
-from vitssl.data.common import SKIP_HINT, CorruptImageError, open_rgb
+from vitssl.data.common import SKIP_HINT, CorruptImageError, exif_orientation, open_rgb
 
 # PIL's draft reductions for JPEG, strongest first.
 _DRAFT_SCALES = (8, 4, 2)
@@ -45,8 +45,8 @@ class LazyJpeg(JpegImageFile):
 def open_lazy_rgb(path: str | os.PathLike, name: str | None = None) -> Image.Image:
     """An RGB image from ``path``: a not-yet-decoded :class:`LazyJpeg` for RGB JPEGs, else fully decoded.
 
-    Greyscale and CMYK JPEGs and every other format go through :func:`vitssl.data.open_rgb` (decoded and converted
-    to RGB at once), so the result is always an RGB image.
+    Greyscale, CMYK and EXIF-rotated JPEGs and every other format go through :func:`vitssl.data.open_rgb` (decoded
+    and converted to RGB as displayed at once), so the result is always an RGB image the way a viewer shows it.
 
     Args:
         path: image file.
@@ -63,7 +63,9 @@ def open_lazy_rgb(path: str | os.PathLike, name: str | None = None) -> Image.Ima
         raise CorruptImageError(f"image file not found: {label} ({SKIP_HINT})") from exc
     except _DECODE_ERRORS as exc:
         raise CorruptImageError(f"cannot decode image {label}: {type(exc).__name__}: {exc} ({SKIP_HINT})") from exc
-    if type(img) is JpegImageFile and img.mode == "RGB":
+    # A JPEG shown rotated (EXIF orientation, phone photos) is decoded whole and turned: the crops of a lazy one
+    # are drawn on the stored geometry.
+    if type(img) is JpegImageFile and img.mode == "RGB" and exif_orientation(img) == 1:
         img.__class__ = LazyJpeg  # same object and state; only load() gains the one-line error
         img._vitssl_label = label
         return img

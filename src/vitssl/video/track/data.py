@@ -321,7 +321,8 @@ class CrowdHumanPairs(Dataset):
         from vitssl.data.common import open_rgb
 
         image_id, rows = self.items[index]
-        image = np.asarray(open_rgb(self.root / "Images" / f"{image_id}.jpg"))  # (H, W, 3)
+        # the stored geometry, which the boxes refer to (TransTrack's loader ignores EXIF orientation too)
+        image = np.asarray(open_rgb(self.root / "Images" / f"{image_id}.jpg", orient=False))  # (H, W, 3)
         return (image, image), {"prev": rows, "cur": rows, "static": True}
 
     def sample_id(self, index: int) -> str:
