@@ -56,6 +56,9 @@ class ImageDataset(Dataset):
         return f"{type(self).__name__}(len={len(self)}, classes={len(self.classes)})"
 
 
+# How image files become pixels (open_rgb / to_rgb); caches of features key on it, so features decoded another way
+# (1: as stored, clipped at 8 bits; 2: EXIF orientation applied, high bit depths scaled) are not reused.
+IMAGE_DECODE_REVISION = 2
 # EXIF orientation values (tag 0x0112) other than 1 ("as stored"): the image is shown rotated or mirrored.
 EXIF_ORIENTATION = 0x0112
 # What shows an image of each orientation as displayed (the EXIF specification's table, as PIL's exif_transpose).

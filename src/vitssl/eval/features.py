@@ -35,6 +35,7 @@ from torch.utils.data import Dataset
 
 from vitssl import distributed as dist
 from vitssl.config import ConfigError
+from vitssl.data.common import IMAGE_DECODE_REVISION
 from vitssl.errors import UserError
 from vitssl.eval.extract import (
     SKIP_CORRUPT_HINT,
@@ -310,6 +311,7 @@ def extract_cached(
         "split": options["split"],
         "layer": layer,
         "transform": model.transform,
+        "image_decode": IMAGE_DECODE_REVISION,
         "skip_corrupt": bool(skip_corrupt),
         "rows": list(rows) if rows is not None and tuple(rows) != (0, n_items) else None,
         "dtype": dtype,
