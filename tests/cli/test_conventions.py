@@ -147,6 +147,28 @@ def test_one_name_per_concept(concept):
             assert action.option_strings == [spelling] and action.dest == dest, (command, action.option_strings)
 
 
+def test_every_device_option_takes_the_same_values_and_defaults_to_auto():
+    seen = []
+    for command, action in all_visible():
+        if action.dest != "device":
+            continue
+        seen.append(command)
+        assert action.default == "auto", command
+        for value in ("auto", "cpu", "cuda"):
+            assert action.type(value) == value, (command, value)
+        for wrong in ("gpu", "CUDA", "cuda:x", ""):
+            with pytest.raises(argparse.ArgumentTypeError, match="is not a device"):
+                action.type(wrong)
+        # cuda:N only where the command runs in this process; launched ranks each take their own GPU
+        launched = command in ("eval features", "eval knn", "eval linear", "index build")
+        if launched:
+            with pytest.raises(argparse.ArgumentTypeError, match="auto, cpu or cuda"):
+                action.type("cuda:1")
+        else:
+            assert action.type("cuda:1") == "cuda:1", command
+    assert {"eval knn", "index query", "track run", "video eval", "igpt sample", "data profile"} <= set(seen)
+
+
 def test_checkpoints_are_named_checkpoint():
     """A command's model argument is the positional ``checkpoint`` (or ``--checkpoint`` where it is optional)."""
     for command, action in all_visible():

@@ -94,3 +94,30 @@ def add_deprecated_spelling(parser: argparse.ArgumentParser, old: str, new: str,
     ``FutureWarning`` naming the new one.
     """
     parser.add_argument(old, dest=dest, action=_DeprecatedSpelling, new=new, help=argparse.SUPPRESS, **kwargs)
+
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda)$")
+_DEVICE_INDEX_RE = re.compile(r"^(auto|cpu|cuda|cuda:[0-9]+)$")
+
+
+def add_device_option(parser: argparse.ArgumentParser, what: str, *, launched: bool = False) -> None:
+    """``--device`` as every command spells it: ``auto`` (the default: a GPU when one is visible), ``cpu``,
+    ``cuda`` and, for a command that runs in this process only, ``cuda:N``.
+
+    Args:
+        parser: the command's parser.
+        what: what runs on the device, for the help ("where queries are embedded").
+        launched: the command launches ranks (locally or on SLURM), each of which takes its own GPU, so a
+            ``cuda:N`` would be wrong on all but one: only auto, cpu and cuda are accepted.
+    """
+    pattern = _DEVICE_RE if launched else _DEVICE_INDEX_RE
+    spelled = "auto, cpu or cuda" if launched else "auto, cpu, cuda or cuda:N"
+
+    def device(text: str) -> str:
+        if not pattern.match(text):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a device: use {spelled}")
+        return text
+
+    device.__name__ = "device"
+    help_text = f"{what}: {spelled} (auto: a GPU when one is visible, else the CPU)"
+    parser.add_argument("--device", type=device, default="auto", metavar="DEVICE", help=help_text)

@@ -7,16 +7,15 @@ from typing import Any
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
-    import torch
-
     from vitssl.config import load_config
     from vitssl.data import build_dataset
     from vitssl.data.profile import profile_pipeline
     from vitssl.data.transforms import resolve_augment_device
+    from vitssl.distributed import resolve_device
     from vitssl.engine.trainer import build_objective
 
     cfg = load_config(args.config, args.overrides)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     cfg.data.augment_device = resolve_augment_device(cfg.data.augment_device, device)
     train = cfg.data.train
     dataset = build_dataset(train.name, root=train.root, split=train.split, **dict(train.kwargs))
@@ -34,7 +33,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 def register_commands(subparsers: argparse._SubParsersAction, groups: dict[str, Any]) -> None:
     """Add ``vitssl data profile``."""
-    from vitssl.cli._args import add_parser
+    from vitssl.cli._args import add_device_option, add_parser
 
     p = add_parser(
         groups["data"], "profile", help="time each stage of a recipe's input pipeline and the img/s one core feeds"
@@ -43,9 +42,7 @@ def register_commands(subparsers: argparse._SubParsersAction, groups: dict[str, 
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.train.root=/data/imagenet")
     p.add_argument("--samples", type=int, default=256, help="samples to time (default 256)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per batch for collate and device stages")
-    p.add_argument(
-        "--device", default=None, help="device of the host-to-device and device stages (default: cuda if present)"
-    )
+    add_device_option(p, "where the host-to-device and device stages run")
     p.add_argument(
         "--target-img-s", type=float, default=1000.0,
         help="training speed to size the loader for (default 1000: MoCo v3 ViT-B/16 on one H200)",

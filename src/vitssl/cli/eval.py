@@ -22,7 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vitssl.cli._args import ListWithOverrides, add_deprecated_spelling, add_parser, number_or_override
+from vitssl.cli._args import (
+    ListWithOverrides,
+    add_deprecated_spelling,
+    add_device_option,
+    add_parser,
+    number_or_override,
+)
 from vitssl.config import ConfigError
 
 # The payloads, the job registry and the launch targets live in the library; the index commands import the
@@ -288,7 +294,7 @@ def add_extraction_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--num-workers", type=int, help="data-loading processes per process (default: its CPUs less one, at most 8)"
     )
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: the GPU if visible")
+    add_device_option(p, "where each rank embeds", launched=True)
     p.add_argument("--skip-corrupt", action="store_true", help="leave unreadable images out instead of failing")
     p.add_argument("--dry-run", action="store_true", help="with launch=slurm: print the sbatch script only")
 
@@ -328,7 +334,7 @@ def _add_clip_options(p: argparse.ArgumentParser, data_help: str) -> None:
     add_deprecated_spelling(p, "--output", "--out", dest="out", metavar="FILE")
     p.add_argument("--batch-size", type=int, default=256, help="images / texts per forward pass (default 256)")
     p.add_argument("--num-workers", type=int, default=0, help="data-loading processes (default 0)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: GPU if visible")
+    add_device_option(p, "where the model runs")
     p.add_argument("--skip-corrupt", action="store_true", help="skip and count unreadable samples instead of failing")
 
 

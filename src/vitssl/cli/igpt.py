@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from vitssl.cli._args import add_device_option
+
 
 def _cmd_sample(args: argparse.Namespace) -> int:
     from vitssl.distributed import resolve_device
@@ -58,7 +60,7 @@ def register_commands(subparsers: argparse._SubParsersAction, groups: dict[str, 
     p.add_argument("--split", default=None, help="dataset split (data.val's, else 'val' of data.train)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
     p.add_argument("--scale", type=int, default=4, help="pixel upscaling in the PNG (4)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to sample (auto)")
+    add_device_option(p, "where to sample")
     p.set_defaults(func=_cmd_sample)
 
     p = igpt.add_parser("evaluate", help="validation bits / nats per token of a checkpoint, as JSON")
@@ -67,7 +69,7 @@ def register_commands(subparsers: argparse._SubParsersAction, groups: dict[str, 
     p.add_argument("--max-images", type=int, default=None, help="evaluate the first N images only (all)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bert masks (0)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run (auto)")
+    add_device_option(p, "where the model runs")
     p.set_defaults(func=_cmd_evaluate)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vitssl.cli import video_index
-from vitssl.cli._args import add_deprecated_spelling, add_parser
+from vitssl.cli._args import add_deprecated_spelling, add_device_option, add_parser
 from vitssl.cli._index_common import add_k_option, gt_options
 from vitssl.cli.eval import (
     add_data_options,
@@ -208,7 +208,7 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="embed queries with this checkpoint (default: the one the index records)")
     p.add_argument("--nprobe", type=int, help="IVF lists to visit (default: the index's)")
     p.add_argument("--ef-search", type=int, help="HNSW search breadth (default: the index's)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where queries are embedded")
+    add_device_option(p, "where queries are embedded")
     p.add_argument("--out", metavar="FILE", help="also write the result as JSON")
     add_deprecated_spelling(p, "--json", "--out", dest="out", metavar="FILE")
 

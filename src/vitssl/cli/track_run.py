@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 
+from vitssl.cli._args import add_device_option
+
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from vitssl.distributed import resolve_device
     from vitssl.video.track.infer import run_tracking
     from vitssl.video.track.metrics import format_table
 
@@ -23,7 +26,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         max_age=args.max_age,
         baseline=args.baseline,
         render=args.render,
-        device=args.device,
+        device=resolve_device(args.device),
         threads=args.threads,
     )
     mode = "IoU baseline" if args.baseline else "TransTrack"
@@ -54,7 +57,7 @@ def add_run_command(track: argparse._SubParsersAction) -> None:
     p.add_argument("--score-thresh", type=float, help="detection score threshold (default: the checkpoint's, 0.4)")
     p.add_argument("--match-thresh", type=float, help="largest accepted 1-GIoU (1-IoU with --baseline iou) cost")
     p.add_argument("--max-age", type=int, help="frames an unmatched track is kept (default: the checkpoint's, 32)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    add_device_option(p, "where the network runs")
     p.add_argument(
         "--threads",
         type=int,

@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from vitssl.cli._args import add_deprecated_spelling
+from vitssl.cli._args import add_deprecated_spelling, add_device_option
 from vitssl.cli.eval import check_spec
 from vitssl.eval.spec import SPEC_SYNTAX  # imports no torch
 
@@ -160,6 +160,6 @@ def register_commands(subparsers: argparse._SubParsersAction, groups: dict[str, 
         help="confusion-matrix figure (default: next to --out, else confusion_<split>.png by the checkpoint)",
     )
     e.add_argument("--batch-size", type=int, default=16, help="clips per forward pass (16)")
-    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (auto)")
+    add_device_option(e, "where the model runs")
     e.add_argument("--num-workers", type=int, default=0, help="data-loading processes (0)")
     e.set_defaults(func=_cmd_eval)
