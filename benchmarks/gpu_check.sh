@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# The GPU checks in one script, about 5-8 minutes on one H100/H200. Figures go to benchmarks/results/gpu_*.json.
+# The GPU checks in one script, about 9-12 minutes on one H100/H200 (steps 4-5 can run alone: GPU_CHECK_STEPS=4,5).
+# Figures go to benchmarks/results/gpu_*.json.
 #
 #   1. MoCo v3 ViT-B/16 training throughput and MFU, eager and torch.compile (benchmarks/pretrain_throughput.py)
 #   2. exact k-NN on the GPU (faiss GPU index) against the CPU path, same features, same k
 #   3. a training smoke run through `vitssl pretrain` on one GPU (engine, bf16 autocast, checkpoint, resume)
+#   4. evaluation at ImageNet size: 1.28 M x 768 fp16 store, k-NN k=20 x 50k queries with the store read, and the
+#      26-head linear sweep, each against plain PyTorch (benchmarks/gpu_scale.py eval)
+#   5. large models: MoCo v3 ViT-H/14 at batch 64 and iGPT-L at batch 16 (FSDP + activation checkpointing), peak
+#      memory against the --plan estimate (benchmarks/gpu_scale.py memory)
 #
 # Without a CUDA GPU it says so and exits 0. Each step has its own time limit, so one slow step cannot eat the
 # others' time; a failed step is recorded in its JSON and the script goes on.
@@ -19,11 +24,17 @@ fi
 mkdir -p "$OUT"
 "$PY" -c "import torch; print('gpu_check on', torch.cuda.get_device_name(0), 'torch', torch.__version__)"
 
-echo "== 1/3 MoCo v3 ViT-B/16 throughput (eager, compile)"
+STEPS=",${GPU_CHECK_STEPS:-1,2,3,4,5},"
+want() { [[ $STEPS == *",$1,"* ]]; }
+
+if want 1; then
+echo "== 1/5 MoCo v3 ViT-B/16 throughput (eager, compile)"
 timeout 300 "$PY" benchmarks/pretrain_throughput.py --batch 128 --steps 20 --json "$OUT/gpu_pretrain_throughput.json" \
     || echo '{"error": "pretrain_throughput failed or timed out"}' > "$OUT/gpu_pretrain_throughput.json"
+fi
 
-echo "== 2/3 exact k-NN: faiss GPU vs CPU"
+if want 2; then
+echo "== 2/5 exact k-NN: faiss GPU vs CPU"
 timeout 150 "$PY" - "$OUT/gpu_knn.json" <<'PYEOF' || echo '{"error": "knn check failed or timed out"}' > "$OUT/gpu_knn.json"
 import json, sys, time
 import numpy as np
@@ -50,8 +61,10 @@ if len(timings) == 2:
 json.dump(record, open(sys.argv[1], "w"), indent=2, default=str)
 print(json.dumps({k: v for k, v in record.items() if k != "faiss"}, default=str))
 PYEOF
+fi
 
-echo "== 3/3 training smoke run on one GPU"
+if want 3; then
+echo "== 3/5 training smoke run on one GPU"
 RUN=${SMOKE_RUN_DIR:-$OUT/gpu_smoke_run}  # the run folder itself (checkpoints) need not stay beside the figures
 rm -rf "$RUN"
 start=$(date +%s)
@@ -74,4 +87,17 @@ record = {"status": status, "seconds": seconds, "steps": max((r["step"] for r in
 json.dump(record, open(out, "w"), indent=2)
 print(json.dumps(record))
 PYEOF
+fi
+
+if want 4; then
+echo "== 4/5 evaluation at ImageNet size (1.28 M x 768 store, k-NN, linear sweep)"
+timeout 300 "$PY" benchmarks/gpu_scale.py eval --json "$OUT/gpu_eval_scale.json" \
+    || echo '{"error": "gpu_scale eval failed or timed out"}' > "$OUT/gpu_eval_scale.json"
+fi
+
+if want 5; then
+echo "== 5/5 large models: peak memory against --plan"
+timeout 300 "$PY" benchmarks/gpu_scale.py memory --json "$OUT/gpu_memory.json" \
+    || echo '{"error": "gpu_scale memory failed or timed out"}' > "$OUT/gpu_memory.json"
+fi
 echo "gpu_check: figures in $OUT/gpu_*.json"
