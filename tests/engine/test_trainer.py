@@ -176,6 +176,23 @@ def test_an_unloadable_checkpoint_says_why_in_one_line(tmp_path, content, reason
     assert "\n" not in str(info.value) and "weights_only" not in str(info.value)
 
 
+def test_evaluation_keeps_the_loaders_reason_for_files_and_sharded_folders(tmp_path):
+    from vitssl.eval.model import eval_checkpoint_error
+
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    sharded = tmp_path / "checkpoint_00000004.dcp"
+    sharded.mkdir()
+    for name in ("trainer.pt", ".metadata"):  # looks complete, holds junk
+        (sharded / name).write_bytes(b"junk")
+    for path, reason in ((empty, "the file is empty"), (sharded, "")):
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint(path)
+        assert info.value.reason and reason in info.value.reason
+        message = str(eval_checkpoint_error(info.value, path))
+        assert f"({info.value.reason}); pass another checkpoint" in message and "resume=auto" not in message
+
+
 def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path):
     cfg = make_cfg(tmp_path, "objective.name=nan_after", "objective.nan_at_step=4")
     with pytest.raises(NonFiniteLossError, match="step 4"):

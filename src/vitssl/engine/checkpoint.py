@@ -42,7 +42,16 @@ _STEP_RE = re.compile(r"^checkpoint_(\d+)\.(?:pth|dcp)$")
 
 
 class CheckpointError(UserError, RuntimeError):
-    """A checkpoint file is missing, truncated, corrupt or not a vitssl checkpoint."""
+    """A checkpoint file is missing, truncated, corrupt or not a vitssl checkpoint.
+
+    Attributes:
+        reason: for a checkpoint that cannot be loaded, the short reason the message gives (None otherwise), so a
+            caller that words the fix differently (evaluation: another file, not ``resume=auto``) keeps it.
+    """
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def step_checkpoint_path(output_dir: str | Path, step: int) -> Path:
@@ -194,9 +203,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises RuntimeError / UnpicklingError / EOFError / zip errors
+        why = why_unloadable(path, err)
         raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({why_unloadable(path, err)}); "
-            "use an older checkpoint_<step>.pth from the same folder, or resume=auto to pick the newest good one"
+            f"checkpoint {path} is truncated or corrupt ({why}); "
+            "use an older checkpoint_<step>.pth from the same folder, or resume=auto to pick the newest good one",
+            reason=why,
         ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a vitssl checkpoint dict")
@@ -212,9 +223,11 @@ def _load_sharded(path: Path, map_location: str | torch.device, tensors: bool) -
         if tensors:
             state.update(load_sharded_full(path))
     except Exception as err:  # torch / DCP raise RuntimeError, CheckpointException, UnpicklingError, OSError
+        why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         raise CheckpointError(
-            f"sharded checkpoint {path} is truncated or corrupt ({type(err).__name__}: {str(err).splitlines()[0]}); "
-            "use an older checkpoint_<step> from the same folder, or resume=auto to pick the newest good one"
+            f"sharded checkpoint {path} is truncated or corrupt ({why}); "
+            "use an older checkpoint_<step> from the same folder, or resume=auto to pick the newest good one",
+            reason=why,
         ) from None
     required = REQUIRED_KEYS if tensors else tuple(k for k in REQUIRED_KEYS if k not in ("model", "optimizer"))
     missing = [k for k in required if k not in state]

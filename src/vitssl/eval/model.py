@@ -116,14 +116,13 @@ def eval_checkpoint_error(err: Exception, path: str | os.PathLike) -> Exception:
         path: the checkpoint given.
     """
     from vitssl.engine import CheckpointError
-    from vitssl.engine.checkpoint import why_unloadable
 
     text = str(err)
     if "truncated or corrupt" not in text and "resume=auto" not in text:
         return err
     path = Path(path)
-    cause = err.__context__  # the loader's own error (the engine raises "from None", which keeps the context)
-    why = f" ({why_unloadable(path, cause)})" if cause else ""
+    reason = getattr(err, "reason", None)  # the loader's short reason (empty file, zip cut short, ...)
+    why = f" ({reason})" if reason else ""
     others = sorted(
         (p for p in path.parent.glob("checkpoint_*.pth") if p.is_file() and p.resolve() != path.resolve()),
         key=lambda p: p.stat().st_mtime,
