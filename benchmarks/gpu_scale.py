@@ -122,7 +122,7 @@ def eval_part(rows: int, queries: int, dim: int, epochs: int, device: torch.devi
     return out
 
 
-def _synthetic(recipe: str) -> list[str]:
+def _synthetic() -> list[str]:
     """Overrides that feed a recipe generated images at its own size, no validation set, no k-NN monitor."""
     return ["data.train.name=shapes", "data.train.root=null", "~data.val", "eval.knn_every_epochs=0",
             "data.train.kwargs={num_samples: 2048}"]  # fmt: skip
@@ -131,7 +131,7 @@ def _synthetic(recipe: str) -> list[str]:
 def memory_part(recipes: dict[str, int], extra: list[str], memory_gb: float) -> dict:
     out: dict = {}
     for recipe, batch in recipes.items():
-        common = [*_synthetic(recipe), f"train.batch_size={batch}", *extra]
+        common = [*_synthetic(), f"train.batch_size={batch}", *extra]
         plan = subprocess.run(
             [sys.executable, "-m", "vitssl", "pretrain", f"pretrain/{recipe}", "--plan", "--world-size", "1",
              "--gpu-memory-gb", str(memory_gb), *common], capture_output=True, text=True, timeout=600,
